@@ -1,0 +1,63 @@
+# hyperrec: the two commands a user needs are `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PROTO_SRC := proto/hyperrec/v1/recommender.proto
+GEN_DIR := hyperrec/v1
+
+.PHONY: demo test install lint proto proto-check buf-lint pytest dockerfile-lint clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "hyperrec needs Python 3.11 or newer")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip setuptools wheel
+	$(BIN)/pip install -q -e '.[train,dev]'
+	@touch $@
+
+install: $(STAMP)
+
+## demo: train a small synthetic model, publish it, serve it on localhost:50051 with the embedded profile store
+demo: $(STAMP)
+	$(BIN)/hyperrec demo
+
+## test: lint, check generated code, run the whole test suite (needs redis-server on PATH)
+test: $(STAMP) lint proto-check pytest
+
+pytest: $(STAMP)
+	$(BIN)/pytest
+
+lint: $(STAMP) buf-lint dockerfile-lint
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+buf-lint: $(STAMP)
+	$(BIN)/buf lint proto
+
+dockerfile-lint: $(STAMP)
+	$(BIN)/hadolint Dockerfile
+
+## proto: regenerate Python stubs and .pyi type stubs from the contract
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I proto \
+	  --python_out=. --grpc_python_out=. \
+	  --plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy --mypy_out=. \
+	  --plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc --mypy_grpc_out=. \
+	  $(PROTO_SRC)
+
+## proto-check: fail when the committed stubs differ from what `make proto` generates
+proto-check: $(STAMP)
+	@tmp=$$(mktemp -d); \
+	$(BIN)/python -m grpc_tools.protoc -I proto \
+	  --python_out=$$tmp --grpc_python_out=$$tmp \
+	  --plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy --mypy_out=$$tmp \
+	  --plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc --mypy_grpc_out=$$tmp \
+	  $(PROTO_SRC) && \
+	for f in $$(cd $$tmp && find . -type f); do \
+	  cmp -s $$tmp/$$f $$f || { echo "stale generated file $$f: run 'make proto' and commit"; rm -rf $$tmp; exit 1; }; \
+	done; rm -rf $$tmp; echo "generated stubs are up to date"
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache
