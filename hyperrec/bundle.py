@@ -1,0 +1,368 @@
+"""The model bundle format: writing, publishing, reading and validating.
+
+A bundle is one immutable directory `model_repo/<model>/<version>/` holding
+everything one model version needs to serve (see docs/model-bundle.md). The
+trainer writes bundles with `publish_bundle`; the server reads them with
+`Bundle.load`. Nothing else touches the files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hyperrec.errors import BundleError, NotFound
+from hyperrec.features import FeatureSpec
+from hyperrec.ranker import OnnxRanker, RankerOptions
+from index.ann import AnnIndex, IndexParams
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+RANKER = "ranker.onnx"
+EMBEDDINGS = "item_embeddings.npy"
+ITEM_IDS = "item_ids.json"
+INDEX = "index.faiss"
+COLD_START = "cold_start.json"
+DATA_FILES = (RANKER, EMBEDDINGS, ITEM_IDS, INDEX, COLD_START)
+STAGING_PREFIX = ".staging-"
+GLOBAL_SEGMENT = "global"
+
+
+@dataclass(frozen=True)
+class ColdStart:
+    """Popular items, overall and per context segment, each list best first.
+
+    Segment keys look like "device=mobile|daypart=evening" or "device=mobile";
+    `candidates` walks from the most specific list to the global one.
+    """
+
+    global_items: tuple[tuple[str, float], ...]
+    segments: Mapping[str, tuple[tuple[str, float], ...]] = field(default_factory=dict)
+
+    def candidates(self, device: str, daypart: str) -> Iterator[tuple[str, float]]:
+        """Items for the segment, then for the device, then global, without repeats."""
+        seen: set[str] = set()
+        for key in (f"device={device}|daypart={daypart}", f"device={device}"):
+            for item in self.segments.get(key, ()):
+                if item[0] not in seen:
+                    seen.add(item[0])
+                    yield item
+        for item in self.global_items:
+            if item[0] not in seen:
+                seen.add(item[0])
+                yield item
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            GLOBAL_SEGMENT: [[i, s] for i, s in self.global_items],
+            "segments": {k: [[i, s] for i, s in v] for k, v in self.segments.items()},
+        }
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any], known: Mapping[str, int]) -> ColdStart:
+        def items(raw: Sequence[Any], where: str) -> tuple[tuple[str, float], ...]:
+            out = tuple((str(i), float(s)) for i, s in raw)
+            for item_id, _ in out:
+                if item_id not in known:
+                    raise BundleError(COLD_START, f"{where} names item {item_id!r}, which is not in {ITEM_IDS}")
+            return out
+
+        try:
+            global_items = items(data[GLOBAL_SEGMENT], GLOBAL_SEGMENT)
+            segments = {str(k): items(v, f"segment {k!r}") for k, v in data.get("segments", {}).items()}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(COLD_START, f"malformed: {exc!r}") from exc
+        if not global_items:
+            raise BundleError(COLD_START, "the global list is empty")
+        return ColdStart(global_items, segments)
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    sha256: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What `manifest.json` says about a bundle."""
+
+    model_name: str
+    embedding_space: str
+    created_at: str
+    feature_spec: FeatureSpec
+    index_params: IndexParams
+    item_count: int
+    files: Mapping[str, FileEntry]
+    training: Mapping[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "model_name": self.model_name,
+            "embedding_space": self.embedding_space,
+            "created_at": self.created_at,
+            "embedding_dim": self.feature_spec.embedding_dim,
+            "item_count": self.item_count,
+            "feature_spec": self.feature_spec.to_json(),
+            "index": self.index_params.to_json(),
+            "files": {name: {"sha256": f.sha256, "bytes": f.bytes} for name, f in sorted(self.files.items())},
+            "training": dict(self.training),
+        }
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> Manifest:
+        try:
+            version = int(data["format_version"])
+            if version != FORMAT_VERSION:
+                raise BundleError(MANIFEST, f"format_version {version} is not supported (expected {FORMAT_VERSION})")
+            spec = FeatureSpec.from_json(data["feature_spec"])
+            if int(data["embedding_dim"]) != spec.embedding_dim:
+                raise BundleError(MANIFEST, "embedding_dim disagrees with feature_spec.embedding_dim")
+            try:
+                params = IndexParams.from_json(data["index"])
+            except ValueError as exc:
+                raise BundleError(MANIFEST, f"index: {exc}") from exc
+            files = {str(k): FileEntry(str(v["sha256"]), int(v["bytes"])) for k, v in data["files"].items()}
+            return Manifest(
+                model_name=str(data["model_name"]),
+                embedding_space=str(data["embedding_space"]),
+                created_at=str(data["created_at"]),
+                feature_spec=spec,
+                index_params=params,
+                item_count=int(data["item_count"]),
+                files=files,
+                training=dict(data.get("training", {})),
+                format_version=version,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(MANIFEST, f"malformed: missing or invalid field {exc}") from exc
+
+
+@dataclass(frozen=True)
+class BundleContents:
+    """Everything a trainer hands over to be written as a bundle."""
+
+    model_name: str
+    item_ids: Sequence[str]
+    item_embeddings: np.ndarray
+    ranker_onnx: bytes
+    feature_spec: FeatureSpec
+    cold_start: ColdStart
+    index_params: IndexParams
+    embedding_space: str
+    training: Mapping[str, Any] = field(default_factory=dict)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_name(name: str, what: str = "model name") -> str:
+    """Reject names that could escape the repository (path separators, '..', hidden)."""
+    if not name or "/" in name or "\\" in name or name.startswith(".") or name != name.strip():
+        raise ValueError(f"invalid {what} {name!r}")
+    return name
+
+
+def write_bundle(directory: Path, contents: BundleContents) -> Manifest:
+    """Write all bundle files into an existing empty `directory`; the manifest goes last."""
+    ids = list(contents.item_ids)
+    emb = np.ascontiguousarray(contents.item_embeddings, dtype=np.float32)
+    if emb.ndim != 2 or emb.shape[0] != len(ids) or emb.shape[1] != contents.feature_spec.embedding_dim:
+        dim = contents.feature_spec.embedding_dim
+        raise ValueError(f"embeddings of shape {emb.shape} do not fit {len(ids)} items of dim {dim}")
+    if len(set(ids)) != len(ids):
+        raise ValueError("item ids are not unique")
+    (directory / RANKER).write_bytes(contents.ranker_onnx)
+    np.save(directory / EMBEDDINGS, emb, allow_pickle=False)
+    (directory / ITEM_IDS).write_text(json.dumps(ids))
+    AnnIndex.build(emb, contents.index_params).save(directory / INDEX)
+    (directory / COLD_START).write_text(json.dumps(contents.cold_start.to_json()))
+    files = {name: FileEntry(sha256_of(directory / name), (directory / name).stat().st_size) for name in DATA_FILES}
+    manifest = Manifest(
+        model_name=contents.model_name,
+        embedding_space=contents.embedding_space,
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        feature_spec=contents.feature_spec,
+        index_params=contents.index_params,
+        item_count=len(ids),
+        files=files,
+        training=contents.training,
+    )
+    (directory / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2))
+    return manifest
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in directory.iterdir():
+        with path.open("rb") as fh:
+            os.fsync(fh.fileno())
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish_bundle(repo: Path, contents: BundleContents) -> Path:
+    """Write a new version of `contents.model_name` atomically and return its directory.
+
+    The bundle is written and synced in a staging directory inside the model's
+    folder, then renamed to the next free version number, so a reader never sees
+    a half-written version. Concurrent publishers each get their own number.
+    """
+    model_dir = Path(repo) / check_name(contents.model_name)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    staging = model_dir / f"{STAGING_PREFIX}{uuid.uuid4().hex}"
+    staging.mkdir()
+    try:
+        write_bundle(staging, contents)
+        _fsync_tree(staging)
+        while True:
+            target = model_dir / str(max(list_versions(repo, contents.model_name), default=0) + 1)
+            try:
+                staging.rename(target)  # atomic; fails if another publisher took the number
+                return target
+            except OSError:
+                if not target.exists():
+                    raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def list_versions(repo: Path, model_name: str) -> list[int]:
+    """Numeric version directories of a model, ascending (staging and other names ignored)."""
+    model_dir = Path(repo) / check_name(model_name)
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def resolve_version(repo: Path, model_name: str, version: int | None = None) -> Path:
+    """Directory of `version`, or of the newest version when None; NotFound when absent."""
+    versions = list_versions(repo, model_name)
+    if version is None:
+        if not versions:
+            raise NotFound(f"model {model_name!r} has no versions in {repo}")
+        version = versions[-1]
+    if version not in versions:
+        raise NotFound(f"model {model_name!r} has no version {version} in {repo}")
+    return Path(repo) / model_name / str(version)
+
+
+def read_manifest(directory: Path) -> Manifest:
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise BundleError(MANIFEST, f"missing in {directory}")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise BundleError(MANIFEST, f"not readable JSON: {exc}") from exc
+    return Manifest.from_json(data)
+
+
+def verify_files(directory: Path, manifest: Manifest) -> None:
+    """Every data file is present, listed, and matches its recorded size and SHA-256."""
+    for name in DATA_FILES:
+        entry = manifest.files.get(name)
+        path = directory / name
+        if entry is None:
+            raise BundleError(name, f"not listed in {MANIFEST}")
+        if not path.is_file():
+            raise BundleError(name, "missing")
+        if path.stat().st_size != entry.bytes:
+            raise BundleError(name, f"size is {path.stat().st_size} bytes, manifest says {entry.bytes}")
+        if sha256_of(path) != entry.sha256:
+            raise BundleError(name, "checksum mismatch (file changed or corrupt)")
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """One loaded, validated, immutable model version: everything a request needs."""
+
+    model_name: str
+    version: str
+    directory: Path
+    manifest: Manifest
+    item_ids: tuple[str, ...]
+    row_of: Mapping[str, int]
+    item_embeddings: np.ndarray
+    index: AnnIndex
+    ranker: OnnxRanker
+    cold_start: ColdStart
+
+    @property
+    def feature_spec(self) -> FeatureSpec:
+        return self.manifest.feature_spec
+
+    @classmethod
+    def load(cls, directory: Path, options: RankerOptions | None = None) -> Bundle:
+        """Read and validate every file; raise BundleError naming the first problem."""
+        directory = Path(directory)
+        manifest = read_manifest(directory)
+        verify_files(directory, manifest)
+        spec = manifest.feature_spec
+        try:
+            ids = json.loads((directory / ITEM_IDS).read_text())
+        except ValueError as exc:
+            raise BundleError(ITEM_IDS, f"not valid JSON: {exc}") from exc
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise BundleError(ITEM_IDS, "must be a JSON array of strings")
+        if len(ids) != manifest.item_count:
+            raise BundleError(ITEM_IDS, f"has {len(ids)} ids, manifest says item_count {manifest.item_count}")
+        row_of = {item_id: row for row, item_id in enumerate(ids)}
+        if len(row_of) != len(ids):
+            raise BundleError(ITEM_IDS, "ids are not unique")
+        try:
+            emb = np.load(directory / EMBEDDINGS, allow_pickle=False)
+        except ValueError as exc:
+            raise BundleError(EMBEDDINGS, f"not a numpy array file: {exc}") from exc
+        if emb.dtype != np.float32 or emb.shape != (manifest.item_count, spec.embedding_dim):
+            raise BundleError(
+                EMBEDDINGS,
+                f"is {emb.dtype} {emb.shape}, expected float32 ({manifest.item_count}, {spec.embedding_dim})",
+            )
+        try:
+            index = AnnIndex.load(directory / INDEX, manifest.index_params)
+        except RuntimeError as exc:
+            raise BundleError(INDEX, f"FAISS cannot read it: {exc}") from exc
+        if index.size != manifest.item_count or index.dim != spec.embedding_dim:
+            raise BundleError(
+                INDEX,
+                f"holds {index.size} vectors of dim {index.dim}, "
+                f"expected {manifest.item_count} of dim {spec.embedding_dim}",
+            )
+        ranker = OnnxRanker.load(directory / RANKER, spec.embedding_dim, spec.context_dim, options or RankerOptions())
+        try:
+            cold = ColdStart.from_json(json.loads((directory / COLD_START).read_text()), row_of)
+        except ValueError as exc:
+            raise BundleError(COLD_START, f"not valid JSON: {exc}") from exc
+        return cls(
+            model_name=manifest.model_name,
+            version=directory.name,
+            directory=directory,
+            manifest=manifest,
+            item_ids=tuple(ids),
+            row_of=row_of,
+            item_embeddings=emb,
+            index=index,
+            ranker=ranker,
+            cold_start=cold,
+        )

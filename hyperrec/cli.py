@@ -1,0 +1,167 @@
+"""The `hyperrec` command line: demo, serve, recommend, train.
+
+Argument parsing happens only here, inside `main()`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Coroutine, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from hyperrec.config import ServerConfig, add_arguments, load_config
+from hyperrec.errors import ConfigError, HyperrecError
+
+log = logging.getLogger("hyperrec")
+
+DEVICES = ("unspecified", "mobile", "desktop", "tablet", "tv")
+SURFACES = ("unspecified", "home", "item_detail", "search", "cart", "notification")
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+
+
+def run_async(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run on uvloop when it is installed, else the default loop."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on every platform we test
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from server.app import serve
+
+    config = load_config(args)
+    setup_logging(config.log_level)
+    run_async(serve(config))
+    return 0
+
+
+def _event_time(hour: int | None) -> datetime | None:
+    if hour is None:
+        return None
+    return datetime.now(UTC).replace(hour=hour, minute=30, second=0, microsecond=0)
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    import grpc
+
+    from hyperrec.client import RecommendCall, call_recommend, format_table
+
+    features = dict(kv.split("=", 1) for kv in args.feature)
+    call = RecommendCall(
+        target=args.target,
+        user_id=args.user,
+        k=args.k,
+        device=args.device,
+        surface=args.surface,
+        country=args.country,
+        event_time=_event_time(args.hour),
+        utc_offset_minutes=args.utc_offset,
+        exclude=tuple(args.exclude),
+        features=features,
+        timeout_s=args.timeout,
+        include_timings=args.timings,
+    )
+    try:
+        response = call_recommend(call)
+    except grpc.RpcError as exc:
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    print(format_table(response))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from training.train import TrainConfig, train_and_publish
+
+    from training.synthetic import SyntheticConfig, generate
+
+    setup_logging(args.log_level)
+    if not args.synthetic:
+        print("only --synthetic training is available in this version", file=sys.stderr)
+        return 2
+    data = generate(SyntheticConfig(n_users=args.users, n_items=args.items, seed=args.seed))
+    result = train_and_publish(data, args.model_repo, args.model, TrainConfig(epochs=args.epochs, seed=args.seed))
+    print(f"published {result.version_dir}")
+    if args.profiles_out:
+        from hyperrec.profiles.snapshot import save_profiles
+
+        save_profiles(args.profiles_out, result.profiles)
+        print(f"wrote {len(result.profiles)} profiles to {args.profiles_out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from hyperrec.demo import run_demo
+
+    config = load_config(args)
+    setup_logging(config.log_level)
+    return int(run_async(run_demo(config, retrain=args.retrain)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hyperrec", description="Low-latency recommendation server.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve a model from the repository over gRPC")
+    add_arguments(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    demo = sub.add_parser("demo", help="generate data, train, publish, load profiles and serve on localhost:50051")
+    add_arguments(demo)
+    demo.add_argument("--retrain", action="store_true", help="train a new version even if one exists")
+    demo.set_defaults(func=cmd_demo)
+
+    rec = sub.add_parser("recommend", help="call Recommend on a running server and print the ranked list")
+    rec.add_argument("--target", default="localhost:50051", help="server address host:port")
+    rec.add_argument("--user", required=True, help="user id")
+    rec.add_argument("--k", type=int, default=10, help="number of items")
+    rec.add_argument("--device", choices=DEVICES, default="unspecified")
+    rec.add_argument("--surface", choices=SURFACES, default="unspecified")
+    rec.add_argument("--country", default="", help="ISO 3166-1 alpha-2 code")
+    rec.add_argument("--hour", type=int, choices=range(24), metavar="0-23", help="local hour of today (default: now)")
+    rec.add_argument("--utc-offset", type=int, default=0, help="user's UTC offset in minutes")
+    rec.add_argument("--exclude", action="append", default=[], help="item id to exclude (repeatable)")
+    rec.add_argument("--feature", action="append", default=[], help="free-form feature key=value (repeatable)")
+    rec.add_argument("--timeout", type=float, default=2.0, help="deadline in seconds")
+    rec.add_argument("--timings", action="store_true", help="ask for per-stage server timings")
+    rec.set_defaults(func=cmd_recommend)
+
+    train = sub.add_parser("train", help="train a model and publish it as a new version")
+    train.add_argument("--synthetic", action="store_true", help="train on generated data")
+    train.add_argument("--model-repo", type=Path, default=Path("model_repo"))
+    train.add_argument("--model", default="demo", help="model name")
+    train.add_argument("--users", type=int, default=3000)
+    train.add_argument("--items", type=int, default=5000)
+    train.add_argument("--epochs", type=int, default=6)
+    train.add_argument("--seed", type=int, default=7)
+    train.add_argument("--profiles-out", type=Path, help="also write the users' profiles (.npz) here")
+    train.add_argument("--log-level", default="INFO")
+    train.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ConfigError, HyperrecError) as exc:
+        print(f"hyperrec: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+__all__ = ["ServerConfig", "build_parser", "main"]

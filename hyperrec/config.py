@@ -1,0 +1,160 @@
+"""Typed server configuration.
+
+One `ServerConfig` is built in `main()` from, in rising precedence: field
+defaults, an optional TOML file (`--config`), environment variables named
+`HYPERREC_<FIELD>` (upper case), and command-line flags `--<field-with-dashes>`.
+Every field's help text below is also its `--help` text and its documentation
+(docs/configuration.md is generated from it by `hyperrec config --markdown`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hyperrec.errors import ConfigError
+
+ENV_PREFIX = "HYPERREC_"
+
+
+def _doc(help_text: str) -> dict[str, str]:
+    return {"help": help_text}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything the server needs to start. Build with `load_config`."""
+
+    host: str = field(default="127.0.0.1", metadata=_doc("Address to listen on; 0.0.0.0 or [::] for all interfaces."))
+    port: int = field(default=50051, metadata=_doc("gRPC port; 0 picks a free one (tests)."))
+    model_repo: Path = field(default=Path("model_repo"), metadata=_doc("Directory holding <model>/<version>/ bundles."))
+    model_name: str = field(default="demo", metadata=_doc("Model to serve from the repository."))
+    model_version: int | None = field(default=None, metadata=_doc("Version to serve; unset serves the newest."))
+    redis_url: str | None = field(
+        default=None, metadata=_doc("Redis URL for profiles (redis://host:port/db); unset uses the in-process store.")
+    )
+    profile_secret: str | None = field(
+        default=None,
+        metadata=_doc(
+            "Secret (>= 16 bytes) keying the HMAC that pseudonymises user ids. Required with Redis; "
+            "the in-process store makes a random one per process when unset."
+        ),
+    )
+    profile_ttl_s: int = field(default=90 * 24 * 3600, metadata=_doc("Time to live of profile keys in Redis, seconds."))
+    redis_connect_timeout_ms: float = field(default=200.0, metadata=_doc("Redis connect timeout, milliseconds."))
+    redis_read_timeout_ms: float = field(default=100.0, metadata=_doc("Redis socket read timeout, milliseconds."))
+    profile_budget_ms: float = field(
+        default=50.0,
+        metadata=_doc("Time budget for the profile read; past it the answer is non-personalized (DEGRADED)."),
+    )
+    recent_items: int = field(default=50, metadata=_doc("Recent items kept per profile and used for fold-in."))
+    candidates: int = field(default=500, metadata=_doc("Candidates retrieved from the ANN index and ranked."))
+    max_k: int = field(default=100, metadata=_doc("Largest k a request may ask for."))
+    max_exclusions: int = field(default=1000, metadata=_doc("Most item ids a request may exclude."))
+    compute_threads: int = field(default=2, metadata=_doc("Threads running retrieval and ranking off the event loop."))
+    ort_intra_op_threads: int = field(default=1, metadata=_doc("ONNX Runtime intra-op threads per inference."))
+    ort_inter_op_threads: int = field(default=1, metadata=_doc("ONNX Runtime inter-op threads."))
+    faiss_threads: int = field(default=1, metadata=_doc("FAISS OpenMP threads per search."))
+    warmup_requests: int = field(default=32, metadata=_doc("Synthetic requests run through a bundle before serving."))
+    grace_s: float = field(default=5.0, metadata=_doc("On SIGTERM, time given to in-flight calls to finish."))
+    seed_profiles: Path | None = field(
+        default=None, metadata=_doc("Optional profiles file (.npz from training) loaded into the store at start.")
+    )
+    log_level: str = field(default="INFO", metadata=_doc("Log level: DEBUG, INFO, WARNING or ERROR."))
+
+    def check(self) -> None:
+        """Raise ConfigError on values that cannot work."""
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port {self.port} is out of range")
+        for name in ("candidates", "max_k", "max_exclusions", "compute_threads", "recent_items"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1")
+        if self.max_k > self.candidates:
+            raise ConfigError("max_k must not exceed candidates")
+        if self.redis_url and not self.profile_secret:
+            raise ConfigError("profile_secret (HYPERREC_PROFILE_SECRET) is required with a Redis profile store")
+        if self.profile_secret is not None and len(self.profile_secret.encode()) < 16:
+            raise ConfigError("profile_secret must be at least 16 bytes")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError(f"unknown log_level {self.log_level!r}")
+
+
+def _base_type(tp: Any) -> type:
+    """The concrete type of a field annotation, unwrapping `X | None`."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _base_type(args[0])
+    return typing.cast(type, tp)
+
+
+def _convert(name: str, tp: type, raw: Any) -> Any:
+    if raw is None or (isinstance(raw, str) and raw == "" and tp is not str):
+        return None
+    try:
+        if tp is bool:
+            return raw if isinstance(raw, bool) else str(raw).lower() in ("1", "true", "yes", "on")
+        return tp(raw)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{name}: cannot read {raw!r} as {tp.__name__}") from exc
+
+
+def _fields() -> dict[str, tuple[type, dataclasses.Field[Any]]]:
+    hints = typing.get_type_hints(ServerConfig)
+    return {f.name: (_base_type(hints[f.name]), f) for f in dataclasses.fields(ServerConfig)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per config field (defaults left to `load_config`)."""
+    parser.add_argument("--config", type=Path, help="TOML file with config fields (flags and env vars override it).")
+    for name, (tp, f) in _fields().items():
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            default=None,
+            metavar=tp.__name__.upper(),
+            help=f"{f.metadata['help']} [env {ENV_PREFIX}{name.upper()}]",
+        )
+
+
+def load_config(
+    args: argparse.Namespace | None = None, env: Mapping[str, str] | None = None, **overrides: Any
+) -> ServerConfig:
+    """Merge defaults < TOML file < environment < flags < keyword overrides, then check."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    file = getattr(args, "config", None) if args is not None else None
+    if file is not None:
+        try:
+            values.update(tomllib.loads(Path(file).read_text()))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {file}: {exc}") from exc
+    known = _fields()
+    unknown = set(values) - set(known)
+    if unknown:
+        raise ConfigError(f"unknown config fields in {file}: {', '.join(sorted(unknown))}")
+    for name in known:
+        if f"{ENV_PREFIX}{name.upper()}" in env:
+            values[name] = env[f"{ENV_PREFIX}{name.upper()}"]
+        if args is not None and getattr(args, name, None) is not None:
+            values[name] = getattr(args, name)
+    values.update(overrides)
+    converted = {name: _convert(name, known[name][0], raw) for name, raw in values.items()}
+    config = ServerConfig(**converted)
+    config.check()
+    return config
+
+
+def describe_fields() -> Sequence[tuple[str, str, str]]:
+    """(flag name, default, help) for each field, for docs."""
+    rows = []
+    for name, (_, f) in _fields().items():
+        rows.append((name, repr(f.default), str(f.metadata["help"])))
+    return rows

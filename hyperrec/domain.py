@@ -1,0 +1,167 @@
+"""Protocol-neutral request and response types, and request validation.
+
+The gRPC codec converts to and from these; nothing here knows about protobuf.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from hyperrec.errors import InvalidArgument
+
+MAX_USER_ID_BYTES = 256
+MAX_REQUEST_ID_BYTES = 128
+MAX_ITEM_ID_BYTES = 256
+MAX_FEATURES = 32
+MAX_FEATURE_KEY_BYTES = 64
+MAX_FEATURE_VALUE_BYTES = 256
+MAX_UTC_OFFSET_MINUTES = 14 * 60
+EARLIEST_EVENT_TIME = datetime(2000, 1, 1, tzinfo=UTC)
+FUTURE_EVENT_TOLERANCE = timedelta(hours=24)
+_COUNTRY = re.compile(r"[A-Z]{2}")
+
+
+class DeviceType(enum.IntEnum):
+    """Device kinds; values equal the contract's enum numbers."""
+
+    UNSPECIFIED = 0
+    MOBILE = 1
+    DESKTOP = 2
+    TABLET = 3
+    TV = 4
+
+
+class Surface(enum.IntEnum):
+    """Where results are shown; values equal the contract's enum numbers."""
+
+    UNSPECIFIED = 0
+    HOME = 1
+    ITEM_DETAIL = 2
+    SEARCH = 3
+    CART = 4
+    NOTIFICATION = 5
+
+
+class Strategy(enum.Enum):
+    """How an answer was produced."""
+
+    PERSONALIZED = "personalized"
+    COLD_START = "cold_start"
+    DEGRADED = "degraded"
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where and when recommendations are shown. `event_time` is timezone-aware UTC or None (now)."""
+
+    event_time: datetime | None = None
+    utc_offset_minutes: int = 0
+    device: DeviceType = DeviceType.UNSPECIFIED
+    country: str = ""
+    surface: Surface = Surface.UNSPECIFIED
+    features: Mapping[str, str] = field(default_factory=dict)
+
+    def local_time(self, now: datetime) -> datetime:
+        """The event's wall-clock time at the user's UTC offset (naive datetime)."""
+        at = self.event_time if self.event_time is not None else now
+        return (at + timedelta(minutes=self.utc_offset_minutes)).replace(tzinfo=None)
+
+
+@dataclass(frozen=True)
+class RecommendRequest:
+    """One Recommend call, decoded."""
+
+    user_id: str
+    k: int
+    context: Context = field(default_factory=Context)
+    exclude: tuple[str, ...] = ()
+    request_id: str = ""
+    include_timings: bool = False
+
+
+@dataclass(frozen=True)
+class ScoredItem:
+    """One recommended item with its ranker and retrieval scores."""
+
+    item_id: str
+    score: float
+    retrieval_score: float
+
+
+@dataclass
+class StageTimings:
+    """Milliseconds spent per pipeline stage."""
+
+    profile_ms: float = 0.0
+    retrieval_ms: float = 0.0
+    ranking_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """The pipeline's answer."""
+
+    items: tuple[ScoredItem, ...]
+    model_name: str
+    model_version: str
+    strategy: Strategy
+    request_id: str
+    timings: StageTimings | None = None
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Server-configured bounds that a request must respect."""
+
+    max_k: int = 100
+    max_exclusions: int = 1000
+
+
+def _utf8_len(text: str) -> int:
+    return len(text.encode("utf-8", errors="surrogatepass"))
+
+
+def validate_request(req: RecommendRequest, limits: RequestLimits, now: datetime) -> None:
+    """Raise InvalidArgument naming the first offending field; return None when the request is valid."""
+    if not req.user_id:
+        raise InvalidArgument("user_id", "must not be empty")
+    if _utf8_len(req.user_id) > MAX_USER_ID_BYTES:
+        raise InvalidArgument("user_id", f"must be at most {MAX_USER_ID_BYTES} bytes")
+    if req.k < 1 or req.k > limits.max_k:
+        raise InvalidArgument("k", f"must be between 1 and {limits.max_k}, got {req.k}")
+    if len(req.exclude) > limits.max_exclusions:
+        raise InvalidArgument("exclude_item_ids", f"at most {limits.max_exclusions} ids, got {len(req.exclude)}")
+    for item_id in req.exclude:
+        if _utf8_len(item_id) > MAX_ITEM_ID_BYTES:
+            raise InvalidArgument("exclude_item_ids", f"ids must be at most {MAX_ITEM_ID_BYTES} bytes")
+    if _utf8_len(req.request_id) > MAX_REQUEST_ID_BYTES:
+        raise InvalidArgument("request_id", f"must be at most {MAX_REQUEST_ID_BYTES} bytes")
+    validate_context(req.context, now)
+
+
+def validate_context(ctx: Context, now: datetime) -> None:
+    """Raise InvalidArgument naming the first offending context field."""
+    if ctx.event_time is not None:
+        if ctx.event_time.tzinfo is None:
+            raise InvalidArgument("context.event_time", "must be timezone-aware")
+        if ctx.event_time < EARLIEST_EVENT_TIME or ctx.event_time > now + FUTURE_EVENT_TOLERANCE:
+            raise InvalidArgument(
+                "context.event_time",
+                "must lie between 2000-01-01T00:00:00Z and 24 hours from now",
+            )
+    if abs(ctx.utc_offset_minutes) > MAX_UTC_OFFSET_MINUTES:
+        raise InvalidArgument("context.utc_offset_minutes", f"must be within ±{MAX_UTC_OFFSET_MINUTES}")
+    if ctx.country and not _COUNTRY.fullmatch(ctx.country):
+        raise InvalidArgument("context.country", "must be an upper-case ISO 3166-1 alpha-2 code")
+    if len(ctx.features) > MAX_FEATURES:
+        raise InvalidArgument("context.features", f"at most {MAX_FEATURES} entries")
+    for key, value in ctx.features.items():
+        if not key or _utf8_len(key) > MAX_FEATURE_KEY_BYTES:
+            raise InvalidArgument("context.features", f"keys must be 1-{MAX_FEATURE_KEY_BYTES} bytes")
+        if _utf8_len(value) > MAX_FEATURE_VALUE_BYTES:
+            raise InvalidArgument("context.features", f"values must be at most {MAX_FEATURE_VALUE_BYTES} bytes")

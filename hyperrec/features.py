@@ -1,0 +1,184 @@
+"""Context feature encoding shared by training and serving.
+
+A bundle's manifest carries a `FeatureSpec`; both the trainer and the server
+turn a `Context` into the ranker's context vector with `encode_context`, so
+serving applies exactly the transform the model was trained with.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+
+from hyperrec.domain import Context, DeviceType, Surface
+from hyperrec.errors import BundleError
+
+DAYPARTS = ("night", "morning", "afternoon", "evening")
+
+
+@dataclass(frozen=True)
+class FeatureBlock:
+    """One slice of the context vector.
+
+    kind:
+      - "cyclic": `source` is "hour_of_day" or "day_of_week"; width 2 (sin, cos).
+      - "one_hot": `source` is "device" or "surface"; width len(vocabulary).
+      - "hashed": `source` is "country" or "features.<key>"; width `buckets` + 1,
+        slot 0 meaning "absent".
+    """
+
+    name: str
+    kind: str
+    source: str
+    vocabulary: tuple[str, ...] = ()
+    buckets: int = 0
+
+    @property
+    def width(self) -> int:
+        if self.kind == "cyclic":
+            return 2
+        if self.kind == "one_hot":
+            return len(self.vocabulary)
+        return self.buckets + 1
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "kind": self.kind, "source": self.source}
+        if self.vocabulary:
+            out["vocabulary"] = list(self.vocabulary)
+        if self.buckets:
+            out["buckets"] = self.buckets
+        return out
+
+
+_CYCLIC_SOURCES = {"hour_of_day", "day_of_week"}
+_ONE_HOT_SOURCES = {"device", "surface"}
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """The ranker's inputs: embedding width and the context vector's layout."""
+
+    embedding_dim: int
+    blocks: tuple[FeatureBlock, ...]
+
+    @property
+    def context_dim(self) -> int:
+        return sum(block.width for block in self.blocks)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "embedding_dim": self.embedding_dim,
+            "context_dim": self.context_dim,
+            "context": [block.to_json() for block in self.blocks],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], file: str = "manifest.json") -> FeatureSpec:
+        """Parse and check a spec; raise BundleError naming `file` when it is malformed."""
+        try:
+            dim = int(data["embedding_dim"])
+            blocks = tuple(
+                FeatureBlock(
+                    name=str(b["name"]),
+                    kind=str(b["kind"]),
+                    source=str(b["source"]),
+                    vocabulary=tuple(str(v) for v in b.get("vocabulary", ())),
+                    buckets=int(b.get("buckets", 0)),
+                )
+                for b in data["context"]
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(file, f"feature_spec is malformed: {exc!r}") from exc
+        spec = cls(embedding_dim=dim, blocks=blocks)
+        spec.check(file)
+        declared = data.get("context_dim")
+        if declared is not None and int(declared) != spec.context_dim:
+            raise BundleError(
+                file, f"feature_spec.context_dim is {declared} but its blocks add up to {spec.context_dim}"
+            )
+        return spec
+
+    def check(self, file: str = "manifest.json") -> None:
+        if self.embedding_dim < 1:
+            raise BundleError(file, "feature_spec.embedding_dim must be positive")
+        for block in self.blocks:
+            ok = (
+                (block.kind == "cyclic" and block.source in _CYCLIC_SOURCES)
+                or (block.kind == "one_hot" and block.source in _ONE_HOT_SOURCES and block.vocabulary)
+                or (
+                    block.kind == "hashed"
+                    and block.buckets > 0
+                    and (block.source == "country" or block.source.startswith("features."))
+                )
+            )
+            if not ok:
+                raise BundleError(file, f"feature block {block.name!r} is not a valid {block.kind!r} block")
+
+
+def default_feature_spec(embedding_dim: int, country_buckets: int = 16) -> FeatureSpec:
+    """The context layout used by the demo and the trainers."""
+    return FeatureSpec(
+        embedding_dim=embedding_dim,
+        blocks=(
+            FeatureBlock("hour_of_day", "cyclic", "hour_of_day"),
+            FeatureBlock("day_of_week", "cyclic", "day_of_week"),
+            FeatureBlock("device", "one_hot", "device", tuple(d.name.lower() for d in DeviceType)),
+            FeatureBlock("surface", "one_hot", "surface", tuple(s.name.lower() for s in Surface)),
+            FeatureBlock("country", "hashed", "country", buckets=country_buckets),
+        ),
+    )
+
+
+def stable_bucket(value: str, buckets: int) -> int:
+    """1..buckets for a non-empty string, 0 for empty; stable across processes (CRC-32)."""
+    if not value:
+        return 0
+    return 1 + zlib.crc32(value.encode("utf-8")) % buckets
+
+
+def daypart(local: datetime) -> str:
+    """Six-hour part of the local day: night (0-6), morning, afternoon, evening."""
+    return DAYPARTS[local.hour // 6]
+
+
+def encode_context(ctx: Context, spec: FeatureSpec, now: datetime, out: np.ndarray | None = None) -> np.ndarray:
+    """Write the context vector for `ctx` into `out` (float32, length spec.context_dim) and return it."""
+    vec = np.zeros(spec.context_dim, dtype=np.float32) if out is None else out
+    if out is not None:
+        vec.fill(0.0)
+    local = ctx.local_time(now)
+    offset = 0
+    for block in spec.blocks:
+        if block.kind == "cyclic":
+            if block.source == "hour_of_day":
+                phase = (local.hour + local.minute / 60.0) / 24.0
+            else:
+                phase = (local.weekday() + local.hour / 24.0) / 7.0
+            vec[offset] = math.sin(2.0 * math.pi * phase)
+            vec[offset + 1] = math.cos(2.0 * math.pi * phase)
+        elif block.kind == "one_hot":
+            name = ctx.device.name.lower() if block.source == "device" else ctx.surface.name.lower()
+            if name in block.vocabulary:
+                vec[offset + block.vocabulary.index(name)] = 1.0
+        else:
+            if block.source == "country":
+                value = ctx.country
+            else:
+                value = ctx.features.get(block.source.removeprefix("features."), "")
+            vec[offset + stable_bucket(value, block.buckets)] = 1.0
+        offset += block.width
+    return vec
+
+
+def encode_contexts(contexts: Sequence[Context], spec: FeatureSpec, now: datetime) -> np.ndarray:
+    """Context vectors for many contexts, one row each (used by the trainers)."""
+    out = np.zeros((len(contexts), spec.context_dim), dtype=np.float32)
+    for row, ctx in enumerate(contexts):
+        encode_context(ctx, spec, now, out[row])
+    return out

@@ -1,0 +1,193 @@
+"""The protocol-neutral recommendation pipeline.
+
+profile → user vector → ANN candidates → context features → ONNX ranking → top k.
+The gRPC servicer (and any in-process caller) calls `Recommender.recommend`.
+Each request reads the active bundle reference once, so it never mixes the
+index of one model version with the ranker of another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import numpy as np
+
+from hyperrec.bundle import Bundle
+from hyperrec.domain import (
+    Recommendation,
+    RecommendRequest,
+    RequestLimits,
+    ScoredItem,
+    StageTimings,
+    Strategy,
+    validate_request,
+)
+from hyperrec.errors import DeadlineExceeded, ProfileStoreError, Unavailable
+from hyperrec.features import daypart, encode_context
+from hyperrec.profiles import Profile, ProfileStore
+
+log = logging.getLogger(__name__)
+
+FOLD_IN_DECAY = 0.9  # weight of the i-th most recent item is 0.9**i
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    """Per-request knobs of the pipeline."""
+
+    candidates: int = 500
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    profile_budget_s: float = 0.05
+
+
+class BundleSlot:
+    """Holds the one active bundle. Swapping replaces a single reference."""
+
+    def __init__(self) -> None:
+        self._active: Bundle | None = None
+
+    @property
+    def active(self) -> Bundle | None:
+        return self._active
+
+    def swap(self, bundle: Bundle) -> Bundle | None:
+        previous, self._active = self._active, bundle
+        return previous
+
+
+def user_vector(bundle: Bundle, profile: Profile | None) -> np.ndarray | None:
+    """The profile's stored vector when it lives in the bundle's embedding space,
+    else a fold-in (decayed average) of the recent items the bundle knows, else None."""
+    if profile is None:
+        return None
+    dim = bundle.feature_spec.embedding_dim
+    vec = profile.user_vector
+    if vec is not None and profile.embedding_space == bundle.manifest.embedding_space and vec.shape == (dim,):
+        return np.asarray(vec, dtype=np.float32)
+    rows = [bundle.row_of[i] for i in profile.recent_items if i in bundle.row_of]
+    if not rows:
+        return None
+    weights = FOLD_IN_DECAY ** np.arange(len(rows), dtype=np.float32)
+    folded = weights @ bundle.item_embeddings[rows] / weights.sum()
+    return np.asarray(folded, dtype=np.float32)
+
+
+def cold_start_items(bundle: Bundle, req: RecommendRequest, now: datetime) -> tuple[ScoredItem, ...]:
+    """Popular items for the request's device and daypart, minus exclusions."""
+    excluded = set(req.exclude)
+    local = req.context.local_time(now)
+    out: list[ScoredItem] = []
+    for item_id, share in bundle.cold_start.candidates(req.context.device.name.lower(), daypart(local)):
+        if item_id in excluded:
+            continue
+        out.append(ScoredItem(item_id, share, 0.0))
+        if len(out) == req.k:
+            break
+    return tuple(out)
+
+
+def rank_candidates(
+    bundle: Bundle, uvec: np.ndarray, req: RecommendRequest, now: datetime, candidates: int, deadline: float | None
+) -> tuple[tuple[ScoredItem, ...], float, float]:
+    """Retrieve and rank for one user (blocking; runs on a compute thread).
+
+    Returns the top-k items and the retrieval and ranking times in ms.
+    """
+    t0 = time.perf_counter()
+    excluded_rows = {bundle.row_of[i] for i in req.exclude if i in bundle.row_of}
+    retrieval_scores, rows = bundle.index.search_excluding(uvec, max(candidates, req.k), excluded_rows)
+    t1 = time.perf_counter()
+    if deadline is not None and time.monotonic() >= deadline:
+        raise DeadlineExceeded("deadline passed after retrieval; ranking skipped")
+    if len(rows) == 0:
+        return (), (t1 - t0) * 1e3, 0.0
+    context = encode_context(req.context, bundle.feature_spec, now)
+    items = bundle.item_embeddings[rows]
+    scores = bundle.ranker.score(uvec[None, :], context[None, :], items[None, :, :])[0]
+    scores = np.where(np.isnan(scores), -np.inf, scores)
+    order = np.lexsort((rows, -retrieval_scores, -scores))[: req.k]
+    ranked = tuple(ScoredItem(bundle.item_ids[rows[i]], float(scores[i]), float(retrieval_scores[i])) for i in order)
+    return ranked, (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3
+
+
+class Recommender:
+    """The pipeline. Construction does no I/O; it needs a store, a bundle slot and an executor."""
+
+    def __init__(self, store: ProfileStore, slot: BundleSlot, options: PipelineOptions, executor: Executor) -> None:
+        self._store = store
+        self._slot = slot
+        self._options = options
+        self._executor = executor
+
+    @property
+    def options(self) -> PipelineOptions:
+        return self._options
+
+    async def _profile(self, user_id: str) -> tuple[Profile | None, bool]:
+        """(profile, degraded). A failing or slow store degrades instead of failing the call."""
+        try:
+            profile = await asyncio.wait_for(self._store.get(user_id), self._options.profile_budget_s)
+        except (ProfileStoreError, TimeoutError) as exc:
+            log.warning("profile read degraded: %s", exc or type(exc).__name__)
+            return None, True
+        return profile, False
+
+    async def recommend(self, req: RecommendRequest, deadline: float | None = None) -> Recommendation:
+        """Answer one request. `deadline` is a time.monotonic() instant after which no work is done."""
+        start = time.perf_counter()
+        now = datetime.now(UTC)
+        validate_request(req, self._options.limits, now)
+        bundle = self._slot.active
+        if bundle is None:
+            raise Unavailable("no model version is loaded yet")
+        timings = StageTimings()
+        profile, degraded = await self._profile(req.user_id)
+        timings.profile_ms = (time.perf_counter() - start) * 1e3
+        uvec = None if degraded else user_vector(bundle, profile)
+        if uvec is None:
+            items = cold_start_items(bundle, req, now)
+            strategy = Strategy.DEGRADED if degraded else Strategy.COLD_START
+        else:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise DeadlineExceeded("deadline passed before retrieval")
+            loop = asyncio.get_running_loop()
+            items, timings.retrieval_ms, timings.ranking_ms = await loop.run_in_executor(
+                self._executor, rank_candidates, bundle, uvec, req, now, self._options.candidates, deadline
+            )
+            strategy = Strategy.PERSONALIZED
+        timings.total_ms = (time.perf_counter() - start) * 1e3
+        return Recommendation(
+            items=items,
+            model_name=bundle.model_name,
+            model_version=bundle.version,
+            strategy=strategy,
+            request_id=req.request_id,
+            timings=timings if req.include_timings else None,
+        )
+
+
+def warm_up(bundle: Bundle, rounds: int, candidates: int, seed: int = 0) -> float:
+    """Run the index and the ranker on synthetic requests until they are warm.
+
+    Returns the median latency in ms of the last rounds, for the log.
+    """
+    rng = np.random.default_rng(seed)
+    spec = bundle.feature_spec
+    n = min(candidates, bundle.index.size)
+    latencies: list[float] = []
+    for _ in range(max(1, rounds)):
+        base = bundle.item_embeddings[rng.integers(0, bundle.index.size)]
+        uvec = (base + rng.normal(0, 0.1, base.shape)).astype(np.float32)
+        t = time.perf_counter()
+        _, rows = bundle.index.search(uvec, n)
+        ctx = rng.normal(0, 1, (1, spec.context_dim)).astype(np.float32)
+        bundle.ranker.score(uvec[None, :], ctx, bundle.item_embeddings[rows[0]][None, :, :])
+        latencies.append((time.perf_counter() - t) * 1e3)
+    tail: Iterable[float] = latencies[len(latencies) // 2 :]
+    return float(np.median(list(tail)))

@@ -1,0 +1,173 @@
+"""Server assembly and lifecycle: create, start, load a model, serve, drain.
+
+`create_server(config)` wires the pieces and binds the port (0 in tests) but
+loads nothing; `HyperrecServer.load_model()` loads and warms a bundle off the
+event loop and only then flips health to SERVING.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from hyperrec.bundle import Bundle, resolve_version
+from hyperrec.config import ServerConfig
+from hyperrec.domain import RequestLimits
+from hyperrec.pipeline import BundleSlot, PipelineOptions, Recommender, warm_up
+from hyperrec.profiles import ProfileStore
+from hyperrec.profiles.keys import Pseudonymizer
+from hyperrec.profiles.memory import InMemoryProfileStore
+from hyperrec.profiles.redis_store import RedisProfileStore, RedisStoreOptions
+from hyperrec.profiles.snapshot import load_profiles
+from hyperrec.ranker import RankerOptions
+from hyperrec.v1 import recommender_pb2, recommender_pb2_grpc
+from index.ann import set_threads
+from server.servicer import RecommenderServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = recommender_pb2.DESCRIPTOR.services_by_name["Recommender"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def build_profile_store(config: ServerConfig) -> ProfileStore:
+    """Redis when a URL is configured, else the in-process store."""
+    secret = config.profile_secret.encode() if config.profile_secret else secrets.token_bytes(32)
+    pseudonymizer = Pseudonymizer(secret)
+    if config.redis_url:
+        options = RedisStoreOptions(
+            url=config.redis_url,
+            connect_timeout_s=config.redis_connect_timeout_ms / 1e3,
+            read_timeout_s=config.redis_read_timeout_ms / 1e3,
+            ttl_s=config.profile_ttl_s,
+            recent_limit=config.recent_items,
+        )
+        return RedisProfileStore(options, pseudonymizer)
+    return InMemoryProfileStore(pseudonymizer, recent_limit=config.recent_items)
+
+
+class HyperrecServer:
+    """A running (or ready to run) hyperrec server and everything it owns."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        grpc_server: grpc.aio.Server,
+        health: health_aio.HealthServicer,
+        store: ProfileStore,
+        slot: BundleSlot,
+        executor: ThreadPoolExecutor,
+    ) -> None:
+        self.config = config
+        self.grpc_server = grpc_server
+        self.health = health
+        self.store = store
+        self.slot = slot
+        self._executor = executor
+
+    async def start(self) -> None:
+        await self.grpc_server.start()
+
+    async def set_serving(self, serving: bool) -> None:
+        status = SERVING if serving else NOT_SERVING
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
+
+    async def load_model(self, version: int | None = None) -> Bundle:
+        """Load, validate and warm a bundle off the event loop, swap it in, report SERVING."""
+        config = self.config
+        path = resolve_version(config.model_repo, config.model_name, version or config.model_version)
+        options = RankerOptions(config.ort_intra_op_threads, config.ort_inter_op_threads)
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        bundle = await loop.run_in_executor(self._executor, Bundle.load, path, options)
+        settled_ms = await loop.run_in_executor(
+            self._executor, warm_up, bundle, config.warmup_requests, config.candidates
+        )
+        self.slot.swap(bundle)
+        await self.set_serving(True)
+        log.info(
+            "serving model %s version %s (%d items, index %s, ranker on %s); loaded in %.0f ms, warm %.2f ms",
+            bundle.model_name,
+            bundle.version,
+            bundle.index.size,
+            bundle.index.kind_name,
+            ",".join(bundle.ranker.providers),
+            (time.perf_counter() - started) * 1e3,
+            settled_ms,
+        )
+        return bundle
+
+    async def seed_profiles(self) -> int:
+        """Load `config.seed_profiles` into the store; returns how many profiles."""
+        if self.config.seed_profiles is None:
+            return 0
+        profiles = await asyncio.to_thread(load_profiles, self.config.seed_profiles)
+        users = list(profiles)
+        for start in range(0, len(users), 500):
+            await self.store.put_many({u: profiles[u] for u in users[start : start + 500]})
+        log.info("seeded %d profiles from %s", len(profiles), self.config.seed_profiles)
+        return len(profiles)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING at once, refuse new calls, let in-flight ones finish within `grace`, release."""
+        await self.health.enter_graceful_shutdown()
+        await self.grpc_server.stop(self.config.grace_s if grace is None else grace)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        await self.store.close()
+
+
+def create_server(config: ServerConfig, profile_store: ProfileStore | None = None) -> tuple[HyperrecServer, int]:
+    """Wire a server and bind its port; returns it with the bound port. Loads no model."""
+    set_threads(config.faiss_threads)
+    store = profile_store or build_profile_store(config)
+    slot = BundleSlot()
+    executor = ThreadPoolExecutor(max_workers=config.compute_threads, thread_name_prefix="hyperrec-compute")
+    options = PipelineOptions(
+        candidates=config.candidates,
+        limits=RequestLimits(max_k=config.max_k, max_exclusions=config.max_exclusions),
+        profile_budget_s=config.profile_budget_ms / 1e3,
+    )
+    pipeline = Recommender(store, slot, options, executor)
+    server = grpc.aio.server()
+    recommender_pb2_grpc.add_RecommenderServicer_to_server(RecommenderServicer(pipeline), server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"cannot bind {config.host}:{config.port}")
+    return HyperrecServer(config, server, health, store, slot, executor), port
+
+
+async def serve(config: ServerConfig) -> None:
+    """Run until SIGTERM or SIGINT, then drain gracefully."""
+    app, port = create_server(config)
+    await app.set_serving(False)
+    await app.start()
+    log.info("listening on %s:%d (health NOT_SERVING until a model is loaded)", config.host, port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await app.store.ping()
+    except Exception as exc:  # a store that is down at start is served DEGRADED, not fatal
+        log.warning("profile store is not reachable at start: %s", exc)
+    await app.seed_profiles()
+    await app.load_model()
+    await stop.wait()
+    log.info("shutting down: draining for up to %.1f s", config.grace_s)
+    await app.stop()

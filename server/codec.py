@@ -1,0 +1,88 @@
+"""Conversion between the protobuf contract and the domain types. The only place that does it."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from enum import IntEnum
+from typing import TypeVar
+
+from hyperrec.domain import (
+    Context,
+    DeviceType,
+    Recommendation,
+    RecommendRequest,
+    Strategy,
+    Surface,
+)
+from hyperrec.errors import InvalidArgument
+from hyperrec.v1 import recommender_pb2 as pb
+
+# Timestamp seconds representable as a datetime (0001-01-01 .. 9999-12-31).
+_MIN_SECONDS = -62_135_596_800
+_MAX_SECONDS = 253_402_300_799
+
+_STRATEGY = {
+    Strategy.PERSONALIZED: pb.STRATEGY_PERSONALIZED,
+    Strategy.COLD_START: pb.STRATEGY_COLD_START,
+    Strategy.DEGRADED: pb.STRATEGY_DEGRADED,
+}
+
+
+E = TypeVar("E", bound=IntEnum)
+
+
+def _enum(kind: type[E], value: int, field: str) -> E:
+    try:
+        return kind(value)
+    except ValueError:
+        raise InvalidArgument(field, f"unknown enum value {value}") from None
+
+
+def _timestamp(msg: pb.Context) -> datetime | None:
+    if not msg.HasField("event_time"):
+        return None
+    ts = msg.event_time
+    if not (_MIN_SECONDS <= ts.seconds <= _MAX_SECONDS) or not (0 <= ts.nanos < 1_000_000_000):
+        raise InvalidArgument("context.event_time", "is not a valid timestamp")
+    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(seconds=ts.seconds, microseconds=ts.nanos // 1000)
+
+
+def decode_context(msg: pb.Context) -> Context:
+    return Context(
+        event_time=_timestamp(msg),
+        utc_offset_minutes=msg.utc_offset_minutes,
+        device=_enum(DeviceType, msg.device_type, "context.device_type"),
+        country=msg.country,
+        surface=_enum(Surface, msg.surface, "context.surface"),
+        features=dict(msg.features),
+    )
+
+
+def decode_request(msg: pb.RecommendRequest, request_id: str) -> RecommendRequest:
+    """Domain request from the wire message; enum values outside the contract raise InvalidArgument."""
+    return RecommendRequest(
+        user_id=msg.user_id,
+        k=msg.k,
+        context=decode_context(msg.context),
+        exclude=tuple(msg.exclude_item_ids),
+        request_id=request_id,
+        include_timings=msg.include_timings,
+    )
+
+
+def encode_response(rec: Recommendation) -> pb.RecommendResponse:
+    out = pb.RecommendResponse(
+        model_name=rec.model_name,
+        model_version=rec.model_version,
+        strategy=_STRATEGY[rec.strategy],
+        request_id=rec.request_id,
+        items=[pb.ScoredItem(item_id=i.item_id, score=i.score, retrieval_score=i.retrieval_score) for i in rec.items],
+    )
+    if rec.timings is not None:
+        t = rec.timings
+        out.timings.CopyFrom(
+            pb.StageTimings(
+                profile_ms=t.profile_ms, retrieval_ms=t.retrieval_ms, ranking_ms=t.ranking_ms, total_ms=t.total_ms
+            )
+        )
+    return out
