@@ -1,0 +1,89 @@
+"""Builders for small real bundles, without training: an ONNX ranker written with onnx.helper.
+
+The ranker computes scores[b, n] = sum_d(items * user) + context @ w, a real ONNX
+graph run by ONNX Runtime; tests choose `w` to plant a context effect.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from hyperrec.bundle import BundleContents, ColdStart, publish_bundle
+from hyperrec.features import FeatureSpec, default_feature_spec
+from index.ann import IndexParams
+
+
+def make_ranker_onnx(
+    embedding_dim: int,
+    context_dim: int,
+    context_weights: np.ndarray | None = None,
+    input_names: tuple[str, str, str] = ("user", "context", "items"),
+) -> bytes:
+    """A dot-product ranker with a linear context term."""
+    w = np.zeros((context_dim, 1), np.float32) if context_weights is None else context_weights.reshape(-1, 1)
+    u_name, c_name, i_name = input_names
+    nodes = [
+        helper.make_node("Unsqueeze", [u_name, "axis1"], ["u3"]),
+        helper.make_node("Mul", [i_name, "u3"], ["prod"]),
+        helper.make_node("ReduceSum", ["prod", "axis2"], ["dot"], keepdims=0),
+        helper.make_node("MatMul", [c_name, "w"], ["ctx_score"]),
+        helper.make_node("Add", ["dot", "ctx_score"], ["scores"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "test_ranker",
+        [
+            helper.make_tensor_value_info(u_name, TensorProto.FLOAT, ["b", embedding_dim]),
+            helper.make_tensor_value_info(c_name, TensorProto.FLOAT, ["b", context_dim]),
+            helper.make_tensor_value_info(i_name, TensorProto.FLOAT, ["b", "n", embedding_dim]),
+        ],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["b", "n"])],
+        initializer=[
+            numpy_helper.from_array(w.astype(np.float32), "w"),
+            numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+            numpy_helper.from_array(np.array([2], np.int64), "axis2"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def make_contents(
+    n_items: int = 300,
+    dim: int = 8,
+    seed: int = 0,
+    model_name: str = "toy",
+    index_params: IndexParams | None = None,
+    spec: FeatureSpec | None = None,
+    ranker: bytes | None = None,
+) -> BundleContents:
+    """Random unit-norm item embeddings, a dot-product ranker and popularity lists."""
+    rng = np.random.default_rng(seed)
+    emb = rng.normal(size=(n_items, dim)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    ids = [f"item-{i:05d}" for i in range(n_items)]
+    spec = spec or default_feature_spec(dim)
+    popular = tuple((ids[i], round(1.0 / (i + 1), 6)) for i in range(min(n_items, 50)))
+    mobile_evening = tuple((ids[i], 0.5) for i in range(n_items - 1, n_items - 11, -1))
+    return BundleContents(
+        model_name=model_name,
+        item_ids=ids,
+        item_embeddings=emb,
+        ranker_onnx=ranker or make_ranker_onnx(dim, spec.context_dim),
+        feature_spec=spec,
+        cold_start=ColdStart(popular, {"device=mobile|daypart=evening": mobile_evening}),
+        index_params=index_params or IndexParams.choose(n_items),
+        embedding_space=uuid.uuid4().hex,
+        training={"kind": "test fixture"},
+    )
+
+
+def publish_toy(repo: Path, **kwargs: object) -> Path:
+    return publish_bundle(repo, make_contents(**kwargs))  # type: ignore[arg-type]

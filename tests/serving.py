@@ -1,0 +1,58 @@
+"""Start a real hyperrec server on port 0 and talk to it over a real channel."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from hyperrec.config import load_config
+from hyperrec.profiles import ProfileStore
+from hyperrec.v1 import recommender_pb2 as pb
+from hyperrec.v1 import recommender_pb2_grpc as pb_grpc
+from server.app import HyperrecServer, create_server
+
+TEST_SECRET = "serving-test-secret-0123456789"
+
+
+@dataclass
+class Running:
+    app: HyperrecServer
+    port: int
+    channel: grpc.aio.Channel
+    stub: pb_grpc.RecommenderStub
+
+
+@asynccontextmanager
+async def running_server(
+    repo: Path,
+    model: str,
+    *,
+    load: bool = True,
+    store: ProfileStore | None = None,
+    **overrides: Any,
+) -> AsyncIterator[Running]:
+    """A started server (model loaded unless load=False) and a stub on a real channel."""
+    settings: dict[str, Any] = {"port": 0, "model_repo": repo, "model_name": model, "warmup_requests": 2}
+    settings.update(overrides)
+    config = load_config(env={}, **settings)
+    app, port = create_server(config, profile_store=store)
+    await app.set_serving(False)
+    await app.start()
+    if load:
+        await app.load_model()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield Running(app, port, channel, pb_grpc.RecommenderStub(channel))
+    finally:
+        await channel.close()
+        await app.stop(grace=0.5)
+
+
+def request(user: str, k: int = 10, **context: Any) -> pb.RecommendRequest:
+    exclude = context.pop("exclude", ())
+    return pb.RecommendRequest(user_id=user, k=k, context=pb.Context(**context), exclude_item_ids=list(exclude))

@@ -1,0 +1,163 @@
+"""The bundle format: atomic publish, round trip, and validation errors that name the file and the problem."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hyperrec.bundle import (
+    COLD_START,
+    EMBEDDINGS,
+    INDEX,
+    ITEM_IDS,
+    MANIFEST,
+    RANKER,
+    Bundle,
+    list_versions,
+    publish_bundle,
+    resolve_version,
+)
+from hyperrec.errors import BundleError, NotFound
+from hyperrec.features import default_feature_spec
+from tests.helpers import make_contents, make_ranker_onnx, publish_toy
+
+
+def test_publish_then_load_round_trip(tmp_path: Path) -> None:
+    contents = make_contents(n_items=120, dim=8)
+    path = publish_bundle(tmp_path, contents)
+    assert path == tmp_path / "toy" / "1"
+    bundle = Bundle.load(path)
+    assert bundle.version == "1" and bundle.model_name == "toy"
+    assert bundle.item_ids == tuple(contents.item_ids)
+    np.testing.assert_array_equal(bundle.item_embeddings, contents.item_embeddings)
+    assert bundle.index.size == 120
+    assert bundle.manifest.embedding_space == contents.embedding_space
+    manifest = json.loads((path / MANIFEST).read_text())
+    assert manifest["format_version"] == 1 and manifest["item_count"] == 120 and manifest["embedding_dim"] == 8
+    assert set(manifest["files"]) == {RANKER, EMBEDDINGS, ITEM_IDS, INDEX, COLD_START}
+    assert not [p for p in (tmp_path / "toy").iterdir() if p.name.startswith(".")], "staging dir left behind"
+
+
+def test_versions_increase_and_concurrent_publishers_get_distinct_numbers(tmp_path: Path) -> None:
+    with ThreadPoolExecutor(4) as pool:
+        paths = list(pool.map(lambda seed: publish_toy(tmp_path, n_items=60, seed=seed), range(4)))
+    assert sorted(p.name for p in paths) == ["1", "2", "3", "4"]
+    assert list_versions(tmp_path, "toy") == [1, 2, 3, 4]
+    assert resolve_version(tmp_path, "toy") == tmp_path / "toy" / "4"
+
+
+def test_partial_and_staging_directories_are_not_versions(tmp_path: Path) -> None:
+    publish_toy(tmp_path, n_items=60)
+    (tmp_path / "toy" / ".staging-abc").mkdir()
+    (tmp_path / "toy" / "next").mkdir()
+    assert list_versions(tmp_path, "toy") == [1]
+    with pytest.raises(NotFound):
+        resolve_version(tmp_path, "toy", 7)
+    with pytest.raises(NotFound):
+        resolve_version(tmp_path, "absent")
+
+
+@pytest.fixture
+def bundle_dir(tmp_path: Path) -> Path:
+    return publish_toy(tmp_path, n_items=80)
+
+
+def test_missing_file_is_named(bundle_dir: Path) -> None:
+    (bundle_dir / INDEX).unlink()
+    with pytest.raises(BundleError, match="index.faiss: missing") as err:
+        Bundle.load(bundle_dir)
+    assert err.value.file == INDEX
+
+
+def test_missing_manifest_is_named(bundle_dir: Path) -> None:
+    (bundle_dir / MANIFEST).unlink()
+    with pytest.raises(BundleError) as err:
+        Bundle.load(bundle_dir)
+    assert err.value.file == MANIFEST
+
+
+def test_checksum_mismatch_is_named(bundle_dir: Path) -> None:
+    raw = bytearray((bundle_dir / EMBEDDINGS).read_bytes())
+    raw[-1] ^= 0xFF  # same size, different content
+    (bundle_dir / EMBEDDINGS).write_bytes(bytes(raw))
+    with pytest.raises(BundleError, match="checksum mismatch") as err:
+        Bundle.load(bundle_dir)
+    assert err.value.file == EMBEDDINGS
+
+
+def _rewrite_manifest(bundle_dir: Path, **changes: object) -> None:
+    manifest = json.loads((bundle_dir / MANIFEST).read_text())
+    manifest.update(changes)
+    (bundle_dir / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_dimension_mismatch_is_named(bundle_dir: Path) -> None:
+    manifest = json.loads((bundle_dir / MANIFEST).read_text())
+    spec = default_feature_spec(16).to_json()
+    manifest["feature_spec"], manifest["embedding_dim"] = spec, 16
+    (bundle_dir / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"expected float32 \(80, 16\)") as err:
+        Bundle.load(bundle_dir)
+    assert err.value.file == EMBEDDINGS
+
+
+def test_item_count_mismatch_is_named(bundle_dir: Path) -> None:
+    _rewrite_manifest(bundle_dir, item_count=81)
+    with pytest.raises(BundleError, match="item_count 81") as err:
+        Bundle.load(bundle_dir)
+    assert err.value.file == ITEM_IDS
+
+
+def test_unsupported_format_version_is_named(bundle_dir: Path) -> None:
+    _rewrite_manifest(bundle_dir, format_version=99)
+    with pytest.raises(BundleError, match="format_version 99") as err:
+        Bundle.load(bundle_dir)
+    assert err.value.file == MANIFEST
+
+
+CONTEXT_DIM = default_feature_spec(8).context_dim
+
+
+@pytest.mark.parametrize(
+    ("ranker", "message"),
+    [
+        (make_ranker_onnx(9, CONTEXT_DIM), "input 'user' has width 9 on axis 1, feature spec says 8"),
+        (make_ranker_onnx(8, CONTEXT_DIM, input_names=("user", "ctx", "items")), "inputs are"),
+        (b"not an onnx model", "ONNX Runtime cannot load it"),
+    ],
+)
+def test_onnx_inputs_that_do_not_match_the_spec_are_named(tmp_path: Path, ranker: bytes, message: str) -> None:
+    path = publish_bundle(tmp_path, make_contents(n_items=50, dim=8, ranker=ranker))
+    with pytest.raises(BundleError, match=message) as err:
+        Bundle.load(path)
+    assert err.value.file == RANKER
+
+
+def test_context_width_mismatch_is_named(tmp_path: Path) -> None:
+    spec = default_feature_spec(8)
+    ranker = make_ranker_onnx(8, spec.context_dim + 3)
+    path = publish_bundle(tmp_path, make_contents(n_items=50, dim=8, ranker=ranker))
+    with pytest.raises(BundleError, match=f"input 'context' has width {spec.context_dim + 3}"):
+        Bundle.load(path)
+
+
+def test_cold_start_naming_unknown_items_is_rejected(bundle_dir: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy" / "toy" / "1"
+    shutil.copytree(bundle_dir, copy)
+    cold = json.loads((copy / COLD_START).read_text())
+    cold["global"].append(["no-such-item", 0.1])
+    (copy / COLD_START).write_text(json.dumps(cold))
+    with pytest.raises(BundleError) as err:
+        Bundle.load(copy)
+    assert err.value.file == COLD_START  # checksum catches the edit first, naming the same file
+
+
+def test_model_names_that_escape_the_repository_are_rejected(tmp_path: Path) -> None:
+    for name in ("../evil", "a/b", ".hidden", ""):
+        with pytest.raises(ValueError):
+            publish_bundle(tmp_path, make_contents(n_items=20, model_name=name))

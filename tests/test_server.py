@@ -1,0 +1,273 @@
+"""The Recommender service end to end over a real gRPC channel, a real Redis and a real bundle."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import redis
+import redis.asyncio as aredis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from hyperrec.bundle import Bundle
+from hyperrec.config import load_config
+from hyperrec.profiles import Profile, ProfileStore
+from hyperrec.profiles.keys import Pseudonymizer
+from hyperrec.profiles.redis_store import RedisProfileStore
+from hyperrec.v1 import recommender_pb2 as pb
+from tests.conftest import free_port
+from tests.helpers import publish_toy
+from tests.serving import TEST_SECRET, Running, request, running_server
+
+N_ITEMS = 400
+
+
+@pytest.fixture(scope="module")
+def toy_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = tmp_path_factory.mktemp("repo")
+    publish_toy(repo, n_items=N_ITEMS, dim=8, seed=3)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def toy_bundle(toy_repo: Path) -> Bundle:
+    return Bundle.load(toy_repo / "toy" / "1")
+
+
+def user_profile(bundle: Bundle, row: int) -> Profile:
+    """A user whose vector equals item `row`'s embedding: that item should rank first."""
+    return Profile(user_vector=bundle.item_embeddings[row].copy(), embedding_space=bundle.manifest.embedding_space)
+
+
+@pytest.fixture
+async def served(toy_repo: Path, toy_bundle: Bundle, redis_url: str) -> AsyncIterator[Running]:
+    async with running_server(toy_repo, "toy", redis_url=redis_url, profile_secret=TEST_SECRET) as running:
+        await running.app.store.put_many({"alice": user_profile(toy_bundle, 7), "bob": user_profile(toy_bundle, 200)})
+        yield running
+
+
+async def test_personalized_answer_has_k_distinct_items_ordered_by_score(served: Running, toy_bundle: Bundle) -> None:
+    reply = await served.stub.Recommend(request("alice", k=20), timeout=5)
+    ids = [i.item_id for i in reply.items]
+    scores = [i.score for i in reply.items]
+    assert reply.strategy == pb.STRATEGY_PERSONALIZED
+    assert len(ids) == 20 and len(set(ids)) == 20
+    assert scores == sorted(scores, reverse=True)
+    assert ids[0] == toy_bundle.item_ids[7]  # the item equal to alice's vector
+    assert reply.model_name == "toy" and reply.model_version == "1"
+    # Scores are the ranker's: a dot product (plus a zero context term) equal to the retrieval score here.
+    np.testing.assert_allclose([i.score for i in reply.items], [i.retrieval_score for i in reply.items], rtol=1e-5)
+
+
+async def test_excluded_items_never_come_back_and_k_is_still_met(served: Running) -> None:
+    first = await served.stub.Recommend(request("alice", k=30), timeout=5)
+    excluded = [i.item_id for i in first.items] + ["not-in-catalogue"]
+    reply = await served.stub.Recommend(request("alice", k=30, exclude=excluded), timeout=5)
+    ids = [i.item_id for i in reply.items]
+    assert len(ids) == 30 and not set(ids) & set(excluded)
+
+
+async def test_two_users_with_different_profiles_get_different_lists(served: Running, toy_bundle: Bundle) -> None:
+    a = await served.stub.Recommend(request("alice", k=10), timeout=5)
+    b = await served.stub.Recommend(request("bob", k=10), timeout=5)
+    assert a.items[0].item_id == toy_bundle.item_ids[7] and b.items[0].item_id == toy_bundle.item_ids[200]
+    assert {i.item_id for i in a.items} != {i.item_id for i in b.items}
+
+
+async def test_unknown_user_gets_cold_start_list(served: Running, toy_bundle: Bundle) -> None:
+    reply = await served.stub.Recommend(request("somebody-new", k=5), timeout=5)
+    assert reply.strategy == pb.STRATEGY_COLD_START
+    assert [i.item_id for i in reply.items] == [toy_bundle.item_ids[i] for i in range(5)]  # global popularity
+
+
+async def test_cold_start_uses_the_context_segment_list(served: Running, toy_bundle: Bundle) -> None:
+    evening = datetime.now(UTC).replace(hour=20, minute=0) - timedelta(days=1)
+    ctx = {"device_type": pb.DEVICE_TYPE_MOBILE}
+    req = request("somebody-new", k=12, **ctx)
+    req.context.event_time.FromDatetime(evening)
+    reply = await served.stub.Recommend(req, timeout=5)
+    ids = [i.item_id for i in reply.items]
+    segment = [toy_bundle.item_ids[i] for i in range(N_ITEMS - 1, N_ITEMS - 11, -1)]
+    assert ids[:10] == segment  # the mobile/evening list first...
+    assert ids[10:] == [toy_bundle.item_ids[0], toy_bundle.item_ids[1]]  # ...then global popularity
+
+
+async def test_fold_in_from_recent_items_when_vector_is_from_another_space(
+    served: Running, toy_bundle: Bundle
+) -> None:
+    stale = Profile(
+        user_vector=np.ones(8, np.float32), embedding_space="another-model", recent_items=(toy_bundle.item_ids[42],)
+    )
+    await served.app.store.put("carol", stale)
+    reply = await served.stub.Recommend(request("carol", k=3), timeout=5)
+    assert reply.strategy == pb.STRATEGY_PERSONALIZED
+    assert reply.items[0].item_id == toy_bundle.item_ids[42]
+
+
+async def test_timings_only_when_asked(served: Running) -> None:
+    plain = await served.stub.Recommend(request("alice", k=3), timeout=5)
+    assert not plain.HasField("timings")
+    req = request("alice", k=3)
+    req.include_timings = True
+    timed = await served.stub.Recommend(req, timeout=5)
+    t = timed.timings
+    assert t.total_ms > 0 and t.retrieval_ms > 0 and t.ranking_ms > 0
+    assert t.total_ms >= t.profile_ms
+
+
+async def test_request_id_is_echoed_or_made_up(served: Running) -> None:
+    req = request("alice", k=1)
+    req.request_id = "trace-123"
+    assert (await served.stub.Recommend(req, timeout=5)).request_id == "trace-123"
+    assert len((await served.stub.Recommend(request("alice", k=1), timeout=5)).request_id) == 32
+
+
+def _bad_requests() -> list[tuple[str, pb.RecommendRequest, str]]:
+    now = datetime.now(UTC)
+    cases = [
+        ("empty user", request("", k=5), "user_id"),
+        ("long user", request("u" * 257, k=5), "user_id"),
+        ("k zero", request("alice", k=0), "k"),
+        ("k negative", request("alice", k=-3), "k"),
+        ("k above max", request("alice", k=101), "k"),
+        ("too many exclusions", request("alice", k=5, exclude=[f"i{i}" for i in range(1001)]), "exclude_item_ids"),
+        ("unknown device", request("alice", k=5, device_type=99), "context.device_type"),
+        ("unknown surface", request("alice", k=5, surface=42), "context.surface"),
+        ("bad country", request("alice", k=5, country="Germany"), "context.country"),
+        ("offset", request("alice", k=5, utc_offset_minutes=900), "context.utc_offset_minutes"),
+    ]
+    old = request("alice", k=5)
+    old.context.event_time.FromDatetime(datetime(1990, 1, 1, tzinfo=UTC))
+    future = request("alice", k=5)
+    future.context.event_time.FromDatetime(now + timedelta(days=3))
+    huge = request("alice", k=5)
+    huge.context.event_time.seconds = 10**15
+    long_id = request("alice", k=5)
+    long_id.request_id = "r" * 200
+    cases += [
+        ("ancient event", old, "context.event_time"),
+        ("future event", future, "context.event_time"),
+        ("unrepresentable event", huge, "context.event_time"),
+        ("long request id", long_id, "request_id"),
+    ]
+    return cases
+
+
+@pytest.mark.parametrize(("name", "req", "field"), _bad_requests(), ids=[c[0] for c in _bad_requests()])
+async def test_bad_input_is_invalid_argument_naming_the_field(
+    served: Running, name: str, req: pb.RecommendRequest, field: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await served.stub.Recommend(req, timeout=5)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith(f"{field}:")
+    assert "request id" in err.value.details()
+
+
+async def test_health_goes_not_serving_to_serving_and_recommend_waits_for_a_model(toy_repo: Path) -> None:
+    async with running_server(toy_repo, "toy", load=False) as running:
+        health = health_pb2_grpc.HealthStub(running.channel)
+        for service in ("", "hyperrec.v1.Recommender"):
+            status = (await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)).status
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await running.stub.Recommend(request("alice"), timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        await running.app.load_model()
+        for service in ("", "hyperrec.v1.Recommender"):
+            status = (await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+        assert (await running.stub.Recommend(request("alice"), timeout=5)).strategy == pb.STRATEGY_COLD_START
+
+
+async def test_reflection_lists_the_service(toy_repo: Path) -> None:
+    async with running_server(toy_repo, "toy", load=False) as running:
+        stub = reflection_pb2_grpc.ServerReflectionStub(running.channel)
+
+        async def one() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
+            yield reflection_pb2.ServerReflectionRequest(list_services="")
+
+        names = set()
+        async for reply in stub.ServerReflectionInfo(one(), timeout=5):
+            names |= {s.name for s in reply.list_services_response.service}
+        assert "hyperrec.v1.Recommender" in names and "grpc.health.v1.Health" in names
+
+
+async def test_redis_down_answers_degraded(toy_repo: Path) -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    async with running_server(toy_repo, "toy", redis_url=url, profile_secret=TEST_SECRET) as running:
+        reply = await running.stub.Recommend(request("alice", k=5), timeout=5)
+    assert reply.strategy == pb.STRATEGY_DEGRADED and len(reply.items) == 5
+
+
+async def test_slow_redis_past_the_budget_answers_degraded(toy_repo: Path, redis_url: str) -> None:
+    """A real redis-server blocked by DEBUG SLEEP: the profile budget runs out, the answer degrades."""
+    async with running_server(
+        toy_repo, "toy", redis_url=redis_url, profile_secret=TEST_SECRET, profile_budget_ms=50, redis_read_timeout_ms=2000
+    ) as running:
+        blocker = aredis.Redis.from_url(redis_url)
+        sleeper = asyncio.ensure_future(blocker.execute_command("DEBUG", "SLEEP", "0.5"))
+        await asyncio.sleep(0.05)
+        reply = await running.stub.Recommend(request("alice", k=5), timeout=5)
+        await sleeper
+        await blocker.aclose()
+    assert reply.strategy == pb.STRATEGY_DEGRADED
+
+
+class BuggyStore(ProfileStore):
+    """A store with a programming error (not a backend failure): it must surface as INTERNAL."""
+
+    async def get(self, user_id: str) -> Profile | None:
+        raise KeyError("bug in the store")
+
+    async def put(self, user_id: str, profile: Profile) -> None:
+        return None
+
+    async def delete(self, user_id: str) -> bool:
+        return False
+
+    async def ping(self) -> None:
+        return None
+
+
+async def test_unexpected_failure_is_internal_with_request_id_and_logged(
+    toy_repo: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running_server(toy_repo, "toy", store=BuggyStore()) as running:
+        req = request("alice")
+        req.request_id = "req-internal-1"
+        with caplog.at_level(logging.ERROR), pytest.raises(grpc.aio.AioRpcError) as err:
+            await running.stub.Recommend(req, timeout=5)
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    assert "req-internal-1" in err.value.details()
+    assert "bug in the store" not in err.value.details()  # internals stay in the log
+    logged = [r for r in caplog.records if "req-internal-1" in r.getMessage()]
+    assert logged and logged[0].exc_info is not None
+
+
+async def test_expired_deadline_is_deadline_exceeded(served: Running) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await served.stub.Recommend(request("alice"), timeout=0.000001)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_redis_without_secret_refuses_to_start() -> None:
+    from hyperrec.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="profile_secret"):
+        load_config(env={}, redis_url="redis://127.0.0.1:1/0")
+
+
+async def test_redis_store_is_pseudonymous_under_the_server(served: Running, redis_url: str) -> None:
+    keys = redis.Redis.from_url(redis_url).keys("*")
+    assert keys and not any(b"alice" in k or b"bob" in k for k in keys)
+    expected = Pseudonymizer(TEST_SECRET.encode()).user_key("alice")
+    assert any(expected.encode() in k for k in keys)
+    assert isinstance(served.app.store, RedisProfileStore)
