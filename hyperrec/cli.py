@@ -84,9 +84,8 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from training.train import TrainConfig, train_and_publish
-
     from training.synthetic import SyntheticConfig, generate
+    from training.train import TrainConfig, train_and_publish
 
     setup_logging(args.log_level)
     if not args.synthetic:
@@ -103,12 +102,36 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_synth_bundle(args: argparse.Namespace) -> int:
+    from hyperrec.profiles.snapshot import save_profiles
+    from training.synth_bundle import make_synth_bundle
+
+    setup_logging(args.log_level)
+    result = make_synth_bundle(args.model_repo, args.model, args.items, args.dim, args.users, args.seed)
+    print(f"published {result.version_dir}")
+    if args.profiles_out:
+        save_profiles(args.profiles_out, result.profiles)
+        print(f"wrote {len(result.profiles)} profiles to {args.profiles_out}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from hyperrec.demo import run_demo
 
     config = load_config(args)
     setup_logging(config.log_level)
     return int(run_async(run_demo(config, retrain=args.retrain)))
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from hyperrec.config import describe_fields
+
+    print("| field | flag | environment | default | meaning |")
+    print("|---|---|---|---|---|")
+    for name, default, help_text in describe_fields():
+        flag = "--" + name.replace("_", "-")
+        print(f"| `{name}` | `{flag}` | `HYPERREC_{name.upper()}` | `{default}` | {help_text} |")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,6 +173,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--profiles-out", type=Path, help="also write the users' profiles (.npz) here")
     train.add_argument("--log-level", default="INFO")
     train.set_defaults(func=cmd_train)
+    synth = sub.add_parser("synth-bundle", help="publish a large untrained bundle for benchmarks")
+    synth.add_argument("--model-repo", type=Path, default=Path("model_repo"))
+    synth.add_argument("--model", default="synth", help="model name")
+    synth.add_argument("--items", type=int, default=100_000)
+    synth.add_argument("--dim", type=int, default=64)
+    synth.add_argument("--users", type=int, default=1000, help="profiles to write with --profiles-out")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--profiles-out", type=Path, help="write matching user profiles (.npz) here")
+    synth.add_argument("--log-level", default="INFO")
+    synth.set_defaults(func=cmd_synth_bundle)
+
+    config = sub.add_parser("config", help="print every configuration field as a markdown table")
+    config.set_defaults(func=cmd_config)
     return parser
 
 
@@ -165,3 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 __all__ = ["ServerConfig", "build_parser", "main"]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

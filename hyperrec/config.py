@@ -4,7 +4,7 @@ One `ServerConfig` is built in `main()` from, in rising precedence: field
 defaults, an optional TOML file (`--config`), environment variables named
 `HYPERREC_<FIELD>` (upper case), and command-line flags `--<field-with-dashes>`.
 Every field's help text below is also its `--help` text and its documentation
-(docs/configuration.md is generated from it by `hyperrec config --markdown`).
+(docs/configuration.md is generated from it by `hyperrec config`).
 """
 
 from __future__ import annotations
@@ -156,5 +156,6 @@ def describe_fields() -> Sequence[tuple[str, str, str]]:
     """(flag name, default, help) for each field, for docs."""
     rows = []
     for name, (_, f) in _fields().items():
-        rows.append((name, repr(f.default), str(f.metadata["help"])))
+        default = "unset" if f.default is None else str(f.default)
+        rows.append((name, default, str(f.metadata["help"])))
     return rows

@@ -24,7 +24,7 @@ class Running:
     app: HyperrecServer
     port: int
     channel: grpc.aio.Channel
-    stub: pb_grpc.RecommenderStub
+    stub: Any  # the generated stub's types describe the sync API; this one is grpc.aio's
 
 
 @asynccontextmanager

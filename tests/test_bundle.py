@@ -69,7 +69,7 @@ def bundle_dir(tmp_path: Path) -> Path:
 
 def test_missing_file_is_named(bundle_dir: Path) -> None:
     (bundle_dir / INDEX).unlink()
-    with pytest.raises(BundleError, match="index.faiss: missing") as err:
+    with pytest.raises(BundleError, match=r"index\.faiss: missing") as err:
         Bundle.load(bundle_dir)
     assert err.value.file == INDEX
 

@@ -44,8 +44,14 @@ def field_of(req: RecommendRequest) -> str | None:
         (RecommendRequest(user_id="u", k=51), "k"),
         (RecommendRequest(user_id="u", k=5, exclude=tuple(f"i{i}" for i in range(11))), "exclude_item_ids"),
         (RecommendRequest(user_id="u", k=5, request_id="r" * 129), "request_id"),
-        (RecommendRequest(user_id="u", k=5, context=Context(event_time=datetime(1999, 12, 31, tzinfo=UTC))), "context.event_time"),
-        (RecommendRequest(user_id="u", k=5, context=Context(event_time=NOW + timedelta(hours=25))), "context.event_time"),
+        (
+            RecommendRequest(user_id="u", k=5, context=Context(event_time=datetime(1999, 12, 31, tzinfo=UTC))),
+            "context.event_time",
+        ),
+        (
+            RecommendRequest(user_id="u", k=5, context=Context(event_time=NOW + timedelta(hours=25))),
+            "context.event_time",
+        ),
         (RecommendRequest(user_id="u", k=5, context=Context(utc_offset_minutes=841)), "context.utc_offset_minutes"),
         (RecommendRequest(user_id="u", k=5, context=Context(country="de")), "context.country"),
         (RecommendRequest(user_id="u", k=5, context=Context(features={"": "x"})), "context.features"),

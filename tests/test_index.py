@@ -15,7 +15,8 @@ from index.ann import FLAT, IVF, AnnIndex, IndexParams
 def unit_vectors(n: int, dim: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     vectors = rng.normal(size=(n, dim)).astype(np.float32)
-    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    out: np.ndarray = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    return out
 
 
 def test_choose_uses_exact_search_below_threshold_and_ivf_above() -> None:
@@ -102,7 +103,9 @@ def test_everything_excluded_returns_nothing() -> None:
     assert len(rows) == 0 and len(scores) == 0
 
 
-@pytest.mark.parametrize("bad", [{"type": "hnsw"}, {"type": "ivf", "nlist": 4, "nprobe": 9}, {"type": "flat", "metric": "l2"}])
+@pytest.mark.parametrize(
+    "bad", [{"type": "hnsw"}, {"type": "ivf", "nlist": 4, "nprobe": 9}, {"type": "flat", "metric": "l2"}]
+)
 def test_index_params_from_manifest_are_checked(bad: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         IndexParams.from_json(bad)

@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -99,9 +100,7 @@ async def test_cold_start_uses_the_context_segment_list(served: Running, toy_bun
     assert ids[10:] == [toy_bundle.item_ids[0], toy_bundle.item_ids[1]]  # ...then global popularity
 
 
-async def test_fold_in_from_recent_items_when_vector_is_from_another_space(
-    served: Running, toy_bundle: Bundle
-) -> None:
+async def test_fold_in_from_recent_items_when_vector_is_from_another_space(served: Running, toy_bundle: Bundle) -> None:
     stale = Profile(
         user_vector=np.ones(8, np.float32), embedding_space="another-model", recent_items=(toy_bundle.item_ids[42],)
     )
@@ -167,13 +166,14 @@ async def test_bad_input_is_invalid_argument_naming_the_field(
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await served.stub.Recommend(req, timeout=5)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert err.value.details().startswith(f"{field}:")
-    assert "request id" in err.value.details()
+    details = err.value.details() or ""
+    assert details.startswith(f"{field}:")
+    assert "request id" in details
 
 
 async def test_health_goes_not_serving_to_serving_and_recommend_waits_for_a_model(toy_repo: Path) -> None:
     async with running_server(toy_repo, "toy", load=False) as running:
-        health = health_pb2_grpc.HealthStub(running.channel)
+        health: Any = health_pb2_grpc.HealthStub(running.channel)
         for service in ("", "hyperrec.v1.Recommender"):
             status = (await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)).status
             assert status == health_pb2.HealthCheckResponse.NOT_SERVING
@@ -189,7 +189,7 @@ async def test_health_goes_not_serving_to_serving_and_recommend_waits_for_a_mode
 
 async def test_reflection_lists_the_service(toy_repo: Path) -> None:
     async with running_server(toy_repo, "toy", load=False) as running:
-        stub = reflection_pb2_grpc.ServerReflectionStub(running.channel)
+        stub: Any = reflection_pb2_grpc.ServerReflectionStub(running.channel)  # type: ignore[arg-type]
 
         async def one() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
             yield reflection_pb2.ServerReflectionRequest(list_services="")
@@ -210,10 +210,15 @@ async def test_redis_down_answers_degraded(toy_repo: Path) -> None:
 async def test_slow_redis_past_the_budget_answers_degraded(toy_repo: Path, redis_url: str) -> None:
     """A real redis-server blocked by DEBUG SLEEP: the profile budget runs out, the answer degrades."""
     async with running_server(
-        toy_repo, "toy", redis_url=redis_url, profile_secret=TEST_SECRET, profile_budget_ms=50, redis_read_timeout_ms=2000
+        toy_repo,
+        "toy",
+        redis_url=redis_url,
+        profile_secret=TEST_SECRET,
+        profile_budget_ms=50,
+        redis_read_timeout_ms=2000,
     ) as running:
         blocker = aredis.Redis.from_url(redis_url)
-        sleeper = asyncio.ensure_future(blocker.execute_command("DEBUG", "SLEEP", "0.5"))
+        sleeper = asyncio.ensure_future(blocker.execute_command("DEBUG", "SLEEP", "0.5"))  # type: ignore[no-untyped-call]
         await asyncio.sleep(0.05)
         reply = await running.stub.Recommend(request("alice", k=5), timeout=5)
         await sleeper
@@ -246,8 +251,9 @@ async def test_unexpected_failure_is_internal_with_request_id_and_logged(
         with caplog.at_level(logging.ERROR), pytest.raises(grpc.aio.AioRpcError) as err:
             await running.stub.Recommend(req, timeout=5)
     assert err.value.code() == grpc.StatusCode.INTERNAL
-    assert "req-internal-1" in err.value.details()
-    assert "bug in the store" not in err.value.details()  # internals stay in the log
+    details = err.value.details() or ""
+    assert "req-internal-1" in details
+    assert "bug in the store" not in details  # internals stay in the log
     logged = [r for r in caplog.records if "req-internal-1" in r.getMessage()]
     assert logged and logged[0].exc_info is not None
 

@@ -96,6 +96,12 @@ class JointModel(nn.Module):
         collision = torch.cat([torch.zeros_like(items, dtype=torch.bool).unsqueeze(1), negatives == items[:, None]], 1)
         return _first_is_target(scores.masked_fill(collision, float("-inf")))
 
+    def embedding_penalty(self, users: Tensor, items: Tensor) -> Tensor:
+        """Mean squared norm of the batch's user and item vectors (L2 weighted by how often rows are seen)."""
+        u = self.user_embedding(users).pow(2).sum(dim=-1).mean()
+        v = self.item_embedding(items).pow(2).sum(dim=-1).mean()
+        return u + v
+
 
 def _first_is_target(logits: Tensor) -> Tensor:
     """Mean cross-entropy when column 0 of every row holds the positive."""

@@ -56,11 +56,12 @@ class TrainConfig:
 
     embedding_dim: int = 32
     hidden: tuple[int, ...] = DEFAULT_HIDDEN
-    epochs: int = 6
+    epochs: int = 8
     batch_size: int = 1024
     learning_rate: float = 5e-3
-    negatives: int = 20
-    retrieval_negatives: int = 512
+    negatives: int = 10
+    retrieval_negatives: int = 256
+    embedding_l2: float = 1e-2
     seed: int = 0
     country_buckets: int = 16
     flat_threshold: int = 20_000
@@ -305,8 +306,9 @@ def _fit(
             per_event = torch.from_numpy(rng.integers(0, data.n_items, (len(rows), cfg.negatives)))
             retrieval = model.retrieval_loss(users[rows], items[rows], shared)
             ranking = model.ranking_loss(users[rows], contexts[rows], items[rows], per_event)
+            penalty = model.embedding_penalty(users[rows], items[rows])
             optimizer.zero_grad()
-            (retrieval + ranking).backward()
+            (retrieval + ranking + cfg.embedding_l2 * penalty).backward()
             optimizer.step()
             totals += (retrieval.item(), ranking.item())
         totals /= max(1, len(batches))
