@@ -92,7 +92,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print("only --synthetic training is available in this version", file=sys.stderr)
         return 2
     data = generate(SyntheticConfig(n_users=args.users, n_items=args.items, seed=args.seed))
-    result = train_and_publish(data, args.model_repo, args.model, TrainConfig(epochs=args.epochs, seed=args.seed))
+    config = TrainConfig(seed=args.seed) if args.epochs is None else TrainConfig(epochs=args.epochs, seed=args.seed)
+    result = train_and_publish(data, args.model_repo, args.model, config)
     print(f"published {result.version_dir}")
     if args.profiles_out:
         from hyperrec.profiles.snapshot import save_profiles
@@ -168,8 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--model", default="demo", help="model name")
     train.add_argument("--users", type=int, default=3000)
     train.add_argument("--items", type=int, default=5000)
-    train.add_argument("--epochs", type=int, default=6)
-    train.add_argument("--seed", type=int, default=7)
+    train.add_argument("--epochs", type=int, help="training epochs (default: TrainConfig's)")
+    train.add_argument("--seed", type=int, default=0)
     train.add_argument("--profiles-out", type=Path, help="also write the users' profiles (.npz) here")
     train.add_argument("--log-level", default="INFO")
     train.set_defaults(func=cmd_train)

@@ -98,9 +98,9 @@ class JointModel(nn.Module):
 
     def embedding_penalty(self, users: Tensor, items: Tensor) -> Tensor:
         """Mean squared norm of the batch's user and item vectors (L2 weighted by how often rows are seen)."""
-        u = self.user_embedding(users).pow(2).sum(dim=-1).mean()
-        v = self.item_embedding(items).pow(2).sum(dim=-1).mean()
-        return u + v
+        u: Tensor = self.user_embedding(users)
+        v: Tensor = self.item_embedding(items)
+        return u.pow(2).sum(dim=-1).mean() + v.pow(2).sum(dim=-1).mean()
 
 
 def _first_is_target(logits: Tensor) -> Tensor:

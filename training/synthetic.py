@@ -23,6 +23,7 @@ config always yields the same data.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -250,12 +251,15 @@ def _events_per_user(cfg: SyntheticConfig, rng: np.random.Generator) -> npt.NDAr
     return np.repeat(np.arange(cfg.n_users, dtype=np.int64), counts)
 
 
-def _pick(rng: np.random.Generator, probs: npt.NDArray[np.float64], rows: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+def _pick(
+    rng: np.random.Generator, probs: npt.NDArray[np.float64], rows: npt.NDArray[np.int64]
+) -> npt.NDArray[np.int64]:
     """For each entry of `rows`, a category index drawn from that row of the probability table."""
-    cdf = np.cumsum(probs, axis=1)
-    cdf /= cdf[:, -1:]
-    draws = rng.random(rows.shape[0])
-    return np.minimum((draws[:, None] >= cdf[rows]).sum(axis=1), probs.shape[1] - 1).astype(np.int64)
+    cdf: npt.NDArray[np.float64] = np.cumsum(probs, axis=1)
+    cdf = cdf / cdf[:, -1:]
+    draws = rng.random(len(rows))
+    picked = (draws[:, None] >= cdf[rows]).sum(axis=1)
+    return np.asarray(np.minimum(picked, probs.shape[1] - 1), dtype=np.int64)
 
 
 def _event_contexts(
@@ -285,7 +289,7 @@ def _timestamps(
     n = offset.shape[0]
     day = rng.integers(0, cfg.days - 1, n)
     activity = np.array(HOURLY_ACTIVITY)
-    hour = rng.choice(24, size=n, p=activity / activity.sum()).astype(np.int64)
+    hour = np.asarray(rng.choice(24, size=n, p=activity / activity.sum()), dtype=np.int64)
     second = rng.integers(0, 3600, n)
     start = END_TIMESTAMP - cfg.days * 86_400
     ts = start + day * 86_400 + hour * 3600 + second - offset * 60
@@ -334,7 +338,7 @@ def _sample_items(
     context_weight = np.exp(boost)  # exp(a + b) = exp(a) * exp(b): the context factor is shared by all users
     out = np.empty(event_user.shape[0], dtype=np.int64)
     bounds = np.searchsorted(event_user, np.arange(0, user_latent.shape[0] + _USER_CHUNK, _USER_CHUNK))
-    for chunk, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+    for chunk, (lo, hi) in enumerate(itertools.pairwise(bounds)):
         first = chunk * _USER_CHUNK
         users = user_latent[first : first + _USER_CHUNK].astype(np.float64)
         base = TASTE_SCALE * users @ item_latent.T.astype(np.float64) + log_pop

@@ -50,6 +50,7 @@ class TrainConfig:
 
     negatives: per-event items the ranker's sampled softmax scores against the positive.
     retrieval_negatives: items per batch the embeddings' sampled softmax shares across the batch.
+    embedding_l2: weight of the squared-norm penalty on each batch's user and item vectors (curbs overfitting).
     flat_threshold: catalogue size from which the bundle uses an IVF index (see IndexParams.choose).
     threads: torch intra-op threads while training (restored afterwards).
     """
@@ -308,7 +309,7 @@ def _fit(
             ranking = model.ranking_loss(users[rows], contexts[rows], items[rows], per_event)
             penalty = model.embedding_penalty(users[rows], items[rows])
             optimizer.zero_grad()
-            (retrieval + ranking + cfg.embedding_l2 * penalty).backward()
+            torch.autograd.backward(retrieval + ranking + cfg.embedding_l2 * penalty)
             optimizer.step()
             totals += (retrieval.item(), ranking.item())
         totals /= max(1, len(batches))
