@@ -73,9 +73,11 @@ def wait_serving(target: str, timeout: float = 120) -> None:
     raise RuntimeError("server did not become SERVING")
 
 
-def server_run(target: str, users: list[str], calls: int, k: int, warmup: int) -> list[float]:
+def server_run(target: str, users: list[str], calls: int, k: int, warmup: int) -> tuple[list[float], list[float]]:
+    """Client-observed latencies and the server's own pipeline totals (from StageTimings), in ms."""
     rng = np.random.default_rng(1)
     out: list[float] = []
+    inside: list[float] = []
     with grpc.insecure_channel(target) as ch:
         stub = pb_grpc.RecommenderStub(ch)
         for i in range(warmup + calls):
@@ -83,6 +85,7 @@ def server_run(target: str, users: list[str], calls: int, k: int, warmup: int) -
                 user_id=users[rng.integers(len(users))],
                 k=k,
                 context=pb.Context(device_type=pb.DeviceType.ValueType(int(rng.integers(1, 5)))),
+                include_timings=True,
             )
             t = time.perf_counter()
             reply = stub.Recommend(req, timeout=5)
@@ -90,7 +93,8 @@ def server_run(target: str, users: list[str], calls: int, k: int, warmup: int) -
             assert reply.strategy == pb.STRATEGY_PERSONALIZED and len(reply.items) == k
             if i >= warmup:
                 out.append(elapsed)
-    return out
+                inside.append(reply.timings.total_ms)
+    return out, inside
 
 
 async def floor_run(
@@ -133,7 +137,7 @@ def main() -> int:
     proc = subprocess.Popen(cmd)
     try:
         wait_serving(target)
-        served = server_run(target, users, args.calls, args.k, args.warmup)
+        served, pipeline_in_server = server_run(target, users, args.calls, args.k, args.warmup)
     finally:
         proc.terminate()
         proc.wait(timeout=15)
@@ -147,6 +151,7 @@ def main() -> int:
         "items": bundle.index.size,
         "index": bundle.index.kind_name,
         "server": percentiles(served),
+        "server_pipeline_only": percentiles(pipeline_in_server),
         "in_process_floor": percentiles(floor),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
     }

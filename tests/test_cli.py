@@ -1,0 +1,76 @@
+"""The command line over real processes and channels: `hyperrec serve` and `hyperrec recommend`."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from hyperrec.cli import main
+from tests.conftest import free_port
+from tests.helpers import publish_toy
+from tests.serving import running_server
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = tmp_path_factory.mktemp("cli-repo")
+    publish_toy(repo, n_items=200, dim=8)
+    return repo
+
+
+async def test_recommend_prints_a_ranked_table(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    async with running_server(repo, "toy") as running:
+        argv = ["recommend", "--target", f"127.0.0.1:{running.port}", "--user", "nobody", "--k", "3", "--timings"]
+        code = await asyncio.to_thread(main, argv)
+    out = capsys.readouterr().out.splitlines()
+    assert code == 0
+    assert out[0].startswith("model toy v1 · strategy cold_start")
+    assert [line.split()[1] for line in out[2:5]] == ["item-00000", "item-00001", "item-00002"]
+    assert out[5].startswith("timings ms:")
+
+
+async def test_recommend_reports_the_status_code(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    async with running_server(repo, "toy") as running:
+        argv = ["recommend", "--target", f"127.0.0.1:{running.port}", "--user", "u", "--k", "1000"]
+        code = await asyncio.to_thread(main, argv)
+    assert code == 1
+    assert capsys.readouterr().err.startswith("error: INVALID_ARGUMENT: k: must be between 1 and 100")
+
+
+def test_serve_process_becomes_serving_answers_and_drains_on_sigterm(repo: Path) -> None:
+    port = free_port()
+    cmd = [sys.executable, "-m", "hyperrec.cli", "serve", "--port", str(port), "--model-repo", str(repo)]
+    proc = subprocess.Popen([*cmd, "--model-name", "toy", "--grace-s", "1"], stderr=subprocess.PIPE, text=True)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health: Any = health_pb2_grpc.HealthStub(channel)
+            deadline = time.monotonic() + 60
+            status = None
+            while time.monotonic() < deadline and status != health_pb2.HealthCheckResponse.SERVING:
+                try:
+                    status = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                except grpc.RpcError:
+                    time.sleep(0.2)
+            assert status == health_pb2.HealthCheckResponse.SERVING
+        assert main(["recommend", "--target", f"127.0.0.1:{port}", "--user", "x", "--k", "2"]) == 0
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = proc.stderr.read() if proc.stderr else ""
+    assert "serving model toy version 1" in log and "shutting down" in log
+
+
+def test_bad_config_exits_with_a_message(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--redis-url", "redis://127.0.0.1:1/0"]) == 2
+    assert "profile_secret" in capsys.readouterr().err

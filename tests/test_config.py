@@ -1,0 +1,70 @@
+"""Typed config: defaults < TOML file < environment < flags, and checks at start-up."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from hyperrec.config import ServerConfig, add_arguments, describe_fields, load_config
+from hyperrec.errors import ConfigError
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_defaults_are_the_embedded_setup() -> None:
+    config = load_config(parse([]), env={})
+    assert config == ServerConfig()
+    assert config.redis_url is None and config.port == 50051 and config.host == "127.0.0.1"
+
+
+def test_precedence_file_then_env_then_flags(tmp_path: Path) -> None:
+    file = tmp_path / "hyperrec.toml"
+    file.write_text('port = 6000\ncandidates = 300\nmodel_name = "from-file"\nmax_k = 50\n')
+    env = {"HYPERREC_PORT": "7000", "HYPERREC_CANDIDATES": "400"}
+    config = load_config(parse(["--config", str(file), "--port", "8000"]), env=env)
+    assert config.port == 8000  # flag beats env beats file
+    assert config.candidates == 400  # env beats file
+    assert config.model_name == "from-file" and config.max_k == 50  # file beats defaults
+
+
+def test_types_are_converted() -> None:
+    env = {"HYPERREC_MODEL_REPO": "/srv/models", "HYPERREC_PROFILE_BUDGET_MS": "12.5", "HYPERREC_MODEL_VERSION": "3"}
+    config = load_config(parse([]), env=env)
+    assert config.model_repo == Path("/srv/models")
+    assert config.profile_budget_ms == 12.5 and config.model_version == 3
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"HYPERREC_PORT": "eighty"}, "port: cannot read"),
+        ({"HYPERREC_PORT": "70000"}, "out of range"),
+        ({"HYPERREC_MAX_K": "600"}, "max_k must not exceed candidates"),
+        ({"HYPERREC_REDIS_URL": "redis://localhost:6379/0"}, "profile_secret"),
+        ({"HYPERREC_PROFILE_SECRET": "short"}, "at least 16 bytes"),
+        ({"HYPERREC_LOG_LEVEL": "LOUD"}, "log_level"),
+    ],
+)
+def test_bad_values_refuse_to_start(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(parse([]), env=env)
+
+
+def test_unknown_file_keys_are_rejected(tmp_path: Path) -> None:
+    file = tmp_path / "bad.toml"
+    file.write_text("prot = 1\n")
+    with pytest.raises(ConfigError, match="unknown config fields"):
+        load_config(parse(["--config", str(file)]), env={})
+
+
+def test_every_field_is_documented_in_docs() -> None:
+    doc = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    for name, _, help_text in describe_fields():
+        assert help_text
+        assert f"`{name}`" in doc, f"docs/configuration.md lacks {name}; regenerate with `hyperrec config`"
