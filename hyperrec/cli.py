@@ -9,13 +9,14 @@ import argparse
 import asyncio
 import logging
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from hyperrec.config import ServerConfig, add_arguments, load_config
 from hyperrec.errors import ConfigError, HyperrecError
+from hyperrec.profiles.model import Profile
 
 log = logging.getLogger("hyperrec")
 
@@ -94,25 +95,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     data = generate(SyntheticConfig(n_users=args.users, n_items=args.items, seed=args.seed))
     config = TrainConfig(seed=args.seed) if args.epochs is None else TrainConfig(epochs=args.epochs, seed=args.seed)
     result = train_and_publish(data, args.model_repo, args.model, config)
-    print(f"published {result.version_dir}")
-    if args.profiles_out:
-        from hyperrec.profiles.snapshot import save_profiles
-
-        save_profiles(args.profiles_out, result.profiles)
-        print(f"wrote {len(result.profiles)} profiles to {args.profiles_out}")
+    report_published(result.version_dir, result.profiles, args.profiles_out)
     return 0
 
 
-def cmd_synth_bundle(args: argparse.Namespace) -> int:
+def report_published(version_dir: Path, profiles: Mapping[str, Profile], profiles_out: Path | None) -> None:
+    """Say what was published and, when asked, write the users' profiles next to it."""
     from hyperrec.profiles.snapshot import save_profiles
+
+    print(f"published {version_dir}")
+    if profiles_out:
+        save_profiles(profiles_out, profiles)
+        print(f"wrote {len(profiles)} profiles to {profiles_out}")
+
+
+def cmd_synth_bundle(args: argparse.Namespace) -> int:
     from training.synth_bundle import make_synth_bundle
 
     setup_logging(args.log_level)
     result = make_synth_bundle(args.model_repo, args.model, args.items, args.dim, args.users, args.seed)
-    print(f"published {result.version_dir}")
-    if args.profiles_out:
-        save_profiles(args.profiles_out, result.profiles)
-        print(f"wrote {len(result.profiles)} profiles to {args.profiles_out}")
+    report_published(result.version_dir, result.profiles, args.profiles_out)
     return 0
 
 

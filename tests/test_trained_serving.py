@@ -58,31 +58,30 @@ async def lists_for(running: Running, users: Sequence[str], device: int, hour: i
     return out
 
 
-async def test_device_moves_ranking_toward_mobile_categories(
-    served: Running, trained: tuple[Path, SyntheticData, PublishResult]
+@pytest.mark.parametrize(
+    ("favoured", "boosted", "plain"),
+    [
+        # (planted categories, context that favours them, context that does not): (device, local hour)
+        (MOBILE_CATEGORIES, (pb.DEVICE_TYPE_MOBILE, 14), (pb.DEVICE_TYPE_DESKTOP, 14)),
+        (NIGHT_CATEGORIES, (pb.DEVICE_TYPE_DESKTOP, 23), (pb.DEVICE_TYPE_DESKTOP, 11)),
+    ],
+    ids=["device", "hour"],
+)
+async def test_context_moves_ranking_in_the_planted_direction(
+    served: Running,
+    trained: tuple[Path, SyntheticData, PublishResult],
+    favoured: tuple[int, ...],
+    boosted: tuple[int, int],
+    plain: tuple[int, int],
 ) -> None:
     _, data, _ = trained
     users = data.user_ids[:USERS]
-    mobile = await lists_for(served, users, pb.DEVICE_TYPE_MOBILE, hour=14)
-    desktop = await lists_for(served, users, pb.DEVICE_TYPE_DESKTOP, hour=14)
-    on_mobile = np.mean([share_in(data, items, MOBILE_CATEGORIES) for items in mobile])
-    on_desktop = np.mean([share_in(data, items, MOBILE_CATEGORIES) for items in desktop])
-    print(f"mobile-category share: mobile {on_mobile:.2f} desktop {on_desktop:.2f}")
-    assert on_mobile > on_desktop + 0.05, (on_mobile, on_desktop)
-    assert mobile != desktop
-
-
-async def test_hour_moves_ranking_toward_night_categories(
-    served: Running, trained: tuple[Path, SyntheticData, PublishResult]
-) -> None:
-    _, data, _ = trained
-    users = data.user_ids[:USERS]
-    night = await lists_for(served, users, pb.DEVICE_TYPE_DESKTOP, hour=23)
-    day = await lists_for(served, users, pb.DEVICE_TYPE_DESKTOP, hour=11)
-    at_night = np.mean([share_in(data, items, NIGHT_CATEGORIES) for items in night])
-    by_day = np.mean([share_in(data, items, NIGHT_CATEGORIES) for items in day])
-    print(f"night-category share: night {at_night:.2f} day {by_day:.2f}")
-    assert at_night > by_day + 0.05, (at_night, by_day)
+    with_effect = await lists_for(served, users, *boosted)
+    without = await lists_for(served, users, *plain)
+    share_with = np.mean([share_in(data, items, favoured) for items in with_effect])
+    share_without = np.mean([share_in(data, items, favoured) for items in without])
+    print(f"planted-category share in top {K}: {share_with:.2f} with the context, {share_without:.2f} without")
+    assert share_with > share_without + 0.05, (share_with, share_without)
 
 
 async def test_trained_users_get_personal_lists(
