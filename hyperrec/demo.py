@@ -30,9 +30,8 @@ def profiles_path(config: ServerConfig, version: int) -> Path:
 
 def train_demo_model(config: ServerConfig) -> int:
     """Generate data, train and publish a new version; returns its number."""
-    from training.train import TrainConfig, train_and_publish
-
     from training.synthetic import SyntheticConfig, generate
+    from training.train import TrainConfig, train_and_publish
 
     started = time.perf_counter()
     data = generate(SyntheticConfig())
