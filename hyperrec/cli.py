@@ -123,7 +123,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     config = load_config(args)
     setup_logging(config.log_level)
-    return int(run_async(run_demo(config, retrain=args.retrain)))
+    return int(run_async(run_demo(config, retrain=args.retrain, users=args.users, items=args.items)))
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -148,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="generate data, train, publish, load profiles and serve on localhost:50051")
     add_arguments(demo)
     demo.add_argument("--retrain", action="store_true", help="train a new version even if one exists")
+    demo.add_argument("--users", type=int, help="synthetic users to train on (default 3000)")
+    demo.add_argument("--items", type=int, help="synthetic items in the catalogue (default 5000)")
     demo.set_defaults(func=cmd_demo)
 
     rec = sub.add_parser("recommend", help="call Recommend on a running server and print the ranked list")

@@ -28,13 +28,14 @@ def profiles_path(config: ServerConfig, version: int) -> Path:
     return DEMO_DATA / f"{config.model_name}-v{version}-profiles.npz"
 
 
-def train_demo_model(config: ServerConfig) -> int:
-    """Generate data, train and publish a new version; returns its number."""
+def train_demo_model(config: ServerConfig, users: int | None = None, items: int | None = None) -> int:
+    """Generate data, train and publish a new version; returns its number. Sizes default to SyntheticConfig's."""
     from training.synthetic import SyntheticConfig, generate
     from training.train import TrainConfig, train_and_publish
 
     started = time.perf_counter()
-    data = generate(SyntheticConfig())
+    sizes = {name: value for name, value in (("n_users", users), ("n_items", items)) if value is not None}
+    data = generate(SyntheticConfig(**sizes))
     result = train_and_publish(data, config.model_repo, config.model_name, TrainConfig())
     version = int(result.version_dir.name)
     DEMO_DATA.mkdir(exist_ok=True)
@@ -56,13 +57,15 @@ def example_calls(port: int, user: str) -> str:
     )
 
 
-async def run_demo(config: ServerConfig, retrain: bool = False) -> int:
+async def run_demo(
+    config: ServerConfig, retrain: bool = False, users: int | None = None, items: int | None = None
+) -> int:
     from server.app import create_server
 
     versions = list_versions(config.model_repo, config.model_name)
     usable = [v for v in versions if profiles_path(config, v).exists()]
     if retrain or not usable:
-        version = await asyncio.to_thread(train_demo_model, config)
+        version = await asyncio.to_thread(train_demo_model, config, users, items)
     else:
         version = usable[-1]
         log.info(

@@ -74,3 +74,37 @@ def test_serve_process_becomes_serving_answers_and_drains_on_sigterm(repo: Path)
 def test_bad_config_exits_with_a_message(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "--redis-url", "redis://127.0.0.1:1/0"]) == 2
     assert "profile_secret" in capsys.readouterr().err
+
+
+def test_train_command_publishes_a_version_and_profiles(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["train", "--synthetic", "--users", "150", "--items", "300", "--epochs", "2"]
+    argv += ["--model-repo", str(tmp_path), "--model", "cli", "--profiles-out", str(tmp_path / "p.npz")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"published {tmp_path / 'cli' / '1'}" in out and "wrote 150 profiles" in out
+    assert (tmp_path / "cli" / "1" / "manifest.json").is_file()
+
+
+def test_demo_trains_serves_personalized_answers_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    """`hyperrec demo` end to end in a scratch directory, shrunk to 200 users and 300 items."""
+    cmd = [sys.executable, "-m", "hyperrec.cli", "demo", "--port", "0", "--users", "200", "--items", "300"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline() for _ in range(3)]
+        assert lines[0].startswith("hyperrec demo is serving"), lines
+        call = lines[1].split()  # hyperrec recommend --target localhost:PORT --user U ...
+        target, user = call[call.index("--target") + 1], call[call.index("--user") + 1]
+        with grpc.insecure_channel(target) as channel:
+            from hyperrec.v1 import recommender_pb2 as pb
+            from hyperrec.v1 import recommender_pb2_grpc as pb_grpc
+
+            reply = pb_grpc.RecommenderStub(channel).Recommend(pb.RecommendRequest(user_id=user, k=5), timeout=10)
+        assert reply.strategy == pb.STRATEGY_PERSONALIZED and len(reply.items) == 5
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert (tmp_path / "model_repo" / "demo" / "1" / "manifest.json").is_file()
+    assert (tmp_path / "demo-data" / "demo-v1-profiles.npz").is_file()
