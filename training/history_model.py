@@ -1,0 +1,183 @@
+"""Retrieval on real interaction logs: a hybrid item tower and a fold-in user tower.
+
+Item vector = id embedding + a projection of the item's categories (multi-hot),
+so items without interactions still get a vector from their metadata.
+User vector = the decayed average of the vectors of the user's most recent
+distinct items (weight FOLD_IN_DECAY**i for the i-th most recent): exactly what
+the server computes from a profile's `recent_items` (`hyperrec.pipeline.user_vector`),
+so training and serving agree by construction and new events move the user at once.
+
+Trained with a sampled softmax: each event's true item against the batch's other
+items and a shared set of uniformly drawn items.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import Tensor, nn
+
+from hyperrec.pipeline import FOLD_IN_DECAY
+from training.interactions import Interactions, ItemCatalog
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    """Size and optimisation of the retrieval model."""
+
+    embedding_dim: int = 64
+    history: int = 50
+    epochs: int = 12
+    batch_size: int = 512
+    learning_rate: float = 3e-3
+    shared_negatives: int = 1024
+    embedding_l2: float = 1e-4
+    temperature: float = 0.1
+    seed: int = 0
+    threads: int = 2
+
+
+def category_matrix(catalog: ItemCatalog) -> npt.NDArray[np.float32]:
+    """Multi-hot categories per item, rows scaled to unit L2 norm (items without categories: zeros)."""
+    vocab = {c: j for j, c in enumerate(catalog.category_vocabulary)}
+    out = np.zeros((len(catalog), max(1, len(vocab))), dtype=np.float32)
+    for row, cats in enumerate(catalog.categories):
+        for c in cats:
+            out[row, vocab[c]] = 1.0
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    scaled: npt.NDArray[np.float32] = np.divide(out, norms, out=np.zeros_like(out), where=norms > 0)
+    return scaled
+
+
+class HybridItemTower(nn.Module):
+    """Item vectors from ids and categories."""
+
+    def __init__(self, categories: npt.NDArray[np.float32], dim: int) -> None:
+        super().__init__()
+        self.register_buffer("categories", torch.from_numpy(categories))
+        self.ids = nn.Embedding(categories.shape[0], dim)
+        nn.init.normal_(self.ids.weight, std=0.01)
+        self.meta = nn.Linear(categories.shape[1], dim, bias=False)
+
+    def forward(self, items: Tensor) -> Tensor:
+        cats: Tensor = self.categories  # type: ignore[assignment]
+        out: Tensor = self.ids(items) + self.meta(cats[items])
+        return out
+
+    def all_items(self) -> Tensor:
+        return self.forward(torch.arange(self.ids.num_embeddings))
+
+
+def fold_in(item_vectors: Tensor, history: Tensor) -> Tensor:
+    """User vectors from histories [b, L] of item indexes, newest first, -1 padded (as the server does)."""
+    mask = (history >= 0).float()
+    weights = (FOLD_IN_DECAY ** torch.arange(history.shape[1], dtype=torch.float32)) * mask
+    vectors = item_vectors[history.clamp(min=0)]
+    total = weights.sum(dim=1, keepdim=True).clamp(min=1e-6)
+    return (weights.unsqueeze(-1) * vectors).sum(dim=1) / total
+
+
+def event_histories(data: Interactions, length: int) -> npt.NDArray[np.int64]:
+    """For each event, the user's previous distinct items, newest first, -1 padded: [events, length]."""
+    out = np.full((len(data), length), -1, dtype=np.int64)
+    recent: dict[int, list[int]] = {}
+    for row in range(len(data)):
+        user, item = int(data.user[row]), int(data.item[row])
+        past = recent.setdefault(user, [])
+        out[row, : len(past)] = past[:length]
+        if item in past:
+            past.remove(item)
+        past.insert(0, item)
+        del past[length:]
+    return out
+
+
+def latest_histories(data: Interactions, length: int) -> npt.NDArray[np.int64]:
+    """Each user's last distinct items at the end of `data`, newest first, -1 padded: [users, length]."""
+    out = np.full((data.n_users, length), -1, dtype=np.int64)
+    for user, items in enumerate(data.items_by_user()):
+        newest_first = items[::-1]
+        _, first = np.unique(newest_first, return_index=True)
+        distinct = newest_first[np.sort(first)][:length]
+        out[user, : len(distinct)] = distinct
+    return out
+
+
+@dataclass(frozen=True)
+class RetrievalModel:
+    """Trained item vectors (float32 [items, dim]) and the training curve."""
+
+    item_vectors: npt.NDArray[np.float32]
+    losses: tuple[float, ...]
+
+    def user_vectors(self, histories: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
+        with torch.no_grad():
+            vecs = fold_in(torch.from_numpy(self.item_vectors), torch.from_numpy(histories))
+        return vecs.numpy().astype(np.float32)
+
+
+def train_retrieval(train: Interactions, config: RetrievalConfig | None = None) -> RetrievalModel:
+    """Fit the hybrid item tower so that fold-in of each event's history scores its item highest."""
+    cfg = config or RetrievalConfig()
+    histories = event_histories(train, cfg.history)
+    usable = np.flatnonzero(histories[:, 0] >= 0)  # events with at least one earlier item
+    rng = np.random.default_rng(cfg.seed)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            tower = HybridItemTower(category_matrix(train.catalog), cfg.embedding_dim)
+            losses = _fit(tower, train, histories, usable, cfg, rng)
+            with torch.no_grad():
+                vectors = tower.all_items().numpy().astype(np.float32)
+    finally:
+        torch.set_num_threads(previous_threads)
+    return RetrievalModel(vectors, tuple(losses))
+
+
+def _fit(
+    tower: HybridItemTower,
+    train: Interactions,
+    histories: npt.NDArray[np.int64],
+    usable: npt.NDArray[np.int64],
+    cfg: RetrievalConfig,
+    rng: np.random.Generator,
+) -> list[float]:
+    optimizer = torch.optim.Adam(tower.parameters(), lr=cfg.learning_rate)
+    hist_t = torch.from_numpy(histories)
+    items_t = torch.from_numpy(train.item)
+    losses: list[float] = []
+    for epoch in range(cfg.epochs):
+        order = rng.permutation(usable)
+        total, batches = 0.0, 0
+        for start in range(0, len(order), cfg.batch_size):
+            rows = torch.from_numpy(order[start : start + cfg.batch_size])
+            positives = items_t[rows]
+            shared = torch.from_numpy(rng.integers(0, train.n_items, cfg.shared_negatives))
+            candidates = torch.cat([positives, shared])
+            needed = torch.unique(torch.cat([candidates, hist_t[rows].flatten().clamp(min=0)]))
+            table = torch.zeros(train.n_items, cfg.embedding_dim)
+            table[needed] = tower(needed)
+            users = fold_in(table, hist_t[rows])
+            logits = users @ table[candidates].T / cfg.temperature
+            # A batch item equal to the positive is not a negative.
+            same = positives.unsqueeze(1) == candidates.unsqueeze(0)
+            same[torch.arange(len(rows)), torch.arange(len(rows))] = False
+            logits = logits.masked_fill(same, float("-inf"))
+            loss = nn.functional.cross_entropy(logits, torch.arange(len(rows)))
+            loss = loss + cfg.embedding_l2 * table[needed].pow(2).sum(dim=1).mean()
+            optimizer.zero_grad()
+            loss.backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+            total += float(loss.item())
+            batches += 1
+        losses.append(total / max(1, batches))
+        log.info("retrieval epoch %d/%d: loss %.4f", epoch + 1, cfg.epochs, losses[-1])
+    return losses
