@@ -89,13 +89,61 @@ def cmd_train(args: argparse.Namespace) -> int:
     from training.train import TrainConfig, train_and_publish
 
     setup_logging(args.log_level)
+    if args.dataset:
+        return train_on_dataset(args)
     if not args.synthetic:
-        print("only --synthetic training is available in this version", file=sys.stderr)
+        print("give --synthetic or --dataset SCHEME:PATH", file=sys.stderr)
         return 2
     data = generate(SyntheticConfig(n_users=args.users, n_items=args.items, seed=args.seed))
     config = TrainConfig(seed=args.seed) if args.epochs is None else TrainConfig(epochs=args.epochs, seed=args.seed)
     result = train_and_publish(data, args.model_repo, args.model, config)
     report_published(result.version_dir, result.profiles, args.profiles_out)
+    return 0
+
+
+def factory_config(args: argparse.Namespace) -> Any:
+    from training.factory import FactoryConfig
+    from training.history_model import RetrievalConfig
+
+    retrieval = RetrievalConfig() if args.epochs is None else RetrievalConfig(epochs=args.epochs, seed=args.seed)
+    return FactoryConfig(retrieval=retrieval, split=args.split or "temporal", min_user_events=args.min_user_events or 0)
+
+
+def train_on_dataset(args: argparse.Namespace) -> int:
+    """Load a real log, train, evaluate against baselines, publish, and write the report."""
+    import json
+
+    from training.factory import markdown_table, run_factory
+
+    result = run_factory(args.dataset, args.model_repo, args.model, factory_config(args), args.drop_malformed)
+    report = result.report
+    args.report_dir.mkdir(parents=True, exist_ok=True)
+    stem = args.report_dir / f"{args.model}-v{result.version_dir.name}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    stem.with_suffix(".md").write_text(markdown_table(report) + "\n")
+    print(markdown_table(report, ks=(10, 20)))
+    for metric, verdict in report["verdict"].items():
+        outcome = "beats every baseline" if verdict["beats_every_baseline"] else f"loses to {verdict['best_baseline']}"
+        print(f"{metric}: two-stage {verdict['two_stage']:.4f} {outcome}")
+    print(f"report: {stem}.json, {stem}.md")
+    report_published(result.version_dir, result.profiles, args.profiles_out)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from training.evaluate_bundle import evaluate_bundle, summary
+    from training.factory import markdown_table
+
+    setup_logging(args.log_level)
+    overridden = args.split is not None or args.min_user_events is not None
+    cfg = factory_config(args) if overridden else None  # None: the split recorded in the manifest
+    result = evaluate_bundle(args.dataset, args.model_repo, args.model, args.version, cfg, args.drop_malformed)
+    print(markdown_table({"metrics": result.metrics}, ks=(10, 20)))
+    print(f"{result.known_items} dataset items are in {result.version_dir}")
+    if args.out:
+        args.out.write_text(json.dumps(summary(result), indent=2))
     return 0
 
 
@@ -137,6 +185,14 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--split", choices=("temporal", "leave-last"), help="how to split (default: temporal)")
+    parser.add_argument("--min-user-events", type=int, help="drop users with fewer events first (default: 0)")
+    parser.add_argument(
+        "--drop-malformed", action="store_true", help="skip malformed rows (counted) instead of failing"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hyperrec", description="Low-latency recommendation server.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -169,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a model and publish it as a new version")
     train.add_argument("--synthetic", action="store_true", help="train on generated data")
+    train.add_argument("--dataset", help="train on a log: movielens:PATH, movietweetings:PATH or events:PATH")
+    add_dataset_arguments(train)
+    train.add_argument("--report-dir", type=Path, default=Path("reports"), help="where the evaluation report goes")
     train.add_argument("--model-repo", type=Path, default=Path("model_repo"))
     train.add_argument("--model", default="demo", help="model name")
     train.add_argument("--users", type=int, default=3000)
@@ -178,6 +237,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--profiles-out", type=Path, help="also write the users' profiles (.npz) here")
     train.add_argument("--log-level", default="INFO")
     train.set_defaults(func=cmd_train)
+    evaluate = sub.add_parser("evaluate", help="re-score a published version on a dataset against baselines")
+    evaluate.add_argument("--dataset", required=True, help="movielens:PATH, movietweetings:PATH or events:PATH")
+    evaluate.add_argument("--model-repo", type=Path, default=Path("model_repo"))
+    evaluate.add_argument("--model", default="demo", help="model name")
+    evaluate.add_argument("--version", type=int, help="version (default: newest)")
+    evaluate.add_argument("--epochs", type=int, help=argparse.SUPPRESS)
+    evaluate.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    evaluate.add_argument("--out", type=Path, help="write the metrics as JSON here")
+    evaluate.add_argument("--log-level", default="INFO")
+    add_dataset_arguments(evaluate)
+    evaluate.set_defaults(func=cmd_evaluate)
+
     synth = sub.add_parser("synth-bundle", help="publish a large untrained bundle for benchmarks")
     synth.add_argument("--model-repo", type=Path, default=Path("model_repo"))
     synth.add_argument("--model", default="synth", help="model name")

@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -173,28 +173,44 @@ def build_cold_start(
     global_size: int = GLOBAL_COLD_START_SIZE,
     segment_size: int = SEGMENT_COLD_START_SIZE,
 ) -> ColdStart:
-    """Most popular items overall and per (device, daypart) and per device, scored by share of interactions.
-
-    Only events at or before `now_timestamp` (default: the end of the data)
-    count. Segment keys follow ColdStart's scheme: "device=mobile|daypart=evening"
-    and "device=mobile", with the daypart of the event's local time.
-    """
+    """Cold-start lists from the synthetic events at or before `now_timestamp` (default: the end of the data)."""
     now = float(data.end_time.timestamp()) if now_timestamp is None else now_timestamp
     rows = np.flatnonzero(data.event_ts <= now)
-    items = data.event_item[rows]
-    devices = data.event_device[rows]
-    dayparts = np.array(_DAYPART_OF_HOUR)[data.local_hours()[rows]]
+    return cold_start_from_events(
+        data.item_ids,
+        data.event_item[rows],
+        data.event_device[rows],
+        data.local_hours()[rows],
+        global_size,
+        segment_size,
+    )
+
+
+def cold_start_from_events(
+    item_ids: Sequence[str],
+    items: npt.NDArray[np.int64],
+    devices: npt.NDArray[np.int64],
+    local_hours: npt.NDArray[np.int64],
+    global_size: int = GLOBAL_COLD_START_SIZE,
+    segment_size: int = SEGMENT_COLD_START_SIZE,
+) -> ColdStart:
+    """Most popular items overall, per (device, daypart) and per device, scored by share of interactions.
+
+    Arrays are aligned per event. Segment keys follow ColdStart's scheme:
+    "device=mobile|daypart=evening" and "device=mobile", with the daypart of the local hour.
+    """
+    dayparts = np.array(_DAYPART_OF_HOUR)[local_hours]
     segments: dict[str, tuple[tuple[str, float], ...]] = {}
     for device in DeviceType:
         on_device = devices == device
         if not on_device.any():
             continue
         name = device.name.lower()
-        segments[f"device={name}"] = _top_items(data, items[on_device], segment_size)
+        segments[f"device={name}"] = _top_items(item_ids, items[on_device], segment_size)
         for part in sorted(set(dayparts[on_device].tolist())):
             in_part = on_device & (dayparts == part)
-            segments[f"device={name}|daypart={part}"] = _top_items(data, items[in_part], segment_size)
-    return ColdStart(global_items=_top_items(data, items, global_size), segments=segments)
+            segments[f"device={name}|daypart={part}"] = _top_items(item_ids, items[in_part], segment_size)
+    return ColdStart(global_items=_top_items(item_ids, items, global_size), segments=segments)
 
 
 def build_profiles(
@@ -334,14 +350,14 @@ def _hit_rate(top: npt.NDArray[np.int64], targets: npt.NDArray[np.int64]) -> flo
     return float((top == targets[:, None]).any(axis=1).mean()) if len(targets) else 0.0
 
 
-def _top_items(data: SyntheticData, items: npt.NDArray[np.int64], size: int) -> tuple[tuple[str, float], ...]:
+def _top_items(item_ids: Sequence[str], items: npt.NDArray[np.int64], size: int) -> tuple[tuple[str, float], ...]:
     """The `size` most frequent items among `items` with their share of them, best first (ties: lower row)."""
     if len(items) == 0:
         return ()
-    counts = np.bincount(items, minlength=data.n_items)
+    counts = np.bincount(items, minlength=len(item_ids))
     order = np.argsort(-counts, kind="stable")[:size]
     order = order[counts[order] > 0]
-    return tuple((data.item_ids[int(row)], float(counts[row] / len(items))) for row in order)
+    return tuple((item_ids[int(row)], float(counts[row] / len(items))) for row in order)
 
 
 @contextlib.contextmanager
