@@ -46,12 +46,24 @@ class RankerConfig:
 
 @dataclass(frozen=True)
 class RankerFit:
-    """The best ranker and its validation curve (NDCG@10 of the two-stage pipeline per epoch)."""
+    """The best ranker and its validation curve (NDCG@10 of the two-stage pipeline per epoch).
+
+    best_epoch 0 means no trained epoch beat retrieval order on validation, so the published ranker keeps it.
+    """
 
     ranker: Ranker
     best_epoch: int
     validation_ndcg: tuple[float, ...]
     retrieval_validation_ndcg: float
+
+
+def start_from_retrieval_order(ranker: Ranker) -> None:
+    """Zero the MLP's output layer: the ranker then scores exactly u·v (its residual), the retrieval order."""
+    last = ranker.mlp[-1]
+    assert isinstance(last, nn.Linear)
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.zero_()
 
 
 def torch_scorer(ranker: Ranker) -> ScoreFn:
@@ -107,10 +119,12 @@ def fit_ranker(
     torch.manual_seed(cfg.seed)
     examples = build_examples(train, item_vectors, spec, cfg, rng)
     ranker = Ranker(spec.embedding_dim, spec.context_dim, cfg.hidden)
+    start_from_retrieval_order(ranker)
     optimizer = torch.optim.Adam(ranker.parameters(), lr=cfg.learning_rate)
     vectors = torch.from_numpy(item_vectors)
     baseline = _validation_ndcg(None, train, validation, item_vectors, spec, cfg)
-    best_state, best_score, best_epoch, curve = copy.deepcopy(ranker.state_dict()), -1.0, 0, []
+    # Epoch 0 is the untrained ranker, which keeps retrieval order: a ranker that never beats it is not kept.
+    best_state, best_score, best_epoch, curve = copy.deepcopy(ranker.state_dict()), baseline, 0, []
     for epoch in range(1, cfg.epochs + 1):
         ranker.train()
         order = rng.permutation(len(examples.items))
@@ -131,7 +145,7 @@ def fit_ranker(
         log.info("ranker epoch %d: validation ndcg@10 %.4f (retrieval alone %.4f)", epoch, score, baseline)
         if score > best_score:
             best_state, best_score, best_epoch = copy.deepcopy(ranker.state_dict()), score, epoch
-        elif epoch - best_epoch >= cfg.patience:
+        elif epoch - max(best_epoch, 1) >= cfg.patience:
             break
     ranker.load_state_dict(best_state)
     ranker.eval()
