@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from hyperrec.pipeline import FOLD_IN_DECAY
 from training.interactions import Interactions, ItemCatalog
+from training.model import torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -128,17 +129,12 @@ def train_retrieval(train: Interactions, config: RetrievalConfig | None = None) 
     histories = event_histories(train, cfg.history)
     usable = np.flatnonzero(histories[:, 0] >= 0)  # events with at least one earlier item
     rng = np.random.default_rng(cfg.seed)
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            tower = HybridItemTower(category_matrix(train.catalog), cfg.embedding_dim)
-            losses = _fit(tower, train, histories, usable, cfg, rng)
-            with torch.no_grad():
-                vectors = tower.all_items().numpy().astype(np.float32)
-    finally:
-        torch.set_num_threads(previous_threads)
+    with torch_threads(cfg.threads), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        tower = HybridItemTower(category_matrix(train.catalog), cfg.embedding_dim)
+        losses = _fit(tower, train, histories, usable, cfg, rng)
+        with torch.no_grad():
+            vectors = tower.all_items().numpy().astype(np.float32)
     return RetrievalModel(vectors, tuple(losses))
 
 

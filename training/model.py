@@ -18,6 +18,9 @@ and both losses estimate the full softmax over the catalogue.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional
@@ -107,3 +110,14 @@ def _first_is_target(logits: Tensor) -> Tensor:
     """Mean cross-entropy when column 0 of every row holds the positive."""
     target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
     return functional.cross_entropy(logits, target)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Run with `threads` torch intra-op threads, restoring the previous setting afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

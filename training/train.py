@@ -31,7 +31,7 @@ from hyperrec.features import FeatureSpec, daypart, default_feature_spec, encode
 from hyperrec.profiles.model import Profile
 from index.ann import IndexParams
 from training.export import check_parity, export_ranker_onnx
-from training.model import DEFAULT_HIDDEN, JointModel, Ranker
+from training.model import DEFAULT_HIDDEN, JointModel, Ranker, torch_threads
 from training.synthetic import SyntheticData
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ def train(data: SyntheticData, config: TrainConfig | None = None) -> TrainResult
     spec = default_feature_spec(cfg.embedding_dim, cfg.country_buckets)
     context = encode_contexts(data.contexts(), spec, data.end_time)
     train_rows, held_out = temporal_split(data)
-    with _torch_threads(cfg.threads), torch.random.fork_rng(devices=[]):
+    with torch_threads(cfg.threads), torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = JointModel(data.n_users, data.n_items, cfg.embedding_dim, spec.context_dim, cfg.hidden)
         losses = _fit(model, data, context, train_rows, cfg)
@@ -332,17 +332,6 @@ def _fit(
         means = {"loss": float(totals.sum()), "retrieval_loss": float(totals[0]), "ranking_loss": float(totals[1])}
         log.info("epoch %d/%d: %s", epoch + 1, cfg.epochs, _format_metrics(means))
     return means
-
-
-@contextlib.contextmanager
-def _torch_threads(threads: int) -> Iterator[None]:
-    """Run with `threads` torch intra-op threads, restoring the previous setting afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _hit_rate(top: npt.NDArray[np.int64], targets: npt.NDArray[np.int64]) -> float:
