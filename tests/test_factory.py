@@ -118,3 +118,19 @@ def test_evaluate_command_rescores_the_published_version(
     # The ONNX ranker re-scored from the bundle agrees with the factory's own PyTorch evaluation.
     assert served["ndcg@10"] == pytest.approx(factory.report["metrics"]["two_stage"]["ndcg@10"], abs=1e-6)
     assert "bundle_two_stage" in capsys.readouterr().out
+
+
+def test_train_command_on_a_dataset_publishes_and_reports(
+    events_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["train", "--dataset", f"events:{events_dir}", "--model", "cli-events", "--epochs", "2"]
+    argv += ["--model-repo", str(tmp_path / "repo"), "--report-dir", str(tmp_path / "reports"), "--log-level", "ERROR"]
+    argv += ["--profiles-out", str(tmp_path / "profiles.npz")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| two_stage |" in out and "ndcg@10: two-stage" in out
+    report = json.loads((tmp_path / "reports" / "cli-events-v1.json").read_text())
+    assert report["config"]["retrieval"]["epochs"] == 2
+    assert (tmp_path / "reports" / "cli-events-v1.md").read_text().startswith("| model |")
+    assert Bundle.load(tmp_path / "repo" / "cli-events" / "1").model_name == "cli-events"
+    assert (tmp_path / "profiles.npz").is_file()
