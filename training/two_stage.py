@@ -22,6 +22,7 @@ from training.interactions import Interactions
 
 ScoreFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 IntArray = npt.NDArray[np.int64]
+BLOCK = 256  # users retrieved and ranked together
 
 
 def context_matrix(times: npt.NDArray[np.int64], spec: FeatureSpec) -> npt.NDArray[np.float32]:
@@ -83,32 +84,44 @@ class TwoStageRecommender:
     def recommend(self, users: IntArray, k: int, exclude: list[IntArray] | None = None) -> IntArray:
         out = np.full((len(users), k), -1, dtype=np.int64)
         histories = self._histories[users]
-        warm = histories[:, 0] >= 0
-        user_vectors = fold_in_numpy(self._vectors, histories, self._decay)
+        banned = [
+            exclude[row] if exclude is not None else histories[row][histories[row] >= 0] for row in range(len(users))
+        ]
         times = self._request_times[users] if self._request_times is not None else np.full(len(users), self._fit_end)
-        for row in range(len(users)):
-            banned = exclude[row] if exclude is not None else histories[row][histories[row] >= 0]
-            if not warm[row]:
-                out[row] = _first_allowed(self._popular, banned, k)
-                continue
-            out[row] = self._rank_one(user_vectors[row], int(times[row]), banned, k)
+        warm = np.flatnonzero(histories[:, 0] >= 0)
+        for row in np.flatnonzero(histories[:, 0] < 0):
+            out[row] = _first_allowed(self._popular, banned[row], k)
+        for start in range(0, len(warm), BLOCK):
+            rows = warm[start : start + BLOCK]
+            out[rows] = self._rank_block(histories[rows], times[rows], [banned[r] for r in rows], k)
         return out
 
-    def _rank_one(self, user: np.ndarray, when: int, banned: IntArray, k: int) -> IntArray:
-        scores = self._vectors @ user
-        scores[banned] = -np.inf
-        scores[self._unknown] = -np.inf
-        n = min(max(self._candidates, k), int(np.isfinite(scores).sum()))
-        candidates = np.argpartition(-scores, n - 1)[:n] if n < len(scores) else np.arange(len(scores))
-        candidates = candidates[np.isfinite(scores[candidates])]
+    def _rank_block(self, histories: IntArray, times: IntArray, banned: list[IntArray], k: int) -> IntArray:
+        """Retrieve and rank for a block of warm users at once (one matrix product, one ranker call)."""
+        users = fold_in_numpy(self._vectors, histories, self._decay)
+        scores = users @ self._vectors.T
+        for row, items in enumerate(banned):
+            scores[row, items] = -np.inf
+        scores[:, self._unknown] = -np.inf
+        n = min(max(self._candidates, k), scores.shape[1])
+        candidates = (
+            np.argpartition(-scores, n - 1, axis=1)[:, :n]
+            if n < scores.shape[1]
+            else (np.tile(np.arange(scores.shape[1]), (len(users), 1)))
+        )
+        retrieved = np.take_along_axis(scores, candidates, axis=1)
         if self._score is None:
-            order = np.argsort(-scores[candidates], kind="stable")
+            ranked = retrieved
         else:
-            context = context_matrix(np.array([when]), self._spec)
-            ranked = self._score(user[None, :], context, self._vectors[candidates][None, :, :])[0]
-            order = np.argsort(-ranked, kind="stable")
-        top = candidates[order][:k]
-        return np.pad(top, (0, k - len(top)), constant_values=-1)
+            context = context_matrix(times, self._spec)
+            ranked = self._score(users, context, self._vectors[candidates]).astype(np.float64)
+            ranked[~np.isfinite(retrieved)] = -np.inf
+        order = np.argsort(-ranked, axis=1, kind="stable")[:, :k]
+        top = np.take_along_axis(candidates, order, axis=1)
+        top[~np.isfinite(np.take_along_axis(ranked, order, axis=1))] = -1
+        if top.shape[1] < k:
+            top = np.pad(top, ((0, 0), (0, k - top.shape[1])), constant_values=-1)
+        return top
 
 
 def _first_allowed(order: IntArray, banned: IntArray, k: int) -> IntArray:
