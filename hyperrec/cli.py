@@ -121,6 +121,20 @@ def train_on_dataset(args: argparse.Namespace) -> int:
     stem = args.report_dir / f"{args.model}-v{result.version_dir.name}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
     stem.with_suffix(".md").write_text(markdown_table(report) + "\n")
+    data, split, timings = report["data"], report["split"], report["timings_s"]
+    print(
+        f"{args.dataset}: {data['users']} users, {data['items']} items, {data['events']} events "
+        f"(dropped: {data['load']['dropped'] or 'none'})"
+    )
+    print(
+        f"split {split['kind']}: train {split['train_events']} / validation {split['validation_events']} / "
+        f"test {split['test_events']} events; test users {split['test_users']}"
+    )
+    print("seconds: " + ", ".join(f"{stage} {value:.1f}" for stage, value in timings.items()))
+    print(
+        f"ranker: best epoch {report['ranker']['best_epoch']} (0 = retrieval order kept); "
+        f"ONNX parity {report['parity_max_abs_diff']:.1e}"
+    )
     print(markdown_table(report, ks=(10, 20)))
     for metric, verdict in report["verdict"].items():
         outcome = "beats every baseline" if verdict["beats_every_baseline"] else f"loses to {verdict['best_baseline']}"

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from hyperrec.pipeline import FOLD_IN_DECAY
 from training.interactions import Interactions, ItemCatalog
 from training.model import torch_threads
+from training.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ def _fit(
     hist_t = torch.from_numpy(histories)
     items_t = torch.from_numpy(train.item)
     losses: list[float] = []
-    for epoch in range(cfg.epochs):
+    for epoch in progress(range(cfg.epochs), "retrieval epochs", unit=" epochs"):
         order = rng.permutation(usable)
         total, batches = 0.0, 0
         for start in range(0, len(order), cfg.batch_size):

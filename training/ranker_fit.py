@@ -23,6 +23,7 @@ from training.baselines import evaluate_recommender
 from training.history_model import event_histories
 from training.interactions import Interactions
 from training.model import DEFAULT_HIDDEN, Ranker
+from training.progress import progress
 from training.two_stage import ScoreFn, TwoStageRecommender, context_matrix, fold_in_numpy
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ def fit_ranker(
     baseline = _validation_ndcg(None, train, validation, item_vectors, spec, cfg)
     # Epoch 0 is the untrained ranker, which keeps retrieval order: a ranker that never beats it is not kept.
     best_state, best_score, best_epoch, curve = copy.deepcopy(ranker.state_dict()), baseline, 0, []
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in progress(range(1, cfg.epochs + 1), "ranker epochs", unit=" epochs"):
         ranker.train()
         order = rng.permutation(len(examples.items))
         for start in range(0, len(order), cfg.batch_size):
