@@ -28,6 +28,8 @@ from training.two_stage import ScoreFn, TwoStageRecommender, context_matrix, fol
 
 log = logging.getLogger(__name__)
 
+EXAMPLE_BLOCK = 1024  # events whose candidate scores are held in memory at once
+
 
 @dataclass(frozen=True)
 class RankerConfig:
@@ -90,19 +92,25 @@ class RankerExamples:
 def build_examples(
     train: Interactions, item_vectors: np.ndarray, spec: FeatureSpec, cfg: RankerConfig, rng: np.random.Generator
 ) -> RankerExamples:
-    """Hard-negative examples from the most recent train events that have a history."""
+    """Hard-negative examples from the most recent train events that have a history.
+
+    Candidates are retrieved for blocks of events so memory stays bounded whatever the catalogue size.
+    """
     histories = event_histories(train, cfg.history)
     rows = np.flatnonzero(histories[:, 0] >= 0)[-cfg.events :]
     users = fold_in_numpy(item_vectors, histories[rows], FOLD_IN_DECAY)
-    scores = users @ item_vectors.T
-    for i, row in enumerate(rows):
-        past = histories[row][histories[row] >= 0]
-        scores[i, past] = -np.inf
     positives = train.item[rows]
-    scores[np.arange(len(rows)), positives] = -np.inf  # never a negative of itself
-    top = np.argpartition(-scores, cfg.candidates - 1, axis=1)[:, : cfg.candidates]
-    picks = np.argsort(rng.random(top.shape), axis=1)[:, : cfg.hard_negatives]
-    negatives = np.take_along_axis(top, picks, axis=1)
+    negatives = np.empty((len(rows), cfg.hard_negatives), dtype=np.int64)
+    n = min(cfg.candidates, item_vectors.shape[0] - 1)
+    for start in range(0, len(rows), EXAMPLE_BLOCK):
+        block = slice(start, start + EXAMPLE_BLOCK)
+        scores = users[block] @ item_vectors.T
+        for i, row in enumerate(rows[block]):
+            scores[i, histories[row][histories[row] >= 0]] = -np.inf
+        scores[np.arange(len(scores)), positives[block]] = -np.inf  # never a negative of itself
+        top = np.argpartition(-scores, n - 1, axis=1)[:, :n]
+        picks = np.argsort(rng.random(top.shape), axis=1)[:, : cfg.hard_negatives]
+        negatives[block] = np.take_along_axis(top, picks, axis=1)
     items = np.concatenate([positives[:, None], negatives], axis=1)
     return RankerExamples(users, context_matrix(train.timestamp[rows], spec), items)
 
