@@ -33,7 +33,9 @@ EMBEDDINGS = "item_embeddings.npy"
 ITEM_IDS = "item_ids.json"
 INDEX = "index.faiss"
 COLD_START = "cold_start.json"
+ITEM_FEATURES = "item_features.npy"
 DATA_FILES = (RANKER, EMBEDDINGS, ITEM_IDS, INDEX, COLD_START)
+OPTIONAL_FILES = (ITEM_FEATURES,)  # present exactly when the feature spec names item features
 STAGING_PREFIX = ".staging-"
 GLOBAL_SEGMENT = "global"
 
@@ -163,6 +165,7 @@ class BundleContents:
     index_params: IndexParams
     embedding_space: str
     training: Mapping[str, Any] = field(default_factory=dict)
+    item_features: np.ndarray | None = None  # float32 [items, spec.item_feature_dim], already transformed
 
 
 def sha256_of(path: Path) -> str:
@@ -194,7 +197,17 @@ def write_bundle(directory: Path, contents: BundleContents) -> Manifest:
     (directory / ITEM_IDS).write_text(json.dumps(ids))
     AnnIndex.build(emb, contents.index_params).save(directory / INDEX)
     (directory / COLD_START).write_text(json.dumps(contents.cold_start.to_json()))
-    files = {name: FileEntry(sha256_of(directory / name), (directory / name).stat().st_size) for name in DATA_FILES}
+    names = list(DATA_FILES)
+    width = contents.feature_spec.item_feature_dim
+    if width:
+        features = contents.item_features
+        if features is None or features.shape != (len(ids), width):
+            raise ValueError(
+                f"the feature spec names {width} item features; item_features must be ({len(ids)}, {width})"
+            )
+        np.save(directory / ITEM_FEATURES, np.ascontiguousarray(features, dtype=np.float32), allow_pickle=False)
+        names.append(ITEM_FEATURES)
+    files = {name: FileEntry(sha256_of(directory / name), (directory / name).stat().st_size) for name in names}
     manifest = Manifest(
         model_name=contents.model_name,
         embedding_space=contents.embedding_space,
@@ -280,7 +293,8 @@ def read_manifest(directory: Path) -> Manifest:
 
 def verify_files(directory: Path, manifest: Manifest) -> None:
     """Every data file is present, listed, and matches its recorded size and SHA-256."""
-    for name in DATA_FILES:
+    expected = list(DATA_FILES) + ([ITEM_FEATURES] if manifest.feature_spec.item_feature_dim else [])
+    for name in expected:
         entry = manifest.files.get(name)
         path = directory / name
         if entry is None:
@@ -307,6 +321,7 @@ class Bundle:
     index: AnnIndex
     ranker: OnnxRanker
     cold_start: ColdStart
+    item_features: np.ndarray | None = None
 
     @property
     def feature_spec(self) -> FeatureSpec:
@@ -349,7 +364,10 @@ class Bundle:
                 f"holds {index.size} vectors of dim {index.dim}, "
                 f"expected {manifest.item_count} of dim {spec.embedding_dim}",
             )
-        ranker = OnnxRanker.load(directory / RANKER, spec.embedding_dim, spec.context_dim, options or RankerOptions())
+        item_features = _load_item_features(directory, spec, manifest.item_count)
+        ranker = OnnxRanker.load(
+            directory / RANKER, spec.embedding_dim, spec.context_dim, options or RankerOptions(), spec.item_feature_dim
+        )
         try:
             cold = ColdStart.from_json(json.loads((directory / COLD_START).read_text()), row_of)
         except ValueError as exc:
@@ -365,4 +383,20 @@ class Bundle:
             index=index,
             ranker=ranker,
             cold_start=cold,
+            item_features=item_features,
         )
+
+
+def _load_item_features(directory: Path, spec: FeatureSpec, item_count: int) -> np.ndarray | None:
+    if not spec.item_feature_dim:
+        return None
+    try:
+        features: np.ndarray = np.load(directory / ITEM_FEATURES, allow_pickle=False)
+    except ValueError as exc:
+        raise BundleError(ITEM_FEATURES, f"not a numpy array file: {exc}") from exc
+    expected = (item_count, spec.item_feature_dim)
+    if features.dtype != np.float32 or features.shape != expected:
+        raise BundleError(ITEM_FEATURES, f"is {features.dtype} {features.shape}, expected float32 {expected}")
+    if not np.isfinite(features).all():
+        raise BundleError(ITEM_FEATURES, "holds NaN or infinite values")
+    return features

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -62,21 +62,37 @@ _ONE_HOT_SOURCES = {"device", "surface"}
 
 @dataclass(frozen=True)
 class FeatureSpec:
-    """The ranker's inputs: embedding width and the context vector's layout."""
+    """The ranker's inputs: embedding width, the context vector's layout, and optional per-item features.
+
+    `item_features` names the columns of the bundle's item feature matrix (precomputed, already
+    transformed); `item_feature_stats` records how each numeric column was capped and standardised.
+    """
 
     embedding_dim: int
     blocks: tuple[FeatureBlock, ...]
+    item_features: tuple[str, ...] = ()
+    item_feature_stats: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
     @property
     def context_dim(self) -> int:
         return sum(block.width for block in self.blocks)
 
+    @property
+    def item_feature_dim(self) -> int:
+        return len(self.item_features)
+
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "embedding_dim": self.embedding_dim,
             "context_dim": self.context_dim,
             "context": [block.to_json() for block in self.blocks],
         }
+        if self.item_features:
+            out["item_features"] = {
+                "names": list(self.item_features),
+                "stats": {k: dict(v) for k, v in self.item_feature_stats.items()},
+            }
+        return out
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any], file: str = "manifest.json") -> FeatureSpec:
@@ -93,9 +109,14 @@ class FeatureSpec:
                 )
                 for b in data["context"]
             )
-        except (KeyError, TypeError, ValueError) as exc:
+            item = data.get("item_features", {})
+            item_names = tuple(str(n) for n in item.get("names", ()))
+            item_stats = {str(k): {str(a): float(b) for a, b in v.items()} for k, v in item.get("stats", {}).items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise BundleError(file, f"feature_spec is malformed: {exc!r}") from exc
-        spec = cls(embedding_dim=dim, blocks=blocks)
+        if len(set(item_names)) != len(item_names):
+            raise BundleError(file, "feature_spec.item_features.names are not unique")
+        spec = cls(embedding_dim=dim, blocks=blocks, item_features=item_names, item_feature_stats=item_stats)
         spec.check(file)
         declared = data.get("context_dim")
         if declared is not None and int(declared) != spec.context_dim:

@@ -109,7 +109,8 @@ def rank_candidates(
         return (), (t1 - t0) * 1e3, 0.0
     context = encode_context(req.context, bundle.feature_spec, now)
     items = bundle.item_embeddings[rows]
-    scores = bundle.ranker.score(uvec[None, :], context[None, :], items[None, :, :])[0]
+    features = None if bundle.item_features is None else bundle.item_features[rows][None, :, :]
+    scores = bundle.ranker.score(uvec[None, :], context[None, :], items[None, :, :], features)[0]
     scores = np.where(np.isnan(scores), -np.inf, scores)
     order = np.lexsort((rows, -retrieval_scores, -scores))[: req.k]
     ranked = tuple(ScoredItem(bundle.item_ids[rows[i]], float(scores[i]), float(retrieval_scores[i])) for i in order)
@@ -187,7 +188,8 @@ def warm_up(bundle: Bundle, rounds: int, candidates: int, seed: int = 0) -> floa
         t = time.perf_counter()
         _, rows = bundle.index.search(uvec, n)
         ctx = rng.normal(0, 1, (1, spec.context_dim)).astype(np.float32)
-        bundle.ranker.score(uvec[None, :], ctx, bundle.item_embeddings[rows[0]][None, :, :])
+        features = None if bundle.item_features is None else bundle.item_features[rows[0]][None, :, :]
+        bundle.ranker.score(uvec[None, :], ctx, bundle.item_embeddings[rows[0]][None, :, :], features)
         latencies.append((time.perf_counter() - t) * 1e3)
     tail: Iterable[float] = latencies[len(latencies) // 2 :]
     return float(np.median(list(tail)))

@@ -4,6 +4,7 @@ Contract (checked at load time against the bundle's feature spec):
   inputs  user    float32 [batch, embedding_dim]
           context float32 [batch, context_dim]
           items   float32 [batch, candidates, embedding_dim]
+          item_features float32 [batch, candidates, item_feature_dim]   (only when the spec has item features)
   output  scores  float32 [batch, candidates]
 """
 
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 INPUT_USER = "user"
 INPUT_CONTEXT = "context"
 INPUT_ITEMS = "items"
+INPUT_ITEM_FEATURES = "item_features"
 OUTPUT_SCORES = "scores"
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
@@ -52,7 +54,9 @@ class OnnxRanker:
         self.providers = tuple(session.get_providers())
 
     @classmethod
-    def load(cls, path: Path, embedding_dim: int, context_dim: int, options: RankerOptions) -> OnnxRanker:
+    def load(
+        cls, path: Path, embedding_dim: int, context_dim: int, options: RankerOptions, item_feature_dim: int = 0
+    ) -> OnnxRanker:
         """Open `path` and check its inputs and output against the feature spec."""
         so = ort.SessionOptions()
         so.intra_op_num_threads = options.intra_op_threads
@@ -64,13 +68,17 @@ class OnnxRanker:
             session = ort.InferenceSession(str(path), so, providers=choose_providers(options.providers))
         except Exception as exc:  # onnxruntime raises its own untyped errors for bad models
             raise BundleError(path.name, f"ONNX Runtime cannot load it: {exc}") from exc
-        check_signature(session, path.name, embedding_dim, context_dim)
+        check_signature(session, path.name, embedding_dim, context_dim, item_feature_dim)
         ranker = cls(session)
         log.info("ranker %s loaded with providers %s", path, ",".join(ranker.providers))
         return ranker
 
-    def score(self, user: np.ndarray, context: np.ndarray, items: np.ndarray) -> np.ndarray:
+    def score(
+        self, user: np.ndarray, context: np.ndarray, items: np.ndarray, item_features: np.ndarray | None = None
+    ) -> np.ndarray:
         feeds = {INPUT_USER: user, INPUT_CONTEXT: context, INPUT_ITEMS: items}
+        if item_features is not None:
+            feeds[INPUT_ITEM_FEATURES] = item_features
         (scores,) = self._session.run([OUTPUT_SCORES], feeds)
         return np.asarray(scores, dtype=np.float32)
 
@@ -79,13 +87,17 @@ def _fixed(dim: object) -> int | None:
     return dim if isinstance(dim, int) else None
 
 
-def check_signature(session: ort.InferenceSession, file: str, embedding_dim: int, context_dim: int) -> None:
+def check_signature(
+    session: ort.InferenceSession, file: str, embedding_dim: int, context_dim: int, item_feature_dim: int = 0
+) -> None:
     """Raise BundleError naming `file` when the model's inputs or output don't match the spec."""
     expected = {
         INPUT_USER: (2, {1: embedding_dim}),
         INPUT_CONTEXT: (2, {1: context_dim}),
         INPUT_ITEMS: (3, {2: embedding_dim}),
     }
+    if item_feature_dim:
+        expected[INPUT_ITEM_FEATURES] = (3, {2: item_feature_dim})
     inputs = {i.name: i for i in session.get_inputs()}
     if set(inputs) != set(expected):
         raise BundleError(file, f"inputs are {sorted(inputs)}, expected {sorted(expected)}")

@@ -23,7 +23,15 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from hyperrec.ranker import INPUT_CONTEXT, INPUT_ITEMS, INPUT_USER, OUTPUT_SCORES, OnnxRanker, check_signature
+from hyperrec.ranker import (
+    INPUT_CONTEXT,
+    INPUT_ITEM_FEATURES,
+    INPUT_ITEMS,
+    INPUT_USER,
+    OUTPUT_SCORES,
+    OnnxRanker,
+    check_signature,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +61,18 @@ def export_ranker_onnx(ranker: nn.Module, embedding_dim: int, context_dim: int) 
     server's contract requires. The module is exported in eval mode and left in
     whatever mode it was in.
     """
-    example = _example_inputs(embedding_dim, context_dim)
+    features = item_feature_dim(ranker)
+    example = _example_inputs(embedding_dim, context_dim, features)
     batch, candidates = Dim("batch"), Dim("candidates")
     dynamic_shapes = {
         INPUT_USER: {0: batch},
         INPUT_CONTEXT: {0: batch},
         INPUT_ITEMS: {0: batch, 1: candidates},
     }
+    names = [INPUT_USER, INPUT_CONTEXT, INPUT_ITEMS]
+    if features:
+        dynamic_shapes[INPUT_ITEM_FEATURES] = {0: batch, 1: candidates}
+        names.append(INPUT_ITEM_FEATURES)
     was_training = ranker.training
     ranker.eval()
     try:
@@ -69,7 +82,7 @@ def export_ranker_onnx(ranker: nn.Module, embedding_dim: int, context_dim: int) 
                 ranker,
                 example,
                 str(path),
-                input_names=[INPUT_USER, INPUT_CONTEXT, INPUT_ITEMS],
+                input_names=names,
                 output_names=[OUTPUT_SCORES],
                 dynamic_shapes=dynamic_shapes,
                 opset_version=OPSET_VERSION,
@@ -100,7 +113,8 @@ def check_parity(
     widths) with the same function the server uses when it loads a bundle.
     """
     session = _session(onnx_bytes)
-    check_signature(session, "ranker.onnx", embedding_dim, context_dim)
+    features = item_feature_dim(ranker)
+    check_signature(session, "ranker.onnx", embedding_dim, context_dim, features)
     onnx_ranker = OnnxRanker(session)
     rng = np.random.default_rng(seed)
     was_training = ranker.training
@@ -109,9 +123,11 @@ def check_parity(
     try:
         for batch, candidates in _parity_shapes(rows):
             user, context, items = _random_inputs(rng, batch, candidates, embedding_dim, context_dim)
+            extra = rng.standard_normal((batch, candidates, features), dtype=np.float32) if features else None
+            tensors = [torch.from_numpy(a) for a in (user, context, items) + ((extra,) if extra is not None else ())]
             with torch.no_grad():
-                expected = ranker(torch.from_numpy(user), torch.from_numpy(context), torch.from_numpy(items)).numpy()
-            got = onnx_ranker.score(user, context, items)
+                expected = ranker(*tensors).numpy()
+            got = onnx_ranker.score(user, context, items, extra)
             if got.shape != expected.shape:
                 raise ParityError(float("inf"), tolerance)
             worst = max(worst, float(np.max(np.abs(got - expected))))
@@ -123,14 +139,20 @@ def check_parity(
     return worst
 
 
-def _example_inputs(embedding_dim: int, context_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def item_feature_dim(ranker: nn.Module) -> int:
+    """How many per-item features the ranker takes (0 for rankers without them)."""
+    return int(getattr(ranker, "item_feature_dim", 0))
+
+
+def _example_inputs(embedding_dim: int, context_dim: int, features: int = 0) -> tuple[torch.Tensor, ...]:
     """Tracing inputs; batch 2 and 3 candidates so that neither axis gets specialised to 1."""
     generator = torch.Generator().manual_seed(0)
-    return (
+    inputs = (
         torch.randn(2, embedding_dim, generator=generator),
         torch.randn(2, context_dim, generator=generator),
         torch.randn(2, 3, embedding_dim, generator=generator),
     )
+    return (*inputs, torch.randn(2, 3, features, generator=generator)) if features else inputs
 
 
 @contextlib.contextmanager

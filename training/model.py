@@ -37,27 +37,36 @@ class Ranker(nn.Module):
     the ranker starts from (and only has to correct) the retrieval score.
     """
 
-    def __init__(self, embedding_dim: int, context_dim: int, hidden: tuple[int, ...] = DEFAULT_HIDDEN) -> None:
-        """Build the MLP: input width 3·embedding_dim + context_dim, ReLU hidden layers, one output."""
+    def __init__(
+        self, embedding_dim: int, context_dim: int, hidden: tuple[int, ...] = DEFAULT_HIDDEN, item_feature_dim: int = 0
+    ) -> None:
+        """Build the MLP: input 3·embedding_dim + context_dim (+ item features), ReLU hidden layers, one output."""
         super().__init__()
         self.embedding_dim = embedding_dim
         self.context_dim = context_dim
+        self.item_feature_dim = item_feature_dim
         self.hidden = tuple(hidden)
         layers: list[nn.Module] = []
-        width = 3 * embedding_dim + context_dim
+        width = 3 * embedding_dim + context_dim + item_feature_dim
         for size in self.hidden:
             layers += [nn.Linear(width, size), nn.ReLU()]
             width = size
         layers.append(nn.Linear(width, 1))
         self.mlp = nn.Sequential(*layers)
 
-    def forward(self, user: Tensor, context: Tensor, items: Tensor) -> Tensor:
-        """Scores [b, n] for `items` [b, n, d] given `user` [b, d] and `context` [b, c]."""
+    def forward(self, user: Tensor, context: Tensor, items: Tensor, item_features: Tensor | None = None) -> Tensor:
+        """Scores [b, n] for `items` [b, n, d] given `user` [b, d], `context` [b, c] and, when the ranker
+        was built with item features, `item_features` [b, n, f]."""
         n = items.shape[1]
         u = user.unsqueeze(1).expand(-1, n, -1)
         ctx = context.unsqueeze(1).expand(-1, n, -1)
         interaction = u * items
-        features = torch.cat([u, items, interaction, ctx], dim=-1)
+        parts = [u, items, interaction, ctx]
+        if self.item_feature_dim:
+            if item_features is None:
+                raise ValueError("this ranker needs item_features")
+            parts.append(item_features)
+        features = torch.cat(parts, dim=-1)
         mlp_score: Tensor = self.mlp(features).squeeze(-1)
         return mlp_score + interaction.sum(dim=-1)
 
