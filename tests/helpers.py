@@ -23,8 +23,9 @@ def make_ranker_onnx(
     context_dim: int,
     context_weights: np.ndarray | None = None,
     input_names: tuple[str, str, str] = ("user", "context", "items"),
+    item_feature_dim: int = 0,
 ) -> bytes:
-    """A dot-product ranker with a linear context term."""
+    """A dot-product ranker with a linear context term (plus the sum of the item features, when it takes them)."""
     w = np.zeros((context_dim, 1), np.float32) if context_weights is None else context_weights.reshape(-1, 1)
     u_name, c_name, i_name = input_names
     nodes = [
@@ -32,8 +33,15 @@ def make_ranker_onnx(
         helper.make_node("Mul", [i_name, "u3"], ["prod"]),
         helper.make_node("ReduceSum", ["prod", "axis2"], ["dot"], keepdims=0),
         helper.make_node("MatMul", [c_name, "w"], ["ctx_score"]),
-        helper.make_node("Add", ["dot", "ctx_score"], ["scores"]),
+        helper.make_node("Add", ["dot", "ctx_score"], ["scores" if not item_feature_dim else "base"]),
     ]
+    extra_inputs = []
+    if item_feature_dim:
+        nodes += [
+            helper.make_node("ReduceSum", ["item_features", "axis2"], ["feature_sum"], keepdims=0),
+            helper.make_node("Add", ["base", "feature_sum"], ["scores"]),
+        ]
+        extra_inputs = [helper.make_tensor_value_info("item_features", TensorProto.FLOAT, ["b", "n", item_feature_dim])]
     graph = helper.make_graph(
         nodes,
         "test_ranker",
@@ -41,6 +49,7 @@ def make_ranker_onnx(
             helper.make_tensor_value_info(u_name, TensorProto.FLOAT, ["b", embedding_dim]),
             helper.make_tensor_value_info(c_name, TensorProto.FLOAT, ["b", context_dim]),
             helper.make_tensor_value_info(i_name, TensorProto.FLOAT, ["b", "n", embedding_dim]),
+            *extra_inputs,
         ],
         [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["b", "n"])],
         initializer=[

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from hyperrec.bundle import (
     COLD_START,
     EMBEDDINGS,
     INDEX,
+    ITEM_FEATURES,
     ITEM_IDS,
     MANIFEST,
     RANKER,
@@ -21,6 +23,7 @@ from hyperrec.bundle import (
     list_versions,
     publish_bundle,
     resolve_version,
+    sha256_of,
 )
 from hyperrec.errors import BundleError, NotFound
 from hyperrec.features import default_feature_spec
@@ -161,3 +164,45 @@ def test_model_names_that_escape_the_repository_are_rejected(tmp_path: Path) -> 
     for name in ("../evil", "a/b", ".hidden", ""):
         with pytest.raises(ValueError):
             publish_bundle(tmp_path, make_contents(n_items=20, model_name=name))
+
+
+def _with_item_features(tmp_path: Path, ranker_width: int, matrix_width: int) -> Path:
+    spec = replace(default_feature_spec(8), item_features=tuple(f"f{i}" for i in range(matrix_width)))
+    ranker = make_ranker_onnx(8, spec.context_dim, item_feature_dim=ranker_width)
+    contents = replace(
+        make_contents(n_items=40, dim=8, spec=spec, ranker=ranker),
+        item_features=np.arange(40 * matrix_width, dtype=np.float32).reshape(40, matrix_width),
+    )
+    return publish_bundle(tmp_path, contents)
+
+
+def test_item_features_round_trip_and_reach_the_ranker(tmp_path: Path) -> None:
+    bundle = Bundle.load(_with_item_features(tmp_path, 3, 3))
+    assert bundle.item_features is not None and bundle.item_features.shape == (40, 3)
+    assert ITEM_FEATURES in json.loads((bundle.directory / MANIFEST).read_text())["files"]
+    user = np.zeros((1, 8), np.float32)
+    items = bundle.item_embeddings[None, :2]
+    scores = bundle.ranker.score(
+        user, np.zeros((1, bundle.feature_spec.context_dim), np.float32), items, bundle.item_features[None, :2]
+    )
+    np.testing.assert_allclose(scores[0], bundle.item_features[:2].sum(axis=1))
+
+
+def test_ranker_without_the_item_features_input_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match="inputs are") as err:
+        Bundle.load(_with_item_features(tmp_path, 0, 3))
+    assert err.value.file == RANKER
+
+
+def test_item_features_of_the_wrong_shape_are_named(tmp_path: Path) -> None:
+    path = _with_item_features(tmp_path, 3, 3)
+    np.save(path / ITEM_FEATURES, np.zeros((40, 2), np.float32))
+    manifest = json.loads((path / MANIFEST).read_text())
+    manifest["files"][ITEM_FEATURES] = {
+        "sha256": sha256_of(path / ITEM_FEATURES),
+        "bytes": (path / ITEM_FEATURES).stat().st_size,
+    }
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"expected float32 \(40, 3\)") as err:
+        Bundle.load(path)
+    assert err.value.file == ITEM_FEATURES

@@ -134,3 +134,15 @@ def test_train_command_on_a_dataset_publishes_and_reports(
     assert (tmp_path / "reports" / "cli-events-v1.md").read_text().startswith("| model |")
     assert Bundle.load(tmp_path / "repo" / "cli-events" / "1").model_name == "cli-events"
     assert (tmp_path / "profiles.npz").is_file()
+
+
+def test_bundle_carries_item_features_as_of_its_cut_off(factory: FactoryResult) -> None:
+    """The served item features are the training transform applied at the end of the history (train + validation)."""
+    bundle = Bundle.load(factory.version_dir)
+    spec = bundle.feature_spec
+    assert spec.item_features[:4] == ("log_count", "log_count_30d", "log_days_since_first", "log_days_since_last")
+    assert bundle.item_features is not None and bundle.item_features.shape == (401, spec.item_feature_dim)
+    assert set(spec.item_feature_stats) == set(spec.item_features[:4])
+    never_seen = bundle.item_features[bundle.row_of["never-seen"]]
+    stats = spec.item_feature_stats["log_count"]
+    assert never_seen[0] == pytest.approx((0.0 - stats["mean"]) / stats["std"], rel=1e-5)  # zero events, standardised

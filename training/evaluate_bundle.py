@@ -45,17 +45,29 @@ def evaluate_bundle(
     split = make_split(data, cfg)
     dim = bundle.feature_spec.embedding_dim
     vectors = np.zeros((data.n_items, dim), dtype=np.float32)
+    width = bundle.feature_spec.item_feature_dim
+    features = np.zeros((data.n_items, width), dtype=np.float32)
     known = np.zeros(data.n_items, dtype=bool)
     for row, item_id in enumerate(data.catalog.item_ids):
         bundle_row = bundle.row_of.get(item_id)
         if bundle_row is not None:
             vectors[row] = bundle.item_embeddings[bundle_row]
+            if bundle.item_features is not None:
+                features[row] = bundle.item_features[bundle_row]
             known[row] = True
+    # The bundle's item features are frozen at its publication, exactly as the server uses them.
+    frozen = (lambda _log: features) if width else None
     candidates = cfg.ranker.candidates
     ours: list[Recommender] = [
         TwoStageRecommender("bundle_retrieval", vectors, bundle.feature_spec, None, candidates, known=known),
         TwoStageRecommender(
-            "bundle_two_stage", vectors, bundle.feature_spec, bundle.ranker.score, candidates, known=known
+            "bundle_two_stage",
+            vectors,
+            bundle.feature_spec,
+            bundle.ranker.score,
+            candidates,
+            known=known,
+            item_features=frozen,
         ),
     ]
     metrics = evaluate_models(split, [*baselines(cfg), *ours], cfg)

@@ -17,7 +17,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from training.baselines import ImplicitALS, ItemKNN, MostPopular, Recommender, e
 from training.export import check_parity, export_ranker_onnx
 from training.history_model import RetrievalConfig, latest_histories, train_retrieval
 from training.interactions import Interactions, LoadReport
+from training.item_features import fit_item_features
 from training.loaders import load_dataset
 from training.ranker_fit import RankerConfig, fit_ranker, torch_scorer
 from training.splits import Split, filter_min_history, leave_last_out_split, temporal_split, training_view
@@ -64,6 +65,7 @@ class FactoryConfig:
     als_regularization: float = 10.0
     als_alpha: float = 1.0
     knn_neighbours: int = 100
+    item_features: bool = True
 
 
 @dataclass(frozen=True)
@@ -191,17 +193,27 @@ def run_factory(
     clock = time.perf_counter()
     retrieval = train_retrieval(split.train, cfg.retrieval)
     timings["retrieval"] = time.perf_counter() - clock
+    item_spec = fit_item_features(split.train) if cfg.item_features else None
     spec = default_feature_spec(cfg.retrieval.embedding_dim, cfg.country_buckets)
+    if item_spec is not None:
+        spec = replace(spec, item_features=item_spec.names, item_feature_stats=item_spec.stats_json())
     clock = time.perf_counter()
-    fit = fit_ranker(split.train, split.validation, retrieval.item_vectors, spec, cfg.ranker)
+    fit = fit_ranker(split.train, split.validation, retrieval.item_vectors, spec, cfg.ranker, item_spec)
     timings["ranker"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
     vectors = retrieval.item_vectors
+    features_at_end = item_spec.matrix if item_spec is not None else None
     ours = [
         TwoStageRecommender("retrieval", vectors, spec, None, cfg.ranker.candidates, cfg.retrieval.history),
         TwoStageRecommender(
-            "two_stage", vectors, spec, torch_scorer(fit.ranker), cfg.ranker.candidates, cfg.retrieval.history
+            "two_stage",
+            vectors,
+            spec,
+            torch_scorer(fit.ranker),
+            cfg.ranker.candidates,
+            cfg.retrieval.history,
+            item_features=features_at_end,
         ),
     ]
     results = evaluate_models(split, [*baselines(cfg), *ours], cfg)
@@ -240,6 +252,7 @@ def run_factory(
         index_params=index_params,
         embedding_space=space,
         training=report,
+        item_features=item_spec.matrix(history) if item_spec is not None else None,
     )
     version_dir = publish_bundle(repo, contents)
     profiles = profiles_from(history, vectors, histories, space)

@@ -22,6 +22,7 @@ from hyperrec.pipeline import FOLD_IN_DECAY
 from training.baselines import evaluate_recommender
 from training.history_model import event_histories
 from training.interactions import Interactions
+from training.item_features import ItemFeatureSpec, ItemHistory
 from training.model import DEFAULT_HIDDEN, Ranker
 from training.progress import progress
 from training.two_stage import ScoreFn, TwoStageRecommender, context_matrix, fold_in_numpy
@@ -72,9 +73,14 @@ def start_from_retrieval_order(ranker: Ranker) -> None:
 def torch_scorer(ranker: Ranker) -> ScoreFn:
     """A PyTorch ranker as a numpy scoring function with the ONNX contract."""
 
-    def score(user: np.ndarray, context: np.ndarray, items: np.ndarray) -> np.ndarray:
+    def score(
+        user: np.ndarray, context: np.ndarray, items: np.ndarray, item_features: np.ndarray | None = None
+    ) -> np.ndarray:
+        tensors = [torch.from_numpy(a) for a in (user, context, items)]
+        if item_features is not None:
+            tensors.append(torch.from_numpy(item_features))
         with torch.no_grad():
-            out = ranker(torch.from_numpy(user), torch.from_numpy(context), torch.from_numpy(items))
+            out = ranker(*tensors)
         return np.asarray(out.numpy(), dtype=np.float32)
 
     return score
@@ -82,15 +88,22 @@ def torch_scorer(ranker: Ranker) -> ScoreFn:
 
 @dataclass(frozen=True)
 class RankerExamples:
-    """Per training event: user vector, context, and [positive, hard negatives...] item indexes."""
+    """Per training event: user vector, context, [positive, hard negatives...] item indexes and, when the
+    ranker takes them, those items' features as of the event's time."""
 
     users: npt.NDArray[np.float32]
     contexts: npt.NDArray[np.float32]
     items: npt.NDArray[np.int64]
+    item_features: npt.NDArray[np.float32] | None = None
 
 
 def build_examples(
-    train: Interactions, item_vectors: np.ndarray, spec: FeatureSpec, cfg: RankerConfig, rng: np.random.Generator
+    train: Interactions,
+    item_vectors: np.ndarray,
+    spec: FeatureSpec,
+    cfg: RankerConfig,
+    rng: np.random.Generator,
+    item_spec: ItemFeatureSpec | None = None,
 ) -> RankerExamples:
     """Hard-negative examples from the most recent train events that have a history.
 
@@ -112,7 +125,12 @@ def build_examples(
         picks = np.argsort(rng.random(top.shape), axis=1)[:, : cfg.hard_negatives]
         negatives[block] = np.take_along_axis(top, picks, axis=1)
     items = np.concatenate([positives[:, None], negatives], axis=1)
-    return RankerExamples(users, context_matrix(train.timestamp[rows], spec), items)
+    features = None
+    if item_spec is not None:
+        times = np.repeat(train.timestamp[rows], items.shape[1])
+        flat = item_spec.at(ItemHistory(train), items.reshape(-1), times)
+        features = flat.reshape(items.shape[0], items.shape[1], item_spec.width)
+    return RankerExamples(users, context_matrix(train.timestamp[rows], spec), items, features)
 
 
 def fit_ranker(
@@ -121,17 +139,18 @@ def fit_ranker(
     item_vectors: npt.NDArray[np.float32],
     spec: FeatureSpec,
     config: RankerConfig | None = None,
+    item_spec: ItemFeatureSpec | None = None,
 ) -> RankerFit:
     """Train with softmax over [positive, hard negatives]; keep the epoch with the best validation NDCG@10."""
     cfg = config or RankerConfig()
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
-    examples = build_examples(train, item_vectors, spec, cfg, rng)
-    ranker = Ranker(spec.embedding_dim, spec.context_dim, cfg.hidden)
+    examples = build_examples(train, item_vectors, spec, cfg, rng, item_spec)
+    ranker = Ranker(spec.embedding_dim, spec.context_dim, cfg.hidden, item_spec.width if item_spec else 0)
     start_from_retrieval_order(ranker)
     optimizer = torch.optim.Adam(ranker.parameters(), lr=cfg.learning_rate)
     vectors = torch.from_numpy(item_vectors)
-    baseline = _validation_ndcg(None, train, validation, item_vectors, spec, cfg)
+    baseline = _validation_ndcg(None, train, validation, item_vectors, spec, cfg, item_spec)
     # Epoch 0 is the untrained ranker, which keeps retrieval order: a ranker that never beats it is not kept.
     best_state, best_score, best_epoch, curve = copy.deepcopy(ranker.state_dict()), baseline, 0, []
     for epoch in progress(range(1, cfg.epochs + 1), "ranker epochs", unit=" epochs"):
@@ -139,17 +158,20 @@ def fit_ranker(
         order = rng.permutation(len(examples.items))
         for start in range(0, len(order), cfg.batch_size):
             rows = order[start : start + cfg.batch_size]
-            scores = ranker(
+            inputs = [
                 torch.from_numpy(examples.users[rows]),
                 torch.from_numpy(examples.contexts[rows]),
                 vectors[torch.from_numpy(examples.items[rows])],
-            )
+            ]
+            if examples.item_features is not None:
+                inputs.append(torch.from_numpy(examples.item_features[rows]))
+            scores = ranker(*inputs)
             loss = nn.functional.cross_entropy(scores, torch.zeros(len(scores), dtype=torch.long))
             optimizer.zero_grad()
             loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
         ranker.eval()
-        score = _validation_ndcg(ranker, train, validation, item_vectors, spec, cfg)
+        score = _validation_ndcg(ranker, train, validation, item_vectors, spec, cfg, item_spec)
         curve.append(score)
         log.info("ranker epoch %d: validation ndcg@10 %.4f (retrieval alone %.4f)", epoch, score, baseline)
         if score > best_score:
@@ -168,8 +190,12 @@ def _validation_ndcg(
     item_vectors: npt.NDArray[np.float32],
     spec: FeatureSpec,
     cfg: RankerConfig,
+    item_spec: ItemFeatureSpec | None,
 ) -> float:
     score = torch_scorer(ranker) if ranker is not None else None
-    model = TwoStageRecommender("validation", item_vectors, spec, score, cfg.candidates, cfg.history)
+    features = item_spec.matrix if item_spec is not None else None
+    model = TwoStageRecommender(
+        "validation", item_vectors, spec, score, cfg.candidates, cfg.history, item_features=features
+    )
     model.fit(train)
     return float(evaluate_recommender(model, train, validation, ks=(10,))["ndcg@10"])

@@ -20,7 +20,10 @@ from hyperrec.pipeline import FOLD_IN_DECAY
 from training.history_model import latest_histories
 from training.interactions import Interactions
 
-ScoreFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+# (user [b,d], context [b,c], items [b,n,d], item features [b,n,f] or None) -> scores [b,n]: the ONNX contract.
+ScoreFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None], np.ndarray]
+# Per-item feature matrix [items, f] as of the end of a log (what a bundle published then would hold).
+FeaturesFn = Callable[[Interactions], np.ndarray]
 IntArray = npt.NDArray[np.int64]
 BLOCK = 256  # users retrieved and ranked together
 
@@ -61,6 +64,7 @@ class TwoStageRecommender:
         decay: float = FOLD_IN_DECAY,
         request_times: npt.NDArray[np.int64] | None = None,
         known: npt.NDArray[np.bool_] | None = None,
+        item_features: FeaturesFn | None = None,
     ) -> None:
         self.name = name
         self._vectors = item_vectors
@@ -71,6 +75,8 @@ class TwoStageRecommender:
         self._decay = decay
         self._request_times = request_times
         self._unknown = np.flatnonzero(~known) if known is not None else np.zeros(0, dtype=np.int64)
+        self._features_fn = item_features
+        self._features: np.ndarray | None = None
         self._histories: IntArray = np.zeros((0, history), dtype=np.int64)
         self._popular: IntArray = np.zeros(0, dtype=np.int64)
         self._fit_end = 0
@@ -80,6 +86,7 @@ class TwoStageRecommender:
         self._histories = latest_histories(train, self._history_length)
         self._popular = np.argsort(-np.bincount(train.item, minlength=train.n_items), kind="stable")
         self._fit_end = int(train.timestamp.max()) if len(train) else 0
+        self._features = self._features_fn(train) if self._features_fn is not None else None
 
     def recommend(self, users: IntArray, k: int, exclude: list[IntArray] | None = None) -> IntArray:
         out = np.full((len(users), k), -1, dtype=np.int64)
@@ -114,7 +121,8 @@ class TwoStageRecommender:
             ranked = retrieved
         else:
             context = context_matrix(times, self._spec)
-            ranked = self._score(users, context, self._vectors[candidates]).astype(np.float64)
+            features = self._features[candidates] if self._features is not None else None
+            ranked = self._score(users, context, self._vectors[candidates], features).astype(np.float64)
             ranked[~np.isfinite(retrieved)] = -np.inf
         order = np.argsort(-ranked, axis=1, kind="stable")[:, :k]
         top = np.take_along_axis(candidates, order, axis=1)
