@@ -78,7 +78,7 @@ def recorded_config(training: Mapping[str, Any]) -> FactoryConfig:
     """The split and candidate settings the factory recorded in the manifest (defaults where absent)."""
     recorded = training.get("config", {})
     defaults = FactoryConfig()
-    ranker = replace(defaults.ranker, candidates=int(recorded.get("ranker", {}).get("candidates", 200)))
+    ranker = replace(defaults.ranker, candidates=int(recorded.get("ranker", {}).get("candidates", defaults.ranker.candidates)))
     return replace(
         defaults,
         ranker=ranker,

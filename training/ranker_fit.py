@@ -38,7 +38,7 @@ class RankerConfig:
 
     hidden: tuple[int, ...] = DEFAULT_HIDDEN
     events: int = 20_000
-    candidates: int = 200
+    candidates: int = 500  # the server's default `candidates`: train and evaluate the ranker on what is served
     hard_negatives: int = 20
     epochs: int = 10
     patience: int = 2
