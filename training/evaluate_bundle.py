@@ -78,7 +78,8 @@ def recorded_config(training: Mapping[str, Any]) -> FactoryConfig:
     """The split and candidate settings the factory recorded in the manifest (defaults where absent)."""
     recorded = training.get("config", {})
     defaults = FactoryConfig()
-    ranker = replace(defaults.ranker, candidates=int(recorded.get("ranker", {}).get("candidates", defaults.ranker.candidates)))
+    candidates = int(recorded.get("ranker", {}).get("candidates", defaults.ranker.candidates))
+    ranker = replace(defaults.ranker, candidates=candidates)
     return replace(
         defaults,
         ranker=ranker,
