@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from training import loaders
+from training import loaders, progress
 from training.interactions import EVENT_CODE, EVENT_TYPES, DataError, Interactions
 from training.loaders import (
     BAD_GENRE_FLAG,
@@ -509,7 +509,7 @@ def test_progress_bar_path_gives_the_same_result(tmp_path: Path, monkeypatch: py
     write_events_csv(tmp_path, EVENTS, ITEMS)
     quiet, _ = load_events(tmp_path)
     monkeypatch.setattr(loaders, "PROGRESS_MIN_ROWS", 1)
-    monkeypatch.setattr(loaders, "_interactive", lambda: True)
+    monkeypatch.setattr(progress, "interactive", lambda: True)
     shown, _ = load_events(tmp_path)
     assert_same(quiet, shown)
 

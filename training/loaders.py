@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import math
 import re
-import sys
 from array import array
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -25,8 +24,9 @@ from typing import Any, NamedTuple, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
-from tqdm import tqdm  # type: ignore[import-untyped, unused-ignore]
+from tqdm import tqdm
 
+from training import progress
 from training.interactions import EVENT_CODE, EVENT_TYPES, DataError, Interactions, ItemCatalog, LoadReport
 
 #: Earliest accepted event time (1990-01-01T00:00:00Z): older values are unit or parsing mistakes.
@@ -341,14 +341,9 @@ def _count_lines(path: Path) -> int:
     return count
 
 
-def _interactive() -> bool:
-    """Whether a person is watching stderr (a progress bar would only clutter logs and captured output)."""
-    return sys.stderr.isatty()
-
-
 def _with_progress(rows: _Rows, size: Callable[[], int], label: str) -> _Rows:
     """Wrap `rows` in a progress bar when stderr is a terminal and the file is big; tests and logs stay quiet."""
-    if not _interactive():
+    if not progress.interactive():
         return rows
     total = size()
     if total < PROGRESS_MIN_ROWS:
