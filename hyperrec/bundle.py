@@ -248,7 +248,7 @@ def publish_bundle(repo: Path, contents: BundleContents) -> Path:
         write_bundle(staging, contents)
         _fsync_tree(staging)
         while True:
-            target = model_dir / str(max(list_versions(repo, contents.model_name), default=0) + 1)
+            target = model_dir / str(max(_taken_numbers(model_dir), default=0) + 1)
             try:
                 staging.rename(target)  # atomic; fails if another publisher took the number
                 return target
@@ -266,6 +266,11 @@ def list_versions(repo: Path, model_name: str) -> list[int]:
     if not model_dir.is_dir():
         return []
     return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def _taken_numbers(model_dir: Path) -> list[int]:
+    """Every numeric name in the model's folder, directory or not: a publish must not collide with any."""
+    return [int(p.name) for p in model_dir.iterdir() if p.name.isdigit()]
 
 
 def resolve_version(repo: Path, model_name: str, version: int | None = None) -> Path:
@@ -354,6 +359,8 @@ class Bundle:
                 EMBEDDINGS,
                 f"is {emb.dtype} {emb.shape}, expected float32 ({manifest.item_count}, {spec.embedding_dim})",
             )
+        if not np.isfinite(emb).all():
+            raise BundleError(EMBEDDINGS, "holds NaN or infinite values")
         try:
             index = AnnIndex.load(directory / INDEX, manifest.index_params)
         except RuntimeError as exc:

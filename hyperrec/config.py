@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import tomllib
 import types
@@ -74,9 +75,25 @@ class ServerConfig:
         """Raise ConfigError on values that cannot work."""
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port {self.port} is out of range")
-        for name in ("candidates", "max_k", "max_exclusions", "compute_threads", "recent_items"):
+        for name in (
+            "candidates",
+            "max_k",
+            "max_exclusions",
+            "compute_threads",
+            "recent_items",
+            "ort_intra_op_threads",
+            "ort_inter_op_threads",
+            "faiss_threads",
+            "profile_ttl_s",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
+        for name in ("profile_budget_ms", "redis_connect_timeout_ms", "redis_read_timeout_ms"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name} must be a positive number of milliseconds")
+        if not (math.isfinite(self.grace_s) and self.grace_s >= 0):
+            raise ConfigError("grace_s must be zero or more seconds")
         if self.max_k > self.candidates:
             raise ConfigError("max_k must not exceed candidates")
         if self.redis_url and not self.profile_secret:
@@ -95,9 +112,12 @@ def _base_type(tp: Any) -> type:
     return typing.cast(type, tp)
 
 
-def _convert(name: str, tp: type, raw: Any) -> Any:
-    if raw is None or (isinstance(raw, str) and raw == "" and tp is not str):
-        return None
+def _convert(name: str, tp: type, optional: bool, raw: Any) -> Any:
+    """Typed value of `raw`; an empty string means "unset" for optional fields and is an error otherwise."""
+    if raw is None or (isinstance(raw, str) and raw == ""):
+        if optional:
+            return None
+        raise ConfigError(f"{name}: needs a value")
     try:
         if tp is bool:
             return raw if isinstance(raw, bool) else str(raw).lower() in ("1", "true", "yes", "on")
@@ -106,9 +126,20 @@ def _convert(name: str, tp: type, raw: Any) -> Any:
         raise ConfigError(f"{name}: cannot read {raw!r} as {tp.__name__}") from exc
 
 
+def _is_optional(tp: Any) -> bool:
+    return (isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union) and type(None) in typing.get_args(
+        tp
+    )
+
+
 def _fields() -> dict[str, tuple[type, dataclasses.Field[Any]]]:
     hints = typing.get_type_hints(ServerConfig)
     return {f.name: (_base_type(hints[f.name]), f) for f in dataclasses.fields(ServerConfig)}
+
+
+def _optional_fields() -> set[str]:
+    hints = typing.get_type_hints(ServerConfig)
+    return {name for name, tp in hints.items() if _is_optional(tp)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -146,7 +177,8 @@ def load_config(
         if args is not None and getattr(args, name, None) is not None:
             values[name] = getattr(args, name)
     values.update(overrides)
-    converted = {name: _convert(name, known[name][0], raw) for name, raw in values.items()}
+    optional = _optional_fields()
+    converted = {name: _convert(name, known[name][0], name in optional, raw) for name, raw in values.items()}
     config = ServerConfig(**converted)
     config.check()
     return config

@@ -23,6 +23,12 @@ MAX_UTC_OFFSET_MINUTES = 14 * 60
 EARLIEST_EVENT_TIME = datetime(2000, 1, 1, tzinfo=UTC)
 FUTURE_EVENT_TOLERANCE = timedelta(hours=24)
 _COUNTRY = re.compile(r"[A-Z]{2}")
+_PRINTABLE_ASCII = re.compile(r"[\x20-\x7e]*")
+
+
+def is_printable_ascii(text: str) -> bool:
+    """True for text that may travel as a gRPC metadata value (request ids)."""
+    return _PRINTABLE_ASCII.fullmatch(text) is not None
 
 
 class DeviceType(enum.IntEnum):
@@ -141,6 +147,8 @@ def validate_request(req: RecommendRequest, limits: RequestLimits, now: datetime
             raise InvalidArgument("exclude_item_ids", f"ids must be at most {MAX_ITEM_ID_BYTES} bytes")
     if _utf8_len(req.request_id) > MAX_REQUEST_ID_BYTES:
         raise InvalidArgument("request_id", f"must be at most {MAX_REQUEST_ID_BYTES} bytes")
+    if not is_printable_ascii(req.request_id):
+        raise InvalidArgument("request_id", "must be printable ASCII")
     validate_context(req.context, now)
 
 

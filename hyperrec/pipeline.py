@@ -68,27 +68,44 @@ def user_vector(bundle: Bundle, profile: Profile | None) -> np.ndarray | None:
         return None
     dim = bundle.feature_spec.embedding_dim
     vec = profile.user_vector
-    if vec is not None and profile.embedding_space == bundle.manifest.embedding_space and vec.shape == (dim,):
+    if (
+        vec is not None
+        and profile.embedding_space == bundle.manifest.embedding_space
+        and vec.shape == (dim,)
+        and np.isfinite(vec).all()
+    ):
         return np.asarray(vec, dtype=np.float32)
-    rows = [bundle.row_of[i] for i in profile.recent_items if i in bundle.row_of]
-    if not rows:
+    known = [(pos, bundle.row_of[i]) for pos, i in enumerate(profile.recent_items) if i in bundle.row_of]
+    if not known:
         return None
-    weights = FOLD_IN_DECAY ** np.arange(len(rows), dtype=np.float32)
-    folded = weights @ bundle.item_embeddings[rows] / weights.sum()
+    # The i-th most recent item weighs FOLD_IN_DECAY**i, counting items the bundle does not know.
+    weights = FOLD_IN_DECAY ** np.array([pos for pos, _ in known], dtype=np.float32)
+    folded = weights @ bundle.item_embeddings[[row for _, row in known]] / weights.sum()
     return np.asarray(folded, dtype=np.float32)
 
 
 def cold_start_items(bundle: Bundle, req: RecommendRequest, now: datetime) -> tuple[ScoredItem, ...]:
-    """Popular items for the request's device and daypart, minus exclusions."""
+    """Popular items for the request's device and daypart, minus exclusions.
+
+    When the popularity lists run out, the rest of the catalogue follows in bundle order (score 0), so k
+    items come back whenever the catalogue minus the exclusions has k.
+    """
     excluded = set(req.exclude)
     local = req.context.local_time(now)
     out: list[ScoredItem] = []
+    seen: set[str] = set()
     for item_id, share in bundle.cold_start.candidates(req.context.device.name.lower(), daypart(local)):
         if item_id in excluded:
             continue
         out.append(ScoredItem(item_id, share, 0.0))
+        seen.add(item_id)
         if len(out) == req.k:
-            break
+            return tuple(out)
+    for item_id in bundle.item_ids:
+        if item_id not in excluded and item_id not in seen:
+            out.append(ScoredItem(item_id, 0.0, 0.0))
+            if len(out) == req.k:
+                break
     return tuple(out)
 
 

@@ -29,9 +29,10 @@ from hyperrec.profiles.memory import InMemoryProfileStore
 from hyperrec.profiles.redis_store import RedisProfileStore, RedisStoreOptions
 from hyperrec.profiles.snapshot import load_profiles
 from hyperrec.ranker import RankerOptions
-from hyperrec.v1 import recommender_pb2, recommender_pb2_grpc
+from hyperrec.v1 import recommender_pb2
 from index.ann import set_threads
 from server.servicer import RecommenderServicer
+from server.servicer import add_to_server as add_recommender
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,12 @@ def create_server(config: ServerConfig, profile_store: ProfileStore | None = Non
     set_threads(config.faiss_threads)
     store = profile_store or build_profile_store(config)
     slot = BundleSlot()
-    executor = ThreadPoolExecutor(max_workers=config.compute_threads, thread_name_prefix="hyperrec-compute")
+    executor = ThreadPoolExecutor(
+        max_workers=config.compute_threads,
+        thread_name_prefix="hyperrec-compute",
+        initializer=set_threads,  # OpenMP thread counts are per thread: set them where FAISS runs
+        initargs=(config.faiss_threads,),
+    )
     options = PipelineOptions(
         candidates=config.candidates,
         limits=RequestLimits(max_k=config.max_k, max_exclusions=config.max_exclusions),
@@ -140,7 +146,7 @@ def create_server(config: ServerConfig, profile_store: ProfileStore | None = Non
     )
     pipeline = Recommender(store, slot, options, executor)
     server = grpc.aio.server()
-    recommender_pb2_grpc.add_RecommenderServicer_to_server(RecommenderServicer(pipeline), server)
+    add_recommender(RecommenderServicer(pipeline), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(

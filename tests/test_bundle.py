@@ -206,3 +206,17 @@ def test_item_features_of_the_wrong_shape_are_named(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match=r"expected float32 \(40, 3\)") as err:
         Bundle.load(path)
     assert err.value.file == ITEM_FEATURES
+
+
+def test_non_finite_embeddings_are_rejected(tmp_path: Path) -> None:
+    contents = make_contents(n_items=30, dim=8)
+    contents.item_embeddings[3, 2] = np.nan
+    with pytest.raises(BundleError, match="NaN or infinite") as err:
+        Bundle.load(publish_bundle(tmp_path, contents))
+    assert err.value.file == EMBEDDINGS
+
+
+def test_a_stray_numeric_file_does_not_stall_publishing(tmp_path: Path) -> None:
+    (tmp_path / "toy").mkdir()
+    (tmp_path / "toy" / "1").write_text("not a version")
+    assert publish_toy(tmp_path, n_items=20).name == "2"

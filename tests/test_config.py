@@ -68,3 +68,26 @@ def test_every_field_is_documented_in_docs() -> None:
     for name, _, help_text in describe_fields():
         assert help_text
         assert f"`{name}`" in doc, f"docs/configuration.md lacks {name}; regenerate with `hyperrec config`"
+
+
+def test_empty_values_mean_unset_only_for_optional_fields() -> None:
+    config = load_config(parse([]), env={"HYPERREC_PROFILE_SECRET": "", "HYPERREC_REDIS_URL": ""})
+    assert config.profile_secret is None and config.redis_url is None
+    for name in ("PORT", "MODEL_REPO", "CANDIDATES"):
+        with pytest.raises(ConfigError, match="needs a value"):
+            load_config(parse([]), env={f"HYPERREC_{name}": ""})
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"HYPERREC_PROFILE_TTL_S": "0"},
+        {"HYPERREC_PROFILE_BUDGET_MS": "nan"},
+        {"HYPERREC_REDIS_READ_TIMEOUT_MS": "0"},
+        {"HYPERREC_GRACE_S": "-1"},
+        {"HYPERREC_FAISS_THREADS": "0"},
+    ],
+)
+def test_values_that_cannot_work_are_refused(env: dict[str, str]) -> None:
+    with pytest.raises(ConfigError):
+        load_config(parse([]), env=env)

@@ -277,3 +277,73 @@ async def test_redis_store_is_pseudonymous_under_the_server(served: Running, red
     expected = Pseudonymizer(TEST_SECRET.encode()).user_key("alice")
     assert any(expected.encode() in k for k in keys)
     assert isinstance(served.app.store, RedisProfileStore)
+
+
+@pytest.mark.parametrize("request_id", ["é-trace", "line\nbreak", "tab\there", "nul\x00byte"])
+async def test_request_ids_that_cannot_travel_as_metadata_are_invalid_argument(
+    served: Running, request_id: str
+) -> None:
+    req = request("alice", k=5)
+    req.request_id = request_id
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await served.stub.Recommend(req, timeout=5)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (err.value.details() or "").startswith("request_id: must be printable ASCII")
+    trailing = dict(err.value.trailing_metadata() or ())
+    assert len(trailing["x-request-id"]) == 32  # one of ours, since the caller's cannot be echoed
+
+
+async def test_malformed_bytes_on_the_wire_are_invalid_argument_not_unknown(served: Running) -> None:
+    call: Any = served.channel.unary_unary("/hyperrec.v1.Recommender/Recommend")
+    for raw in (b"\x0a\x02\xff\xfe\x10\x05", b"\xff\xff\xff", b"\x0a\x80"):  # bad UTF-8, bad tag, truncated
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call(raw, timeout=5)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, raw
+        assert (err.value.details() or "").startswith("request: not a valid RecommendRequest")
+
+
+async def test_non_finite_stored_vector_falls_back_to_fold_in(served: Running, toy_bundle: Bundle) -> None:
+    broken = Profile(
+        user_vector=np.full(8, np.nan, np.float32),
+        embedding_space=toy_bundle.manifest.embedding_space,
+        recent_items=(toy_bundle.item_ids[9],),
+    )
+    await served.app.store.put("dave", broken)
+    reply = await served.stub.Recommend(request("dave", k=5), timeout=5)
+    assert reply.strategy == pb.STRATEGY_PERSONALIZED and len(reply.items) == 5
+    assert reply.items[0].item_id == toy_bundle.item_ids[9]
+    assert all(np.isfinite(i.score) for i in reply.items)
+
+
+async def test_cold_start_still_returns_k_when_the_popular_lists_are_excluded(
+    served: Running, toy_bundle: Bundle
+) -> None:
+    popular = [toy_bundle.item_ids[i] for i in range(50)]  # the toy bundle's whole global list
+    reply = await served.stub.Recommend(request("somebody-new", k=20, exclude=popular), timeout=5)
+    ids = [i.item_id for i in reply.items]
+    assert reply.strategy == pb.STRATEGY_COLD_START and len(set(ids)) == 20 and not set(ids) & set(popular)
+
+
+async def test_malformed_stored_profile_answers_degraded_not_internal(served: Running, redis_url: str) -> None:
+    key = Pseudonymizer(TEST_SECRET.encode()).user_key("alice")
+    redis.Redis.from_url(redis_url).hset(f"hr:{{{key}}}:profile", "upd", "abc")
+    reply = await served.stub.Recommend(request("alice", k=5), timeout=5)
+    assert reply.strategy == pb.STRATEGY_DEGRADED and len(reply.items) == 5
+
+
+async def test_deadline_passing_inside_the_pipeline_is_deadline_exceeded(served: Running) -> None:
+    """The server's own DEADLINE_EXCEEDED path (the client-side timeout test never reaches it)."""
+    import time
+
+    from hyperrec.domain import RecommendRequest
+    from hyperrec.errors import DeadlineExceeded
+    from hyperrec.pipeline import BundleSlot, PipelineOptions, Recommender
+    from server.status import status_for
+
+    slot = BundleSlot()
+    assert served.app.slot.active is not None
+    slot.swap(served.app.slot.active)
+    pipeline = Recommender(served.app.store, slot, PipelineOptions(), served.app._executor)
+    with pytest.raises(DeadlineExceeded) as err:
+        await pipeline.recommend(RecommendRequest("alice", 5, request_id="r1"), deadline=time.monotonic() - 1)
+    assert status_for(err.value, "r1")[0] == grpc.StatusCode.DEADLINE_EXCEEDED

@@ -73,7 +73,10 @@ def decode_profile(fields: dict[bytes, bytes], recent: list[bytes]) -> Profile |
     if not fields and not recent:
         return None
     vector = decode_vector(fields[FIELD_VECTOR]) if FIELD_VECTOR in fields else None
-    updated = struct.unpack("<d", fields[FIELD_UPDATED])[0] if FIELD_UPDATED in fields else 0.0
+    raw_updated = fields.get(FIELD_UPDATED, struct.pack("<d", 0.0))
+    if len(raw_updated) != 8:
+        raise ValueError(f"updated time of {len(raw_updated)} bytes is not a float64")
+    updated = struct.unpack("<d", raw_updated)[0]
     return Profile(
         user_vector=vector,
         embedding_space=fields.get(FIELD_SPACE, b"").decode("utf-8"),
