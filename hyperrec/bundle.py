@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import uuid
@@ -82,8 +83,10 @@ class ColdStart:
         try:
             global_items = items(data[GLOBAL_SEGMENT], GLOBAL_SEGMENT)
             segments = {str(k): items(v, f"segment {k!r}") for k, v in data.get("segments", {}).items()}
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise BundleError(COLD_START, f"malformed: {exc!r}") from exc
+        if not all(math.isfinite(s) for lst in (global_items, *segments.values()) for _, s in lst):
+            raise BundleError(COLD_START, "holds a non-finite score")
         if not global_items:
             raise BundleError(COLD_START, "the global list is empty")
         return ColdStart(global_items, segments)
@@ -126,8 +129,8 @@ class Manifest:
     @staticmethod
     def from_json(data: Mapping[str, Any]) -> Manifest:
         try:
-            version = int(data["format_version"])
-            if version != FORMAT_VERSION:
+            version = data["format_version"]
+            if version != FORMAT_VERSION or not isinstance(version, int):
                 raise BundleError(MANIFEST, f"format_version {version} is not supported (expected {FORMAT_VERSION})")
             spec = FeatureSpec.from_json(data["feature_spec"])
             if int(data["embedding_dim"]) != spec.embedding_dim:
@@ -148,8 +151,8 @@ class Manifest:
                 training=dict(data.get("training", {})),
                 format_version=version,
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BundleError(MANIFEST, f"malformed: missing or invalid field {exc}") from exc
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+            raise BundleError(MANIFEST, f"malformed: missing or invalid field {exc!r}") from exc
 
 
 @dataclass(frozen=True)
@@ -365,6 +368,10 @@ class Bundle:
             index = AnnIndex.load(directory / INDEX, manifest.index_params)
         except RuntimeError as exc:
             raise BundleError(INDEX, f"FAISS cannot read it: {exc}") from exc
+        try:
+            index.check_params()
+        except ValueError as exc:
+            raise BundleError(INDEX, f"does not match manifest.index: {exc}") from exc
         if index.size != manifest.item_count or index.dim != spec.embedding_dim:
             raise BundleError(
                 INDEX,

@@ -112,6 +112,12 @@ def check_signature(
                 raise BundleError(
                     file, f"input {name!r} has width {arg.shape[axis]} on axis {axis}, feature spec says {size}"
                 )
-    outputs = [o.name for o in session.get_outputs()]
+    outputs = {o.name: o for o in session.get_outputs()}
     if OUTPUT_SCORES not in outputs:
-        raise BundleError(file, f"outputs are {outputs}, expected one named {OUTPUT_SCORES!r}")
+        raise BundleError(file, f"outputs are {sorted(outputs)}, expected one named {OUTPUT_SCORES!r}")
+    scores = outputs[OUTPUT_SCORES]
+    if scores.type != "tensor(float)" or len(scores.shape) != 2:
+        raise BundleError(
+            file,
+            f"output {OUTPUT_SCORES!r} is {scores.type} of rank {len(scores.shape)}, expected tensor(float) [b, n]",
+        )

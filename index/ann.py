@@ -92,6 +92,16 @@ class AnnIndex:
     def save(self, path: Path) -> None:
         faiss.write_index(self._index, str(path))
 
+    def check_params(self) -> None:
+        """Raise ValueError when the FAISS index is not what `params` says (kind, metric, list count)."""
+        expected = {FLAT: "IndexFlatIP", IVF: "IndexIVFFlat"}[self.params.kind]
+        if self.kind_name != expected:
+            raise ValueError(f"the file holds {self.kind_name}, the manifest says {self.params.kind} ({expected})")
+        if self._index.metric_type != faiss.METRIC_INNER_PRODUCT:
+            raise ValueError("the index does not use the inner-product metric")
+        if self.params.kind == IVF and int(self._index.nlist) != self.params.nlist:
+            raise ValueError(f"the index has {self._index.nlist} lists, the manifest says {self.params.nlist}")
+
     @property
     def size(self) -> int:
         return int(self._index.ntotal)

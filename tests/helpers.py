@@ -24,6 +24,7 @@ def make_ranker_onnx(
     context_weights: np.ndarray | None = None,
     input_names: tuple[str, str, str] = ("user", "context", "items"),
     item_feature_dim: int = 0,
+    scores_rank3: bool = False,
 ) -> bytes:
     """A dot-product ranker with a linear context term (plus the sum of the item features, when it takes them)."""
     w = np.zeros((context_dim, 1), np.float32) if context_weights is None else context_weights.reshape(-1, 1)
@@ -42,6 +43,11 @@ def make_ranker_onnx(
             helper.make_node("Add", ["base", "feature_sum"], ["scores"]),
         ]
         extra_inputs = [helper.make_tensor_value_info("item_features", TensorProto.FLOAT, ["b", "n", item_feature_dim])]
+    scores_shape: list[str | int] = ["b", "n"]
+    if scores_rank3:  # a broken export: scores [b, n, 1]
+        nodes[-1].output[0] = "flat_scores"
+        nodes.append(helper.make_node("Unsqueeze", ["flat_scores", "axis2"], ["scores"]))
+        scores_shape = ["b", "n", 1]
     graph = helper.make_graph(
         nodes,
         "test_ranker",
@@ -51,7 +57,7 @@ def make_ranker_onnx(
             helper.make_tensor_value_info(i_name, TensorProto.FLOAT, ["b", "n", embedding_dim]),
             *extra_inputs,
         ],
-        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["b", "n"])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, scores_shape)],
         initializer=[
             numpy_helper.from_array(w.astype(np.float32), "w"),
             numpy_helper.from_array(np.array([1], np.int64), "axis1"),

@@ -220,3 +220,38 @@ def test_a_stray_numeric_file_does_not_stall_publishing(tmp_path: Path) -> None:
     (tmp_path / "toy").mkdir()
     (tmp_path / "toy" / "1").write_text("not a version")
     assert publish_toy(tmp_path, n_items=20).name == "2"
+
+
+def test_ranker_output_of_the_wrong_rank_is_named(tmp_path: Path) -> None:
+    ranker = make_ranker_onnx(8, CONTEXT_DIM, scores_rank3=True)
+    with pytest.raises(BundleError, match="output 'scores' is tensor\\(float\\) of rank 3") as err:
+        Bundle.load(publish_bundle(tmp_path, make_contents(n_items=30, dim=8, ranker=ranker)))
+    assert err.value.file == RANKER
+
+
+def test_index_file_that_is_not_what_the_manifest_says_is_named(tmp_path: Path) -> None:
+    from index.ann import IVF, IndexParams
+
+    path = publish_toy(tmp_path, n_items=600, dim=8)  # flat per the manifest
+    ivf = IndexParams(IVF, nlist=8, nprobe=1)
+    from index.ann import AnnIndex
+
+    AnnIndex.build(np.load(path / EMBEDDINGS), ivf).save(path / INDEX)
+    manifest = json.loads((path / MANIFEST).read_text())
+    manifest["files"][INDEX] = {"sha256": sha256_of(path / INDEX), "bytes": (path / INDEX).stat().st_size}
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="holds IndexIVFFlat, the manifest says flat") as err:
+        Bundle.load(path)
+    assert err.value.file == INDEX
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"files": []}, {"format_version": 1.9}, {"item_count": 1e999}, {"feature_spec": "nope"}],
+    ids=["files-list", "fractional-version", "huge-count", "spec-string"],
+)
+def test_manifest_fields_of_the_wrong_type_are_bundle_errors(bundle_dir: Path, change: dict[str, object]) -> None:
+    _rewrite_manifest(bundle_dir, **change)
+    with pytest.raises(BundleError) as err:
+        Bundle.load(bundle_dir)
+    assert err.value.file in (MANIFEST, ITEM_IDS)
