@@ -24,6 +24,7 @@ import numpy as np
 
 from hyperrec.errors import BundleError, NotFound
 from hyperrec.features import FeatureSpec
+from hyperrec.names import check_name
 from hyperrec.ranker import OnnxRanker, RankerOptions
 from index.ann import AnnIndex, IndexParams
 
@@ -177,13 +178,6 @@ def sha256_of(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def check_name(name: str, what: str = "model name") -> str:
-    """Reject names that could escape the repository (path separators, '..', hidden)."""
-    if not name or "/" in name or "\\" in name or name.startswith(".") or name != name.strip():
-        raise ValueError(f"invalid {what} {name!r}")
-    return name
 
 
 def write_bundle(directory: Path, contents: BundleContents) -> Manifest:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from hyperrec.errors import ConfigError
+from hyperrec.names import check_name
 
 ENV_PREFIX = "HYPERREC_"
 
@@ -65,7 +66,16 @@ class ServerConfig:
     ort_inter_op_threads: int = field(default=1, metadata=_doc("ONNX Runtime inter-op threads."))
     faiss_threads: int = field(default=1, metadata=_doc("FAISS OpenMP threads per search."))
     warmup_requests: int = field(default=32, metadata=_doc("Synthetic requests run through a bundle before serving."))
-    grace_s: float = field(default=5.0, metadata=_doc("On SIGTERM, time given to in-flight calls to finish."))
+    drain_s: float = field(
+        default=1.0,
+        metadata=_doc(
+            "On SIGTERM, time health reports NOT_SERVING while calls are still accepted, so load balancers "
+            "stop routing here before the server refuses calls."
+        ),
+    )
+    grace_s: float = field(
+        default=5.0, metadata=_doc("After the drain, time given to in-flight calls to finish before they are cut.")
+    )
     seed_profiles: Path | None = field(
         default=None, metadata=_doc("Optional profiles file (.npz from training) loaded into the store at start.")
     )
@@ -92,8 +102,14 @@ class ServerConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be a positive number of milliseconds")
-        if not (math.isfinite(self.grace_s) and self.grace_s >= 0):
-            raise ConfigError("grace_s must be zero or more seconds")
+        for name in ("grace_s", "drain_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name} must be zero or more seconds")
+        try:
+            check_name(self.model_name)
+        except ValueError as exc:
+            raise ConfigError(f"model_name: {exc}") from None
         if self.max_k > self.candidates:
             raise ConfigError("max_k must not exceed candidates")
         if self.redis_url and not self.profile_secret:

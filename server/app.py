@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from hyperrec.bundle import Bundle, resolve_version
 from hyperrec.config import ServerConfig
 from hyperrec.domain import RequestLimits
+from hyperrec.errors import ConfigError, ProfileStoreError
 from hyperrec.pipeline import BundleSlot, PipelineOptions, Recommender, warm_up
 from hyperrec.profiles import ProfileStore
 from hyperrec.profiles.keys import Pseudonymizer
@@ -113,16 +114,21 @@ class HyperrecServer:
         """Load `config.seed_profiles` into the store; returns how many profiles."""
         if self.config.seed_profiles is None:
             return 0
-        profiles = await asyncio.to_thread(load_profiles, self.config.seed_profiles)
+        try:
+            profiles = await asyncio.to_thread(load_profiles, self.config.seed_profiles)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ConfigError(f"cannot read seed profiles {self.config.seed_profiles}: {exc}") from exc
         users = list(profiles)
         for start in range(0, len(users), 500):
             await self.store.put_many({u: profiles[u] for u in users[start : start + 500]})
         log.info("seeded %d profiles from %s", len(profiles), self.config.seed_profiles)
         return len(profiles)
 
-    async def stop(self, grace: float | None = None) -> None:
-        """NOT_SERVING at once, refuse new calls, let in-flight ones finish within `grace`, release."""
+    async def stop(self, grace: float | None = None, drain: float | None = None) -> None:
+        """Health NOT_SERVING at once while still answering for `drain` seconds (so load balancers move away),
+        then refuse new calls, let in-flight ones finish within `grace`, and release everything."""
         await self.health.enter_graceful_shutdown()
+        await asyncio.sleep(self.config.drain_s if drain is None else drain)
         await self.grpc_server.stop(self.config.grace_s if grace is None else grace)
         self._executor.shutdown(wait=False, cancel_futures=True)
         await self.store.close()
@@ -159,7 +165,7 @@ def create_server(config: ServerConfig, profile_store: ProfileStore | None = Non
 
 
 async def serve(config: ServerConfig) -> None:
-    """Run until SIGTERM or SIGINT, then drain gracefully."""
+    """Run until SIGTERM or SIGINT, then drain gracefully. A signal during start-up stops it at once."""
     app, port = create_server(config)
     await app.set_serving(False)
     await app.start()
@@ -169,11 +175,29 @@ async def serve(config: ServerConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
+        starting = asyncio.ensure_future(start_up(app))
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
+        if starting.done():
+            starting.result()  # start-up errors propagate (after the finally below releases everything)
+            await stopping
+        else:
+            starting.cancel()
+            log.info("stopped during start-up")
+        log.info(
+            "shutting down: NOT_SERVING for %.1f s, then up to %.1f s for in-flight calls",
+            config.drain_s,
+            config.grace_s,
+        )
+    finally:
+        await app.stop(drain=config.drain_s if stop.is_set() else 0.0)
+
+
+async def start_up(app: HyperrecServer) -> None:
+    """Check the store, seed profiles, load and warm the model. A store that is down is not fatal."""
+    try:
         await app.store.ping()
-    except Exception as exc:  # a store that is down at start is served DEGRADED, not fatal
-        log.warning("profile store is not reachable at start: %s", exc)
-    await app.seed_profiles()
+        await app.seed_profiles()
+    except ProfileStoreError as exc:  # served DEGRADED until the store comes back
+        log.warning("profile store is not reachable at start, profiles not seeded: %s", exc)
     await app.load_model()
-    await stop.wait()
-    log.info("shutting down: draining for up to %.1f s", config.grace_s)
-    await app.stop()

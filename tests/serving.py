@@ -50,7 +50,7 @@ async def running_server(
         yield Running(app, port, channel, pb_grpc.RecommenderStub(channel))
     finally:
         await channel.close()
-        await app.stop(grace=0.5)
+        await app.stop(grace=0.5, drain=0.0)
 
 
 def request(user: str, k: int = 10, **context: Any) -> pb.RecommendRequest:

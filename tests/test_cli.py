@@ -108,3 +108,54 @@ def test_demo_trains_serves_personalized_answers_and_stops_on_ctrl_c(tmp_path: P
             proc.kill()
     assert (tmp_path / "model_repo" / "demo" / "1" / "manifest.json").is_file()
     assert (tmp_path / "demo-data" / "demo-v1-profiles.npz").is_file()
+
+
+def _wait_serving(health: Any, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if (
+                health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                == health_pb2.HealthCheckResponse.SERVING
+            ):
+                return
+        except grpc.RpcError:
+            time.sleep(0.2)
+    raise AssertionError("server never became SERVING")
+
+
+def test_sigterm_reports_not_serving_while_still_answering_during_the_drain(repo: Path) -> None:
+    port = free_port()
+    cmd = [sys.executable, "-m", "hyperrec.cli", "serve", "--port", str(port), "--model-repo", str(repo)]
+    proc = subprocess.Popen([*cmd, "--model-name", "toy", "--drain-s", "3", "--grace-s", "1"])
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health: Any = health_pb2_grpc.HealthStub(channel)
+            _wait_serving(health)
+            started = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            status = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert main(["recommend", "--target", f"127.0.0.1:{port}", "--user", "x", "--k", "2"]) == 0
+            assert proc.wait(timeout=10) == 0
+            assert time.monotonic() - started < 3 + 1 + 1.5  # drain + grace + 1 s, with a little slack
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model-name", "nosuch"], "has no versions"),
+        (["--model-name", "a/b"], "model_name: invalid model name"),
+        (["--model-name", "toy", "--seed-profiles", "/nonexistent/profiles.npz"], "cannot read seed profiles"),
+    ],
+)
+def test_start_up_failures_exit_2_with_a_message(repo: Path, args: list[str], message: str) -> None:
+    cmd = [sys.executable, "-m", "hyperrec.cli", "serve", "--port", "0", "--model-repo", str(repo), *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr
