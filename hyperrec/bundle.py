@@ -219,15 +219,19 @@ def write_bundle(directory: Path, contents: BundleContents) -> Manifest:
     return manifest
 
 
-def _fsync_tree(directory: Path) -> None:
-    for path in directory.iterdir():
-        with path.open("rb") as fh:
-            os.fsync(fh.fileno())
+def _fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in directory.iterdir():
+        with path.open("rb") as fh:
+            os.fsync(fh.fileno())
+    _fsync_dir(directory)
 
 
 def publish_bundle(repo: Path, contents: BundleContents) -> Path:
@@ -248,6 +252,7 @@ def publish_bundle(repo: Path, contents: BundleContents) -> Path:
             target = model_dir / str(max(_taken_numbers(model_dir), default=0) + 1)
             try:
                 staging.rename(target)  # atomic; fails if another publisher took the number
+                _fsync_dir(model_dir)  # make the new name itself durable
                 return target
             except OSError:
                 if not target.exists():
