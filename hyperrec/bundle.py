@@ -36,8 +36,10 @@ ITEM_IDS = "item_ids.json"
 INDEX = "index.faiss"
 COLD_START = "cold_start.json"
 ITEM_FEATURES = "item_features.npy"
+SEGMENTS = "segments.npy"
 DATA_FILES = (RANKER, EMBEDDINGS, ITEM_IDS, INDEX, COLD_START)
-OPTIONAL_FILES = (ITEM_FEATURES,)  # present exactly when the feature spec names item features
+# Present exactly when the feature spec names item features / has a segment block.
+OPTIONAL_FILES = (ITEM_FEATURES, SEGMENTS)
 STAGING_PREFIX = ".staging-"
 GLOBAL_SEGMENT = "global"
 
@@ -170,6 +172,7 @@ class BundleContents:
     embedding_space: str
     training: Mapping[str, Any] = field(default_factory=dict)
     item_features: np.ndarray | None = None  # float32 [items, spec.item_feature_dim], already transformed
+    segments: np.ndarray | None = None  # float32 [spec.segments, embedding_dim]: K-Means centroids of user vectors
 
 
 def sha256_of(path: Path) -> str:
@@ -204,6 +207,13 @@ def write_bundle(directory: Path, contents: BundleContents) -> Manifest:
             )
         np.save(directory / ITEM_FEATURES, np.ascontiguousarray(features, dtype=np.float32), allow_pickle=False)
         names.append(ITEM_FEATURES)
+    if contents.feature_spec.segments:
+        centroids = contents.segments
+        shape = (contents.feature_spec.segments, contents.feature_spec.embedding_dim)
+        if centroids is None or centroids.shape != shape:
+            raise ValueError(f"the feature spec has a segment block; segments must be {shape}")
+        np.save(directory / SEGMENTS, np.ascontiguousarray(centroids, dtype=np.float32), allow_pickle=False)
+        names.append(SEGMENTS)
     files = {name: FileEntry(sha256_of(directory / name), (directory / name).stat().st_size) for name in names}
     manifest = Manifest(
         model_name=contents.model_name,
@@ -300,7 +310,10 @@ def read_manifest(directory: Path) -> Manifest:
 
 def verify_files(directory: Path, manifest: Manifest) -> None:
     """Every data file is present, listed, and matches its recorded size and SHA-256."""
-    expected = list(DATA_FILES) + ([ITEM_FEATURES] if manifest.feature_spec.item_feature_dim else [])
+    spec = manifest.feature_spec
+    expected = (
+        list(DATA_FILES) + ([ITEM_FEATURES] if spec.item_feature_dim else []) + ([SEGMENTS] if spec.segments else [])
+    )
     for name in expected:
         entry = manifest.files.get(name)
         path = directory / name
@@ -329,6 +342,7 @@ class Bundle:
     ranker: OnnxRanker
     cold_start: ColdStart
     item_features: np.ndarray | None = None
+    segments: np.ndarray | None = None
 
     @property
     def feature_spec(self) -> FeatureSpec:
@@ -377,7 +391,8 @@ class Bundle:
                 f"holds {index.size} vectors of dim {index.dim}, "
                 f"expected {manifest.item_count} of dim {spec.embedding_dim}",
             )
-        item_features = _load_item_features(directory, spec, manifest.item_count)
+        item_features = _load_matrix(directory, ITEM_FEATURES, (manifest.item_count, spec.item_feature_dim))
+        segments = _load_matrix(directory, SEGMENTS, (spec.segments, spec.embedding_dim))
         ranker = OnnxRanker.load(
             directory / RANKER, spec.embedding_dim, spec.context_dim, options or RankerOptions(), spec.item_feature_dim
         )
@@ -397,19 +412,20 @@ class Bundle:
             ranker=ranker,
             cold_start=cold,
             item_features=item_features,
+            segments=segments,
         )
 
 
-def _load_item_features(directory: Path, spec: FeatureSpec, item_count: int) -> np.ndarray | None:
-    if not spec.item_feature_dim:
+def _load_matrix(directory: Path, name: str, expected: tuple[int, int]) -> np.ndarray | None:
+    """An optional float32 matrix file of the bundle; None when the spec does not call for it (width 0)."""
+    if not expected[0] or not expected[1]:
         return None
     try:
-        features: np.ndarray = np.load(directory / ITEM_FEATURES, allow_pickle=False)
+        matrix: np.ndarray = np.load(directory / name, allow_pickle=False)
     except ValueError as exc:
-        raise BundleError(ITEM_FEATURES, f"not a numpy array file: {exc}") from exc
-    expected = (item_count, spec.item_feature_dim)
-    if features.dtype != np.float32 or features.shape != expected:
-        raise BundleError(ITEM_FEATURES, f"is {features.dtype} {features.shape}, expected float32 {expected}")
-    if not np.isfinite(features).all():
-        raise BundleError(ITEM_FEATURES, "holds NaN or infinite values")
-    return features
+        raise BundleError(name, f"not a numpy array file: {exc}") from exc
+    if matrix.dtype != np.float32 or matrix.shape != expected:
+        raise BundleError(name, f"is {matrix.dtype} {matrix.shape}, expected float32 {expected}")
+    if not np.isfinite(matrix).all():
+        raise BundleError(name, "holds NaN or infinite values")
+    return matrix

@@ -31,6 +31,8 @@ class FeatureBlock:
       - "one_hot": `source` is "device" or "surface"; width len(vocabulary).
       - "hashed": `source` is "country" or "features.<key>"; width `buckets` + 1,
         slot 0 meaning "absent".
+      - "segment": `source` is "user_vector"; width `buckets` (the number of behavioural segments): one-hot of
+        the segment whose centroid is nearest the user vector, all zeros when there is no user vector.
     """
 
     name: str
@@ -45,6 +47,8 @@ class FeatureBlock:
             return 2
         if self.kind == "one_hot":
             return len(self.vocabulary)
+        if self.kind == "segment":
+            return self.buckets
         return self.buckets + 1
 
     def to_json(self) -> dict[str, Any]:
@@ -80,6 +84,11 @@ class FeatureSpec:
     @property
     def item_feature_dim(self) -> int:
         return len(self.item_features)
+
+    @property
+    def segments(self) -> int:
+        """Number of behavioural segments the context encodes (0 when it has no segment block)."""
+        return sum(block.buckets for block in self.blocks if block.kind == "segment")
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -137,6 +146,7 @@ class FeatureSpec:
                     and block.buckets > 0
                     and (block.source == "country" or block.source.startswith("features."))
                 )
+                or (block.kind == "segment" and block.source == "user_vector" and block.buckets > 0)
             )
             if not ok:
                 raise BundleError(file, f"feature block {block.name!r} is not a valid {block.kind!r} block")
@@ -168,8 +178,16 @@ def daypart(local: datetime) -> str:
     return DAYPARTS[local.hour // 6]
 
 
-def encode_context(ctx: Context, spec: FeatureSpec, now: datetime, out: np.ndarray | None = None) -> np.ndarray:
-    """Write the context vector for `ctx` into `out` (float32, length spec.context_dim) and return it."""
+def assign_segments(centroids: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """Index of the nearest centroid (L2) for each row of `vectors` [n, d]: the user's behavioural segment."""
+    distances = (vectors**2).sum(axis=1, keepdims=True) - 2 * vectors @ centroids.T + (centroids**2).sum(axis=1)
+    return np.asarray(np.argmin(distances, axis=1), dtype=np.int64)
+
+
+def encode_context(
+    ctx: Context, spec: FeatureSpec, now: datetime, out: np.ndarray | None = None, segment: int | None = None
+) -> np.ndarray:
+    """Write the context vector for `ctx` (and the user's segment, if any) into `out` and return it."""
     vec = np.zeros(spec.context_dim, dtype=np.float32) if out is None else out
     if out is not None:
         vec.fill(0.0)
@@ -183,6 +201,9 @@ def encode_context(ctx: Context, spec: FeatureSpec, now: datetime, out: np.ndarr
                 phase = (local.weekday() + local.hour / 24.0) / 7.0
             vec[offset] = math.sin(2.0 * math.pi * phase)
             vec[offset + 1] = math.cos(2.0 * math.pi * phase)
+        elif block.kind == "segment":
+            if segment is not None:
+                vec[offset + segment] = 1.0
         elif block.kind == "one_hot":
             name = ctx.device.name.lower() if block.source == "device" else ctx.surface.name.lower()
             if name in block.vocabulary:

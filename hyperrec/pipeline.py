@@ -29,7 +29,7 @@ from hyperrec.domain import (
     validate_request,
 )
 from hyperrec.errors import DeadlineExceeded, ProfileStoreError, Unavailable
-from hyperrec.features import daypart, encode_context
+from hyperrec.features import assign_segments, daypart, encode_context
 from hyperrec.profiles import Profile, ProfileStore
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,8 @@ def rank_candidates(
         raise DeadlineExceeded("deadline passed after retrieval; ranking skipped")
     if len(rows) == 0:
         return (), (t1 - t0) * 1e3, 0.0
-    context = encode_context(req.context, bundle.feature_spec, now)
+    segment = None if bundle.segments is None else int(assign_segments(bundle.segments, uvec[None, :])[0])
+    context = encode_context(req.context, bundle.feature_spec, now, segment=segment)
     items = bundle.item_embeddings[rows]
     features = None if bundle.item_features is None else bundle.item_features[rows][None, :, :]
     scores = bundle.ranker.score(uvec[None, :], context[None, :], items[None, :, :], features)[0]

@@ -169,3 +169,19 @@ def test_profile_encoding_round_trips(vector: list[float] | None, recent: list[s
 
 def test_nothing_stored_decodes_to_none() -> None:
     assert decode_profile({}, []) is None
+
+
+def test_segment_block_is_a_one_hot_of_the_nearest_centroid() -> None:
+    from dataclasses import replace
+
+    from hyperrec.features import FeatureBlock, assign_segments
+
+    spec = default_feature_spec(2, country_buckets=4)
+    spec = replace(spec, blocks=(*spec.blocks, FeatureBlock("segment", "segment", "user_vector", buckets=3)))
+    assert spec.segments == 3 and FeatureSpec.from_json(spec.to_json()) == spec
+    centroids = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]], np.float32)
+    users = np.array([[9.0, 1.0], [1.0, 8.0], [0.5, 0.5]], np.float32)
+    assert assign_segments(centroids, users).tolist() == [1, 2, 0]
+    vec = encode_context(Context(), spec, NOW, segment=2)
+    assert vec[-3:].tolist() == [0, 0, 1]
+    assert encode_context(Context(), spec, NOW)[-3:].tolist() == [0, 0, 0]  # no user vector: no segment

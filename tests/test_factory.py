@@ -146,3 +146,12 @@ def test_bundle_carries_item_features_as_of_its_cut_off(factory: FactoryResult) 
     never_seen = bundle.item_features[bundle.row_of["never-seen"]]
     stats = spec.item_feature_stats["log_count"]
     assert never_seen[0] == pytest.approx((0.0 - stats["mean"]) / stats["std"], rel=1e-5)  # zero events, standardised
+
+
+def test_bundle_carries_behavioural_segments_used_as_a_ranker_feature(factory: FactoryResult) -> None:
+    bundle = Bundle.load(factory.version_dir)
+    spec = bundle.feature_spec
+    assert spec.segments == SMALL.segments
+    assert spec.blocks[-1].kind == "segment" and spec.blocks[-1].width == SMALL.segments
+    assert bundle.segments is not None and bundle.segments.shape == (SMALL.segments, spec.embedding_dim)
+    assert "segments.npy" in read_manifest(factory.version_dir).files

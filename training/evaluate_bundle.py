@@ -68,6 +68,7 @@ def evaluate_bundle(
             candidates,
             known=known,
             item_features=frozen,
+            segments=bundle.segments,
         ),
     ]
     metrics = evaluate_models(split, [*baselines(cfg), *ours], cfg)

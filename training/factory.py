@@ -36,6 +36,7 @@ from training.interactions import Interactions, LoadReport
 from training.item_features import fit_item_features
 from training.loaders import load_dataset
 from training.ranker_fit import RankerConfig, fit_ranker, torch_scorer
+from training.segments import fit_segments, with_segment_block
 from training.splits import Split, filter_min_history, leave_last_out_split, temporal_split, training_view
 from training.train import cold_start_from_events
 from training.two_stage import TwoStageRecommender, fold_in_numpy
@@ -66,6 +67,7 @@ class FactoryConfig:
     als_alpha: float = 1.0
     knn_neighbours: int = 100
     item_features: bool = True
+    segments: int = 8  # behavioural segments (K-Means over users' vectors); 0 turns the feature off
 
 
 @dataclass(frozen=True)
@@ -197,8 +199,11 @@ def run_factory(
     spec = default_feature_spec(cfg.retrieval.embedding_dim, cfg.country_buckets)
     if item_spec is not None:
         spec = replace(spec, item_features=item_spec.names, item_feature_stats=item_spec.stats_json())
+    centroids = train_segments(split.train, retrieval.item_vectors, cfg)
+    if centroids is not None:
+        spec = with_segment_block(spec, len(centroids))
     clock = time.perf_counter()
-    fit = fit_ranker(split.train, split.validation, retrieval.item_vectors, spec, cfg.ranker, item_spec)
+    fit = fit_ranker(split.train, split.validation, retrieval.item_vectors, spec, cfg.ranker, item_spec, centroids)
     timings["ranker"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -214,6 +219,7 @@ def run_factory(
             cfg.ranker.candidates,
             cfg.retrieval.history,
             item_features=features_at_end,
+            segments=centroids,
         ),
     ]
     results = evaluate_models(split, [*baselines(cfg), *ours], cfg)
@@ -253,10 +259,22 @@ def run_factory(
         embedding_space=space,
         training=report,
         item_features=item_spec.matrix(history) if item_spec is not None else None,
+        segments=centroids,
     )
     version_dir = publish_bundle(repo, contents)
     profiles = profiles_from(history, vectors, histories, space)
     return FactoryResult(version_dir, report, profiles)
+
+
+def train_segments(train: Interactions, vectors: np.ndarray, cfg: FactoryConfig) -> np.ndarray | None:
+    """K-Means centroids of the train users' fold-in vectors at the end of train (None when turned off)."""
+    if not cfg.segments:
+        return None
+    histories = latest_histories(train, cfg.retrieval.history)
+    users = fold_in_numpy(vectors, histories[histories[:, 0] >= 0], FOLD_IN_DECAY)
+    if len(users) < cfg.segments:
+        return None
+    return fit_segments(users, cfg.segments, cfg.retrieval.seed)
 
 
 def real_cold_start(history: Interactions) -> Any:

@@ -17,7 +17,7 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from hyperrec.features import FeatureSpec
+from hyperrec.features import FeatureSpec, assign_segments
 from hyperrec.pipeline import FOLD_IN_DECAY
 from training.baselines import evaluate_recommender
 from training.history_model import event_histories
@@ -104,6 +104,7 @@ def build_examples(
     cfg: RankerConfig,
     rng: np.random.Generator,
     item_spec: ItemFeatureSpec | None = None,
+    segments: np.ndarray | None = None,
 ) -> RankerExamples:
     """Hard-negative examples from the most recent train events that have a history.
 
@@ -130,7 +131,8 @@ def build_examples(
         times = np.repeat(train.timestamp[rows], items.shape[1])
         flat = item_spec.at(ItemHistory(train), items.reshape(-1), times)
         features = flat.reshape(items.shape[0], items.shape[1], item_spec.width)
-    return RankerExamples(users, context_matrix(train.timestamp[rows], spec), items, features)
+    segment_of = None if segments is None else assign_segments(segments, users)
+    return RankerExamples(users, context_matrix(train.timestamp[rows], spec, segment_of), items, features)
 
 
 def fit_ranker(
@@ -140,17 +142,18 @@ def fit_ranker(
     spec: FeatureSpec,
     config: RankerConfig | None = None,
     item_spec: ItemFeatureSpec | None = None,
+    segments: np.ndarray | None = None,
 ) -> RankerFit:
     """Train with softmax over [positive, hard negatives]; keep the epoch with the best validation NDCG@10."""
     cfg = config or RankerConfig()
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
-    examples = build_examples(train, item_vectors, spec, cfg, rng, item_spec)
+    examples = build_examples(train, item_vectors, spec, cfg, rng, item_spec, segments)
     ranker = Ranker(spec.embedding_dim, spec.context_dim, cfg.hidden, item_spec.width if item_spec else 0)
     start_from_retrieval_order(ranker)
     optimizer = torch.optim.Adam(ranker.parameters(), lr=cfg.learning_rate)
     vectors = torch.from_numpy(item_vectors)
-    baseline = _validation_ndcg(None, train, validation, item_vectors, spec, cfg, item_spec)
+    baseline = _validation_ndcg(None, train, validation, item_vectors, spec, cfg, item_spec, segments)
     # Epoch 0 is the untrained ranker, which keeps retrieval order: a ranker that never beats it is not kept.
     best_state, best_score, best_epoch, curve = copy.deepcopy(ranker.state_dict()), baseline, 0, []
     for epoch in progress(range(1, cfg.epochs + 1), "ranker epochs", unit=" epochs"):
@@ -171,7 +174,7 @@ def fit_ranker(
             loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
         ranker.eval()
-        score = _validation_ndcg(ranker, train, validation, item_vectors, spec, cfg, item_spec)
+        score = _validation_ndcg(ranker, train, validation, item_vectors, spec, cfg, item_spec, segments)
         curve.append(score)
         log.info("ranker epoch %d: validation ndcg@10 %.4f (retrieval alone %.4f)", epoch, score, baseline)
         if score > best_score:
@@ -191,11 +194,12 @@ def _validation_ndcg(
     spec: FeatureSpec,
     cfg: RankerConfig,
     item_spec: ItemFeatureSpec | None,
+    segments: np.ndarray | None,
 ) -> float:
     score = torch_scorer(ranker) if ranker is not None else None
     features = item_spec.matrix if item_spec is not None else None
     model = TwoStageRecommender(
-        "validation", item_vectors, spec, score, cfg.candidates, cfg.history, item_features=features
+        "validation", item_vectors, spec, score, cfg.candidates, cfg.history, item_features=features, segments=segments
     )
     model.fit(train)
     return float(evaluate_recommender(model, train, validation, ks=(10,))["ndcg@10"])

@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from hyperrec.domain import Context
-from hyperrec.features import FeatureSpec, encode_context
+from hyperrec.features import FeatureSpec, assign_segments, encode_context
 from hyperrec.pipeline import FOLD_IN_DECAY
 from training.history_model import latest_histories
 from training.interactions import Interactions
@@ -28,12 +28,15 @@ IntArray = npt.NDArray[np.int64]
 BLOCK = 256  # users retrieved and ranked together
 
 
-def context_matrix(times: npt.NDArray[np.int64], spec: FeatureSpec) -> npt.NDArray[np.float32]:
-    """Context vectors for requests at unix `times` (device and country unknown, as in these logs)."""
+def context_matrix(
+    times: npt.NDArray[np.int64], spec: FeatureSpec, segments: npt.NDArray[np.int64] | None = None
+) -> npt.NDArray[np.float32]:
+    """Context vectors for requests at unix `times` by users in `segments` (device and country unknown here)."""
     out = np.zeros((len(times), spec.context_dim), dtype=np.float32)
     for row, ts in enumerate(times):
         when = datetime.fromtimestamp(int(ts), UTC)
-        encode_context(Context(event_time=when), spec, when, out[row])
+        segment = None if segments is None else int(segments[row])
+        encode_context(Context(event_time=when), spec, when, out[row], segment=segment)
     return out
 
 
@@ -65,6 +68,7 @@ class TwoStageRecommender:
         request_times: npt.NDArray[np.int64] | None = None,
         known: npt.NDArray[np.bool_] | None = None,
         item_features: FeaturesFn | None = None,
+        segments: np.ndarray | None = None,
     ) -> None:
         self.name = name
         self._vectors = item_vectors
@@ -77,6 +81,7 @@ class TwoStageRecommender:
         self._unknown = np.flatnonzero(~known) if known is not None else np.zeros(0, dtype=np.int64)
         self._features_fn = item_features
         self._features: np.ndarray | None = None
+        self._segments = segments
         self._histories: IntArray = np.zeros((0, history), dtype=np.int64)
         self._popular: IntArray = np.zeros(0, dtype=np.int64)
         self._fit_end = 0
@@ -120,7 +125,8 @@ class TwoStageRecommender:
         if self._score is None:
             ranked = retrieved
         else:
-            context = context_matrix(times, self._spec)
+            segment_of = None if self._segments is None else assign_segments(self._segments, users)
+            context = context_matrix(times, self._spec, segment_of)
             features = self._features[candidates] if self._features is not None else None
             ranked = self._score(users, context, self._vectors[candidates], features).astype(np.float64)
             ranked[~np.isfinite(retrieved)] = -np.inf
