@@ -113,3 +113,14 @@ async def test_unreachable_redis_raises_store_error_quickly() -> None:
     with pytest.raises(ProfileStoreError):
         await store.ping()
     await store.close()
+
+
+async def test_a_burst_beyond_the_pool_waits_for_connections_instead_of_failing(redis_url: str) -> None:
+    import asyncio
+
+    options = RedisStoreOptions(url=redis_url, max_connections=2, read_timeout_s=2.0)
+    store = RedisProfileStore(options, Pseudonymizer(SECRET))
+    await store.put("u", profile(5))
+    results = await asyncio.gather(*(store.get("u") for _ in range(40)))
+    await store.close()
+    assert all(r is not None and r.recent_items == ("a", "b") for r in results)

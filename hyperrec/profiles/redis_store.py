@@ -37,13 +37,17 @@ class RedisProfileStore(ProfileStore):
     def __init__(self, options: RedisStoreOptions, pseudonymizer: Pseudonymizer) -> None:
         self._options = options
         self._pseudonymizer = pseudonymizer
-        self._client = redis.Redis.from_url(
+        # A blocking pool: a burst beyond max_connections waits for a free connection (bounded by the
+        # request's profile budget) instead of failing at once.
+        pool = redis.BlockingConnectionPool.from_url(
             options.url,
             socket_connect_timeout=options.connect_timeout_s,
             socket_timeout=options.read_timeout_s,
             max_connections=options.max_connections,
+            timeout=options.read_timeout_s,
             decode_responses=False,
         )
+        self._client = redis.Redis(connection_pool=pool)
 
     async def get(self, user_id: str) -> Profile | None:
         key = self._pseudonymizer.user_key(user_id)
@@ -99,3 +103,4 @@ class RedisProfileStore(ProfileStore):
 
     async def close(self) -> None:
         await self._client.aclose()
+        await self._client.connection_pool.disconnect()
