@@ -61,6 +61,18 @@ class BundleSlot:
         return previous
 
 
+def fold_in(item_vectors: np.ndarray, histories: np.ndarray, decay: float = FOLD_IN_DECAY) -> np.ndarray:
+    """User vectors from item histories [users, L] of rows, newest first, -1 where the item is unknown or absent.
+
+    The i-th entry weighs decay**i (unknown entries keep their position but add nothing); the result is the
+    weighted average. The server folds profiles in with it, and the trainers fold in training histories with it.
+    """
+    weights = (decay ** np.arange(histories.shape[1], dtype=np.float32))[None, :] * (histories >= 0)
+    vectors = item_vectors[np.clip(histories, 0, None)]
+    total = np.maximum(weights.sum(axis=1, keepdims=True), 1e-6)
+    return np.asarray((weights[:, :, None] * vectors).sum(axis=1) / total, dtype=np.float32)
+
+
 def user_vector(bundle: Bundle, profile: Profile | None) -> np.ndarray | None:
     """The profile's stored vector when it lives in the bundle's embedding space,
     else a fold-in (decayed average) of the recent items the bundle knows, else None."""
@@ -75,13 +87,11 @@ def user_vector(bundle: Bundle, profile: Profile | None) -> np.ndarray | None:
         and np.isfinite(vec).all()
     ):
         return np.asarray(vec, dtype=np.float32)
-    known = [(pos, bundle.row_of[i]) for pos, i in enumerate(profile.recent_items) if i in bundle.row_of]
-    if not known:
+    rows = np.array([bundle.row_of.get(i, -1) for i in profile.recent_items], dtype=np.int64)
+    if not (rows >= 0).any():
         return None
-    # The i-th most recent item weighs FOLD_IN_DECAY**i, counting items the bundle does not know.
-    weights = FOLD_IN_DECAY ** np.array([pos for pos, _ in known], dtype=np.float32)
-    folded = weights @ bundle.item_embeddings[[row for _, row in known]] / weights.sum()
-    return np.asarray(folded, dtype=np.float32)
+    folded: np.ndarray = fold_in(bundle.item_embeddings, rows[None, :])[0]
+    return folded
 
 
 def cold_start_items(bundle: Bundle, req: RecommendRequest, now: datetime) -> tuple[ScoredItem, ...]:
@@ -197,17 +207,14 @@ def warm_up(bundle: Bundle, rounds: int, candidates: int, seed: int = 0) -> floa
     Returns the median latency in ms of the last rounds, for the log.
     """
     rng = np.random.default_rng(seed)
-    spec = bundle.feature_spec
-    n = min(candidates, bundle.index.size)
+    now = datetime.now(UTC)
+    request = RecommendRequest(user_id="warm-up", k=min(10, bundle.index.size))
     latencies: list[float] = []
     for _ in range(max(1, rounds)):
         base = bundle.item_embeddings[rng.integers(0, bundle.index.size)]
         uvec = (base + rng.normal(0, 0.1, base.shape)).astype(np.float32)
         t = time.perf_counter()
-        _, rows = bundle.index.search(uvec, n)
-        ctx = rng.normal(0, 1, (1, spec.context_dim)).astype(np.float32)
-        features = None if bundle.item_features is None else bundle.item_features[rows[0]][None, :, :]
-        bundle.ranker.score(uvec[None, :], ctx, bundle.item_embeddings[rows[0]][None, :, :], features)
+        rank_candidates(bundle, uvec, request, now, candidates, None)  # the served retrieval + ranking path
         latencies.append((time.perf_counter() - t) * 1e3)
     tail: Iterable[float] = latencies[len(latencies) // 2 :]
     return float(np.median(list(tail)))

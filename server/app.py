@@ -30,14 +30,12 @@ from hyperrec.profiles.memory import InMemoryProfileStore
 from hyperrec.profiles.redis_store import RedisProfileStore, RedisStoreOptions
 from hyperrec.profiles.snapshot import load_profiles
 from hyperrec.ranker import RankerOptions
-from hyperrec.v1 import recommender_pb2
 from index.ann import set_threads
-from server.servicer import RecommenderServicer
+from server.servicer import SERVICE_NAME, RecommenderServicer
 from server.servicer import add_to_server as add_recommender
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = recommender_pb2.DESCRIPTOR.services_by_name["Recommender"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -136,7 +134,6 @@ class HyperrecServer:
 
 def create_server(config: ServerConfig, profile_store: ProfileStore | None = None) -> tuple[HyperrecServer, int]:
     """Wire a server and bind its port; returns it with the bound port. Loads no model."""
-    set_threads(config.faiss_threads)
     store = profile_store or build_profile_store(config)
     slot = BundleSlot()
     executor = ThreadPoolExecutor(

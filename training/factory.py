@@ -26,7 +26,7 @@ import numpy as np
 import hyperrec
 from hyperrec.bundle import BundleContents, publish_bundle
 from hyperrec.features import FeatureSpec, default_feature_spec
-from hyperrec.pipeline import FOLD_IN_DECAY
+from hyperrec.pipeline import fold_in
 from hyperrec.profiles.model import Profile
 from index.ann import IVF, AnnIndex, IndexParams
 from training.baselines import ImplicitALS, ItemKNN, MostPopular, Recommender, evaluate_recommender
@@ -39,7 +39,7 @@ from training.ranker_fit import RankerConfig, fit_ranker, torch_scorer
 from training.segments import fit_segments, with_segment_block
 from training.splits import Split, filter_min_history, leave_last_out_split, temporal_split, training_view
 from training.train import cold_start_from_events
-from training.two_stage import TwoStageRecommender, fold_in_numpy
+from training.two_stage import TwoStageRecommender
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +229,7 @@ def run_factory(
     history = training_view(split, with_validation=True)
     histories = latest_histories(history, cfg.retrieval.history)
     warm = np.flatnonzero(histories[:, 0] >= 0)
-    probe = fold_in_numpy(vectors, histories[warm][:1000], FOLD_IN_DECAY)
+    probe = fold_in(vectors, histories[warm][:1000])
     index_params = IndexParams.choose(data.n_items, cfg.flat_threshold)
     recall = ann_report(vectors, probe, index_params, min(cfg.ranker.candidates, data.n_items))
 
@@ -271,7 +271,7 @@ def train_segments(train: Interactions, vectors: np.ndarray, cfg: FactoryConfig)
     if not cfg.segments:
         return None
     histories = latest_histories(train, cfg.retrieval.history)
-    users = fold_in_numpy(vectors, histories[histories[:, 0] >= 0], FOLD_IN_DECAY)
+    users = fold_in(vectors, histories[histories[:, 0] >= 0])
     if len(users) < cfg.segments:
         return None
     return fit_segments(users, cfg.segments, cfg.retrieval.seed)
@@ -293,7 +293,7 @@ def profiles_from(history: Interactions, vectors: np.ndarray, histories: np.ndar
     for user in np.flatnonzero(histories[:, 0] >= 0):
         recent = histories[user][histories[user] >= 0]
         out[history.user_ids[user]] = Profile(
-            user_vector=fold_in_numpy(vectors, histories[user : user + 1], FOLD_IN_DECAY)[0],
+            user_vector=fold_in(vectors, histories[user : user + 1])[0],
             embedding_space=space,
             recent_items=tuple(ids[i] for i in recent),
             updated_at=float(updated[user]),

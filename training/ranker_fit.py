@@ -18,14 +18,14 @@ import torch
 from torch import nn
 
 from hyperrec.features import FeatureSpec, assign_segments
-from hyperrec.pipeline import FOLD_IN_DECAY
+from hyperrec.pipeline import fold_in
 from training.baselines import evaluate_recommender
 from training.history_model import event_histories
 from training.interactions import Interactions
 from training.item_features import ItemFeatureSpec, ItemHistory
 from training.model import DEFAULT_HIDDEN, Ranker
 from training.progress import progress
-from training.two_stage import ScoreFn, TwoStageRecommender, context_matrix, fold_in_numpy
+from training.two_stage import ScoreFn, TwoStageRecommender, context_matrix
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def build_examples(
     """
     histories = event_histories(train, cfg.history)
     rows = np.flatnonzero(histories[:, 0] >= 0)[-cfg.events :]
-    users = fold_in_numpy(item_vectors, histories[rows], FOLD_IN_DECAY)
+    users = fold_in(item_vectors, histories[rows])
     positives = train.item[rows]
     negatives = np.empty((len(rows), cfg.hard_negatives), dtype=np.int64)
     n = min(cfg.candidates, item_vectors.shape[0] - 1)

@@ -16,7 +16,7 @@ import numpy.typing as npt
 
 from hyperrec.domain import Context
 from hyperrec.features import FeatureSpec, assign_segments, encode_context
-from hyperrec.pipeline import FOLD_IN_DECAY
+from hyperrec.pipeline import FOLD_IN_DECAY, fold_in
 from training.history_model import latest_histories
 from training.interactions import Interactions
 
@@ -37,15 +37,6 @@ def context_matrix(
         when = datetime.fromtimestamp(int(ts), UTC)
         segment = None if segments is None else int(segments[row])
         encode_context(Context(event_time=when), spec, when, out[row], segment=segment)
-    return out
-
-
-def fold_in_numpy(item_vectors: np.ndarray, histories: IntArray, decay: float) -> npt.NDArray[np.float32]:
-    """The server's fold-in (decayed average of recent items, newest first, -1 padded) for many users."""
-    weights = (decay ** np.arange(histories.shape[1], dtype=np.float32))[None, :] * (histories >= 0)
-    vectors = item_vectors[np.clip(histories, 0, None)]
-    total = np.maximum(weights.sum(axis=1, keepdims=True), 1e-6)
-    out: npt.NDArray[np.float32] = ((weights[:, :, None] * vectors).sum(axis=1) / total).astype(np.float32)
     return out
 
 
@@ -110,7 +101,7 @@ class TwoStageRecommender:
 
     def _rank_block(self, histories: IntArray, times: IntArray, banned: list[IntArray], k: int) -> IntArray:
         """Retrieve and rank for a block of warm users at once (one matrix product, one ranker call)."""
-        users = fold_in_numpy(self._vectors, histories, self._decay)
+        users = fold_in(self._vectors, histories, self._decay)
         scores = users @ self._vectors.T
         for row, items in enumerate(banned):
             scores[row, items] = -np.inf
