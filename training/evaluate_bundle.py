@@ -22,6 +22,7 @@ class BundleEvaluation:
     version_dir: Path
     metrics: dict[str, dict[str, float]]
     known_items: int
+    metrics_warm_users: dict[str, dict[str, float]]
 
 
 def evaluate_bundle(
@@ -71,8 +72,8 @@ def evaluate_bundle(
             segments=bundle.segments,
         ),
     ]
-    metrics = evaluate_models(split, [*baselines(cfg), *ours], cfg)
-    return BundleEvaluation(directory, metrics, int(known.sum()))
+    metrics, warm = evaluate_models(split, [*baselines(cfg), *ours], cfg)
+    return BundleEvaluation(directory, metrics, int(known.sum()), warm)
 
 
 def recorded_config(training: Mapping[str, Any]) -> FactoryConfig:
@@ -92,4 +93,9 @@ def recorded_config(training: Mapping[str, Any]) -> FactoryConfig:
 
 
 def summary(result: BundleEvaluation) -> dict[str, Any]:
-    return {"version_dir": str(result.version_dir), "known_items": result.known_items, "metrics": result.metrics}
+    return {
+        "version_dir": str(result.version_dir),
+        "known_items": result.known_items,
+        "metrics": result.metrics,
+        "metrics_warm_users": result.metrics_warm_users,
+    }
