@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from hyperrec.bundle import list_versions
 from hyperrec.config import ServerConfig
-from hyperrec.profiles.snapshot import load_profiles, save_profiles
+from hyperrec.profiles.snapshot import save_profiles, snapshot_user_ids
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +59,7 @@ def example_calls(port: int, user: str) -> str:
 async def run_demo(
     config: ServerConfig, retrain: bool = False, users: int | None = None, items: int | None = None
 ) -> int:
-    from server.app import create_server
+    from server.app import serve
 
     versions = list_versions(config.model_repo, config.model_name)
     usable = [v for v in versions if profiles_path(config, v).exists()]
@@ -72,17 +71,6 @@ async def run_demo(
             "reusing %s/%s version %d (pass --retrain for a new one)", config.model_repo, config.model_name, version
         )
     config = replace(config, model_version=version, seed_profiles=profiles_path(config, version))
-    app, port = create_server(config)
-    await app.set_serving(False)
-    await app.start()
-    await app.seed_profiles()
-    await app.load_model()
-    first_user = next(iter(load_profiles(profiles_path(config, version))))
-    print(example_calls(port, first_user), flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await app.stop()
+    first_user = snapshot_user_ids(profiles_path(config, version))[0]
+    await serve(config, on_ready=lambda port: print(example_calls(port, first_user), flush=True))
     return 0

@@ -132,6 +132,15 @@ def _utf8_len(text: str) -> int:
     return len(text.encode("utf-8", errors="surrogatepass"))
 
 
+def request_id_problem(request_id: str) -> str | None:
+    """Why a caller's request id is unacceptable, or None. Acceptable ids can be echoed as gRPC metadata."""
+    if _utf8_len(request_id) > MAX_REQUEST_ID_BYTES:
+        return f"must be at most {MAX_REQUEST_ID_BYTES} bytes"
+    if not is_printable_ascii(request_id):
+        return "must be printable ASCII"
+    return None
+
+
 def validate_request(req: RecommendRequest, limits: RequestLimits, now: datetime) -> None:
     """Raise InvalidArgument naming the first offending field; return None when the request is valid."""
     if not req.user_id:
@@ -145,10 +154,9 @@ def validate_request(req: RecommendRequest, limits: RequestLimits, now: datetime
     for item_id in req.exclude:
         if _utf8_len(item_id) > MAX_ITEM_ID_BYTES:
             raise InvalidArgument("exclude_item_ids", f"ids must be at most {MAX_ITEM_ID_BYTES} bytes")
-    if _utf8_len(req.request_id) > MAX_REQUEST_ID_BYTES:
-        raise InvalidArgument("request_id", f"must be at most {MAX_REQUEST_ID_BYTES} bytes")
-    if not is_printable_ascii(req.request_id):
-        raise InvalidArgument("request_id", "must be printable ASCII")
+    problem = request_id_problem(req.request_id)
+    if problem is not None:
+        raise InvalidArgument("request_id", problem)
     validate_context(req.context, now)
 
 

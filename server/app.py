@@ -12,6 +12,7 @@ import logging
 import secrets
 import signal
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -161,8 +162,11 @@ def create_server(config: ServerConfig, profile_store: ProfileStore | None = Non
     return HyperrecServer(config, server, health, store, slot, executor), port
 
 
-async def serve(config: ServerConfig) -> None:
-    """Run until SIGTERM or SIGINT, then drain gracefully. A signal during start-up stops it at once."""
+async def serve(config: ServerConfig, on_ready: Callable[[int], None] | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then drain gracefully. A signal during start-up stops it at once.
+
+    `on_ready(port)` is called once the model is loaded and health says SERVING.
+    """
     app, port = create_server(config)
     await app.set_serving(False)
     await app.start()
@@ -177,6 +181,8 @@ async def serve(config: ServerConfig) -> None:
         await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
         if starting.done():
             starting.result()  # start-up errors propagate (after the finally below releases everything)
+            if on_ready is not None:
+                on_ready(port)
             await stopping
         else:
             starting.cancel()

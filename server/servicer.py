@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from hyperrec.domain import MAX_REQUEST_ID_BYTES, is_printable_ascii
+from hyperrec.domain import request_id_problem
 from hyperrec.errors import InvalidArgument
 from hyperrec.pipeline import Recommender
 from hyperrec.v1 import recommender_pb2 as pb
@@ -41,11 +41,6 @@ def parse_request(raw: bytes) -> pb.RecommendRequest:
         raise InvalidArgument("request", f"not a valid RecommendRequest ({exc})") from None
 
 
-def quotable(request_id: str) -> bool:
-    """Whether an id can be echoed in messages and metadata (validation rejects the others)."""
-    return len(request_id.encode()) <= MAX_REQUEST_ID_BYTES and is_printable_ascii(request_id)
-
-
 class RecommenderServicer:
     def __init__(self, pipeline: Recommender) -> None:
         self._pipeline = pipeline
@@ -57,7 +52,7 @@ class RecommenderServicer:
         try:
             request = parse_request(raw)
             request_id = request.request_id or quoted_id
-            if quotable(request_id):
+            if request_id_problem(request_id) is None:  # else validation rejects it and we quote ours
                 quoted_id = request_id
             req = decode_request(request, request_id)
             rec = await self._pipeline.recommend(req, _deadline(context))

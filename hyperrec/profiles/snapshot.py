@@ -32,6 +32,12 @@ def save_profiles(path: Path, profiles: Mapping[str, Profile]) -> None:
     )
 
 
+def snapshot_user_ids(path: Path) -> list[str]:
+    """The user ids of a snapshot, without reading the profiles themselves."""
+    with np.load(path, allow_pickle=False) as data:
+        return [str(u) for u in data["user_ids"]]
+
+
 def load_profiles(path: Path) -> dict[str, Profile]:
     """Inverse of `save_profiles`."""
     with np.load(path, allow_pickle=False) as data:
