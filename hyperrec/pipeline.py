@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -216,5 +215,4 @@ def warm_up(bundle: Bundle, rounds: int, candidates: int, seed: int = 0) -> floa
         t = time.perf_counter()
         rank_candidates(bundle, uvec, request, now, candidates, None)  # the served retrieval + ranking path
         latencies.append((time.perf_counter() - t) * 1e3)
-    tail: Iterable[float] = latencies[len(latencies) // 2 :]
-    return float(np.median(list(tail)))
+    return float(np.median(latencies[len(latencies) // 2 :]))

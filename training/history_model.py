@@ -100,13 +100,19 @@ def event_histories(data: Interactions, length: int) -> npt.NDArray[np.int64]:
     return out
 
 
+def recent_distinct(items_in_time_order: npt.NDArray[np.int64], length: int) -> npt.NDArray[np.int64]:
+    """The last `length` distinct items of one user's events, newest first (what a profile's recent list holds)."""
+    newest_first = items_in_time_order[::-1]
+    _, first = np.unique(newest_first, return_index=True)
+    distinct: npt.NDArray[np.int64] = newest_first[np.sort(first)][:length]
+    return distinct
+
+
 def latest_histories(data: Interactions, length: int) -> npt.NDArray[np.int64]:
     """Each user's last distinct items at the end of `data`, newest first, -1 padded: [users, length]."""
     out = np.full((data.n_users, length), -1, dtype=np.int64)
     for user, items in enumerate(data.items_by_user()):
-        newest_first = items[::-1]
-        _, first = np.unique(newest_first, return_index=True)
-        distinct = newest_first[np.sort(first)][:length]
+        distinct = recent_distinct(items, length)
         out[user, : len(distinct)] = distinct
     return out
 

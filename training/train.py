@@ -31,6 +31,7 @@ from hyperrec.features import FeatureSpec, daypart, default_feature_spec, encode
 from hyperrec.profiles.model import Profile
 from index.ann import IndexParams
 from training.export import check_parity, export_ranker_onnx
+from training.history_model import recent_distinct
 from training.model import DEFAULT_HIDDEN, JointModel, Ranker, torch_threads
 from training.synthetic import SyntheticData
 
@@ -223,9 +224,7 @@ def build_profiles(
         lo, hi = int(bounds[user]), int(bounds[user + 1])
         if lo == hi:
             continue
-        newest_first = data.event_item[lo:hi][::-1]
-        _, first_seen = np.unique(newest_first, return_index=True)
-        recent = newest_first[np.sort(first_seen)][:recent_items]
+        recent = recent_distinct(data.event_item[lo:hi], recent_items)
         profiles[user_id] = Profile(
             user_vector=result.user_embeddings[user].copy(),
             embedding_space=embedding_space,
