@@ -37,9 +37,12 @@ INDEX = "index.faiss"
 COLD_START = "cold_start.json"
 ITEM_FEATURES = "item_features.npy"
 SEGMENTS = "segments.npy"
+ITEM_CATEGORIES = "item_categories.json"
 DATA_FILES = (RANKER, EMBEDDINGS, ITEM_IDS, INDEX, COLD_START)
 # Present exactly when the feature spec names item features / has a segment block.
 OPTIONAL_FILES = (ITEM_FEATURES, SEGMENTS)
+# Present when the catalogue has category metadata (live category affinities and declared interests need it).
+CATALOGUE_FILES = (ITEM_CATEGORIES,)
 STAGING_PREFIX = ".staging-"
 GLOBAL_SEGMENT = "global"
 
@@ -173,6 +176,55 @@ class BundleContents:
     training: Mapping[str, Any] = field(default_factory=dict)
     item_features: np.ndarray | None = None  # float32 [items, spec.item_feature_dim], already transformed
     segments: np.ndarray | None = None  # float32 [spec.segments, embedding_dim]: K-Means centroids of user vectors
+    item_categories: Sequence[Sequence[str]] | None = None  # per item, its category names
+
+
+@dataclass(frozen=True)
+class Categories:
+    """The catalogue's categories: names, each item's categories, and each category's mean item embedding."""
+
+    names: tuple[str, ...]
+    of_item: tuple[tuple[str, ...], ...]  # by bundle row
+    centroids: np.ndarray  # float32 [len(names), embedding_dim]
+
+    @property
+    def known(self) -> frozenset[str]:
+        return frozenset(self.names)
+
+    def centroid_of(self, names: Sequence[str]) -> np.ndarray | None:
+        """Mean of the named categories' centroids (unknown names ignored); None when none is known."""
+        rows = [self.names.index(n) for n in names if n in self.names]
+        return None if not rows else np.asarray(self.centroids[rows].mean(axis=0), dtype=np.float32)
+
+    def to_json(self) -> dict[str, Any]:
+        index = {name: i for i, name in enumerate(self.names)}
+        return {"names": list(self.names), "items": [[index[c] for c in cats] for cats in self.of_item]}
+
+    @staticmethod
+    def build(of_item: Sequence[Sequence[str]], embeddings: np.ndarray) -> Categories:
+        names = tuple(sorted({c for cats in of_item for c in cats}))
+        index = {name: i for i, name in enumerate(names)}
+        sums = np.zeros((len(names), embeddings.shape[1]), dtype=np.float64)
+        counts = np.zeros(len(names), dtype=np.int64)
+        for row, cats in enumerate(of_item):
+            for c in cats:
+                sums[index[c]] += embeddings[row]
+                counts[index[c]] += 1
+        centroids = (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
+        return Categories(names, tuple(tuple(cats) for cats in of_item), centroids)
+
+    @staticmethod
+    def from_json(data: Any, embeddings: np.ndarray) -> Categories:
+        try:
+            names = [str(n) for n in data["names"]]
+            rows = [tuple(names[int(i)] for i in cats) for cats in data["items"]]
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise BundleError(ITEM_CATEGORIES, f"malformed: {exc!r}") from exc
+        if len(rows) != len(embeddings):
+            raise BundleError(ITEM_CATEGORIES, f"lists {len(rows)} items, the bundle has {len(embeddings)}")
+        if len(set(names)) != len(names):
+            raise BundleError(ITEM_CATEGORIES, "category names repeat")
+        return Categories.build(rows, embeddings)
 
 
 def sha256_of(path: Path) -> str:
@@ -214,6 +266,12 @@ def write_bundle(directory: Path, contents: BundleContents) -> Manifest:
             raise ValueError(f"the feature spec has a segment block; segments must be {shape}")
         np.save(directory / SEGMENTS, np.ascontiguousarray(centroids, dtype=np.float32), allow_pickle=False)
         names.append(SEGMENTS)
+    if contents.item_categories is not None:
+        if len(contents.item_categories) != len(ids):
+            raise ValueError(f"item_categories has {len(contents.item_categories)} entries for {len(ids)} items")
+        categories = Categories.build(contents.item_categories, emb)
+        (directory / ITEM_CATEGORIES).write_text(json.dumps(categories.to_json()))
+        names.append(ITEM_CATEGORIES)
     files = {name: FileEntry(sha256_of(directory / name), (directory / name).stat().st_size) for name in names}
     manifest = Manifest(
         model_name=contents.model_name,
@@ -312,7 +370,10 @@ def verify_files(directory: Path, manifest: Manifest) -> None:
     """Every data file is present, listed, and matches its recorded size and SHA-256."""
     spec = manifest.feature_spec
     expected = (
-        list(DATA_FILES) + ([ITEM_FEATURES] if spec.item_feature_dim else []) + ([SEGMENTS] if spec.segments else [])
+        list(DATA_FILES)
+        + ([ITEM_FEATURES] if spec.item_feature_dim else [])
+        + ([SEGMENTS] if spec.segments else [])
+        + [name for name in CATALOGUE_FILES if name in manifest.files]
     )
     for name in expected:
         entry = manifest.files.get(name)
@@ -343,6 +404,7 @@ class Bundle:
     cold_start: ColdStart
     item_features: np.ndarray | None = None
     segments: np.ndarray | None = None
+    categories: Categories | None = None
 
     @property
     def feature_spec(self) -> FeatureSpec:
@@ -400,6 +462,13 @@ class Bundle:
             cold = ColdStart.from_json(json.loads((directory / COLD_START).read_text()), row_of)
         except ValueError as exc:
             raise BundleError(COLD_START, f"not valid JSON: {exc}") from exc
+        categories = None
+        if ITEM_CATEGORIES in manifest.files:
+            try:
+                raw_categories = json.loads((directory / ITEM_CATEGORIES).read_text())
+            except ValueError as exc:
+                raise BundleError(ITEM_CATEGORIES, f"not valid JSON: {exc}") from exc
+            categories = Categories.from_json(raw_categories, emb)
         return cls(
             model_name=manifest.model_name,
             version=directory.name,
@@ -413,6 +482,7 @@ class Bundle:
             cold_start=cold,
             item_features=item_features,
             segments=segments,
+            categories=categories,
         )
 
 

@@ -58,6 +58,27 @@ class ServerConfig:
         metadata=_doc("Time budget for the profile read; past it the answer is non-personalized (DEGRADED)."),
     )
     recent_items: int = field(default=50, metadata=_doc("Recent items kept per profile and used for fold-in."))
+    affinity_half_life_days: float = field(
+        default=14.0, metadata=_doc("Half-life of the time decay of category affinities in profiles, days.")
+    )
+    dedupe_window_s: int = field(
+        default=24 * 3600, metadata=_doc("How long an event id is remembered to drop retried events, seconds.")
+    )
+    max_events_per_batch: int = field(default=1000, metadata=_doc("Most events one RecordEvents call may carry."))
+    interest_events: int = field(
+        default=5,
+        metadata=_doc("Known recent items after which declared interests no longer steer a user's recommendations."),
+    )
+    breaker_failures: int = field(
+        default=5, metadata=_doc("Consecutive profile store failures or timeouts that open the circuit breaker.")
+    )
+    breaker_open_s: float = field(
+        default=1.0,
+        metadata=_doc("Time the open breaker skips the profile store before one probe call tests it again."),
+    )
+    metrics_port: int | None = field(
+        default=None, metadata=_doc("Port serving Prometheus metrics at /metrics on `host`; unset serves none.")
+    )
     candidates: int = field(default=500, metadata=_doc("Candidates retrieved from the ANN index and ranked."))
     max_k: int = field(default=100, metadata=_doc("Largest k a request may ask for."))
     max_exclusions: int = field(default=1000, metadata=_doc("Most item ids a request may exclude."))
@@ -85,6 +106,8 @@ class ServerConfig:
         """Raise ConfigError on values that cannot work."""
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port {self.port} is out of range")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port {self.metrics_port} is out of range")
         for name in (
             "candidates",
             "max_k",
@@ -95,13 +118,23 @@ class ServerConfig:
             "ort_inter_op_threads",
             "faiss_threads",
             "profile_ttl_s",
+            "dedupe_window_s",
+            "max_events_per_batch",
+            "interest_events",
+            "breaker_failures",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
-        for name in ("profile_budget_ms", "redis_connect_timeout_ms", "redis_read_timeout_ms"):
+        for name in (
+            "profile_budget_ms",
+            "redis_connect_timeout_ms",
+            "redis_read_timeout_ms",
+            "affinity_half_life_days",
+            "breaker_open_s",
+        ):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
-                raise ConfigError(f"{name} must be a positive number of milliseconds")
+                raise ConfigError(f"{name} must be a positive number")
         for name in ("grace_s", "drain_s"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):

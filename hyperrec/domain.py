@@ -6,9 +6,10 @@ The gRPC codec converts to and from these; nothing here knows about protobuf.
 from __future__ import annotations
 
 import enum
+import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
 from hyperrec.errors import InvalidArgument
@@ -58,6 +59,8 @@ class Strategy(enum.Enum):
     PERSONALIZED = "personalized"
     COLD_START = "cold_start"
     DEGRADED = "degraded"
+    INTERESTS = "interests"
+    NOT_PERSONALIZED = "not_personalized"
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,7 @@ class RecommendRequest:
     exclude: tuple[str, ...] = ()
     request_id: str = ""
     include_timings: bool = False
+    disable_personalization: bool = False
 
 
 @dataclass(frozen=True)
@@ -143,10 +147,7 @@ def request_id_problem(request_id: str) -> str | None:
 
 def validate_request(req: RecommendRequest, limits: RequestLimits, now: datetime) -> None:
     """Raise InvalidArgument naming the first offending field; return None when the request is valid."""
-    if not req.user_id:
-        raise InvalidArgument("user_id", "must not be empty")
-    if _utf8_len(req.user_id) > MAX_USER_ID_BYTES:
-        raise InvalidArgument("user_id", f"must be at most {MAX_USER_ID_BYTES} bytes")
+    validate_user_id(req.user_id)
     if req.k < 1 or req.k > limits.max_k:
         raise InvalidArgument("k", f"must be between 1 and {limits.max_k}, got {req.k}")
     if len(req.exclude) > limits.max_exclusions:
@@ -181,3 +182,85 @@ def validate_context(ctx: Context, now: datetime) -> None:
             raise InvalidArgument("context.features", f"keys must be 1-{MAX_FEATURE_KEY_BYTES} bytes")
         if _utf8_len(value) > MAX_FEATURE_VALUE_BYTES:
             raise InvalidArgument("context.features", f"values must be at most {MAX_FEATURE_VALUE_BYTES} bytes")
+
+
+class EventType(enum.IntEnum):
+    """What a user did with an item; values equal the contract's enum numbers."""
+
+    UNSPECIFIED = 0
+    VIEW = 1
+    CLICK = 2
+    LIKE = 3
+    SHARE = 4
+    ADD_TO_CART = 5
+    PURCHASE = 6
+    DWELL = 7
+    RATING = 8
+
+
+MAX_EVENT_ID_BYTES = 128
+MAX_RATING = 10.0
+MAX_INTERESTS = 20
+MAX_CATEGORY_BYTES = 128
+
+
+@dataclass(frozen=True)
+class Event:
+    """One user event, decoded. `value`: dwell milliseconds for DWELL, the rating for RATING, else unused.
+
+    `event_time` is timezone-aware UTC, or None for "now on the server's clock".
+    """
+
+    event_id: str
+    user_id: str
+    item_id: str
+    event_type: EventType
+    value: float = 0.0
+    event_time: datetime | None = None
+    context: Context = field(default_factory=Context)
+
+
+def validate_user_id(user_id: str, field_name: str = "user_id") -> None:
+    if not user_id:
+        raise InvalidArgument(field_name, "must not be empty")
+    if _utf8_len(user_id) > MAX_USER_ID_BYTES:
+        raise InvalidArgument(field_name, f"must be at most {MAX_USER_ID_BYTES} bytes")
+
+
+def validate_event(event: Event, now: datetime) -> None:
+    """Raise InvalidArgument naming the first offending field of one event (field names relative to the event)."""
+    if not event.event_id:
+        raise InvalidArgument("event_id", "must not be empty (it makes retries idempotent)")
+    if _utf8_len(event.event_id) > MAX_EVENT_ID_BYTES:
+        raise InvalidArgument("event_id", f"must be at most {MAX_EVENT_ID_BYTES} bytes")
+    validate_user_id(event.user_id)
+    if not event.item_id:
+        raise InvalidArgument("item_id", "must not be empty")
+    if _utf8_len(event.item_id) > MAX_ITEM_ID_BYTES:
+        raise InvalidArgument("item_id", f"must be at most {MAX_ITEM_ID_BYTES} bytes")
+    if event.event_type == EventType.UNSPECIFIED:
+        raise InvalidArgument("type", "must be set")
+    if not math.isfinite(event.value):
+        raise InvalidArgument("value", "must be a finite number")
+    if event.event_type == EventType.DWELL and event.value < 0:
+        raise InvalidArgument("value", "dwell milliseconds must not be negative")
+    if event.event_type == EventType.RATING and not 0 < event.value <= MAX_RATING:
+        raise InvalidArgument("value", f"a rating must be above 0 and at most {MAX_RATING:g}")
+    try:
+        validate_context(replace(event.context, event_time=event.event_time), now)
+    except InvalidArgument as exc:
+        field_name = "event_time" if exc.field == "context.event_time" else exc.field
+        raise InvalidArgument(field_name, exc.reason) from None
+
+
+def validate_interests(categories: tuple[str, ...], known: frozenset[str] | None) -> None:
+    """Declared interests: at most MAX_INTERESTS distinct names, each in the active model's vocabulary."""
+    if len(categories) > MAX_INTERESTS:
+        raise InvalidArgument("categories", f"at most {MAX_INTERESTS} entries, got {len(categories)}")
+    for i, name in enumerate(categories):
+        if not name or _utf8_len(name) > MAX_CATEGORY_BYTES:
+            raise InvalidArgument(f"categories[{i}]", f"must be 1-{MAX_CATEGORY_BYTES} bytes")
+        if known is not None and name not in known:
+            raise InvalidArgument(f"categories[{i}]", f"{name!r} is not a category of the active model")
+    if len(set(categories)) != len(categories):
+        raise InvalidArgument("categories", "must not repeat a name")

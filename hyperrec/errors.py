@@ -25,6 +25,10 @@ class NotFound(HyperrecError):
     """A named thing (model, version) does not exist."""
 
 
+class FailedPrecondition(HyperrecError):
+    """The request is valid but cannot apply to this user or model as they stand."""
+
+
 class Unavailable(HyperrecError):
     """The server cannot answer yet (no model loaded) or a hard dependency is down."""
 

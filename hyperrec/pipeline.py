@@ -17,6 +17,8 @@ from datetime import UTC, datetime
 
 import numpy as np
 
+from hyperrec import metrics
+from hyperrec.breaker import CircuitBreaker
 from hyperrec.bundle import Bundle
 from hyperrec.domain import (
     Recommendation,
@@ -43,6 +45,7 @@ class PipelineOptions:
     candidates: int = 500
     limits: RequestLimits = field(default_factory=RequestLimits)
     profile_budget_s: float = 0.05
+    interest_events: int = 5
 
 
 class BundleSlot:
@@ -60,23 +63,30 @@ class BundleSlot:
         return previous
 
 
-def fold_in(item_vectors: np.ndarray, histories: np.ndarray, decay: float = FOLD_IN_DECAY) -> np.ndarray:
+def fold_in(
+    item_vectors: np.ndarray,
+    histories: np.ndarray,
+    decay: float = FOLD_IN_DECAY,
+    engagement: np.ndarray | None = None,
+) -> np.ndarray:
     """User vectors from item histories [users, L] of rows, newest first, -1 where the item is unknown or absent.
 
-    The i-th entry weighs decay**i (unknown entries keep their position but add nothing); the result is the
-    weighted average. The server folds profiles in with it, and the trainers fold in training histories with it.
+    The i-th entry weighs decay**i, times its engagement weight when `engagement` [users, L] is given (unknown
+    entries keep their position but add nothing); the result is the weighted average. The server folds
+    profiles in with it, the event ingest refolds live profiles with it, and the trainers fold in training
+    histories with it.
     """
     weights = (decay ** np.arange(histories.shape[1], dtype=np.float32))[None, :] * (histories >= 0)
+    if engagement is not None:
+        weights = weights * engagement
     vectors = item_vectors[np.clip(histories, 0, None)]
     total = np.maximum(weights.sum(axis=1, keepdims=True), 1e-6)
     return np.asarray((weights[:, :, None] * vectors).sum(axis=1) / total, dtype=np.float32)
 
 
-def user_vector(bundle: Bundle, profile: Profile | None) -> np.ndarray | None:
+def history_vector(bundle: Bundle, profile: Profile) -> np.ndarray | None:
     """The profile's stored vector when it lives in the bundle's embedding space,
-    else a fold-in (decayed average) of the recent items the bundle knows, else None."""
-    if profile is None:
-        return None
+    else a fold-in (decayed, engagement-weighted average) of the recent items the bundle knows, else None."""
     dim = bundle.feature_spec.embedding_dim
     vec = profile.user_vector
     if (
@@ -86,11 +96,41 @@ def user_vector(bundle: Bundle, profile: Profile | None) -> np.ndarray | None:
         and np.isfinite(vec).all()
     ):
         return np.asarray(vec, dtype=np.float32)
+    return fold_recent(bundle, profile)
+
+
+def fold_recent(bundle: Bundle, profile: Profile) -> np.ndarray | None:
+    """Fold-in of the profile's recent items (with their engagement weights) that the bundle knows, else None."""
     rows = np.array([bundle.row_of.get(i, -1) for i in profile.recent_items], dtype=np.int64)
     if not (rows >= 0).any():
         return None
-    folded: np.ndarray = fold_in(bundle.item_embeddings, rows[None, :])[0]
+    weights = np.asarray(profile.weights_of_recent(), dtype=np.float32)[None, :]
+    folded: np.ndarray = fold_in(bundle.item_embeddings, rows[None, :], engagement=weights)[0]
     return folded
+
+
+def user_vector(
+    bundle: Bundle, profile: Profile | None, interest_events: int = 5
+) -> tuple[np.ndarray | None, Strategy]:
+    """The vector to retrieve with, and the strategy it stands for.
+
+    History (stored vector or fold-in) makes the answer PERSONALIZED. Declared interests (the mean of the
+    declared categories' centroids) stand in for a user without usable history (INTERESTS) and are blended
+    in, with a weight falling linearly to zero, until the profile holds `interest_events` items the bundle knows.
+    """
+    if profile is None:
+        return None, Strategy.COLD_START
+    history = history_vector(bundle, profile)
+    interests = None
+    if profile.interests and bundle.categories is not None:
+        interests = bundle.categories.centroid_of(profile.interests)
+    if interests is None:
+        return history, Strategy.PERSONALIZED if history is not None else Strategy.COLD_START
+    if history is None:
+        return interests, Strategy.INTERESTS
+    known = sum(1 for item in profile.recent_items if item in bundle.row_of)
+    share = max(0.0, 1.0 - known / max(interest_events, 1))
+    return np.asarray(share * interests + (1.0 - share) * history, dtype=np.float32), Strategy.PERSONALIZED
 
 
 def cold_start_items(bundle: Bundle, req: RecommendRequest, now: datetime) -> tuple[ScoredItem, ...]:
@@ -147,23 +187,41 @@ def rank_candidates(
 class Recommender:
     """The pipeline. Construction does no I/O; it needs a store, a bundle slot and an executor."""
 
-    def __init__(self, store: ProfileStore, slot: BundleSlot, options: PipelineOptions, executor: Executor) -> None:
+    def __init__(
+        self,
+        store: ProfileStore,
+        slot: BundleSlot,
+        options: PipelineOptions,
+        executor: Executor,
+        breaker: CircuitBreaker | None = None,
+    ) -> None:
         self._store = store
         self._slot = slot
         self._options = options
         self._executor = executor
+        self._breaker = breaker or CircuitBreaker()
 
     @property
     def options(self) -> PipelineOptions:
         return self._options
 
     async def _profile(self, user_id: str) -> tuple[Profile | None, bool]:
-        """(profile, degraded). A failing or slow store degrades instead of failing the call."""
+        """(profile, degraded). A failing, slow or circuit-broken store degrades instead of failing the call."""
+        if not self._breaker.allow():
+            metrics.PROFILE_DEGRADED.labels("circuit_open").inc()
+            return None, True
         try:
             profile = await asyncio.wait_for(self._store.get(user_id), self._options.profile_budget_s)
+        except asyncio.CancelledError:  # the caller's deadline, not the store's fault
+            self._breaker.abandoned()
+            raise
         except (ProfileStoreError, TimeoutError) as exc:
-            log.warning("profile read degraded: %s", exc or type(exc).__name__)
+            self._breaker.failure()
+            reason = "timeout" if isinstance(exc, TimeoutError) else "error"
+            log.warning("profile read degraded (%s): %s", reason, exc or "no answer within the profile budget")
+            metrics.PROFILE_DEGRADED.labels(reason).inc()
             return None, True
+        self._breaker.success()
         return profile, False
 
     async def recommend(self, req: RecommendRequest, deadline: float | None = None) -> Recommendation:
@@ -175,12 +233,18 @@ class Recommender:
         if bundle is None:
             raise Unavailable("no model version is loaded yet")
         timings = StageTimings()
-        profile, degraded = await self._profile(req.user_id)
+        uvec, strategy = None, Strategy.NOT_PERSONALIZED
+        if not req.disable_personalization:
+            profile, degraded = await self._profile(req.user_id)
+            if degraded:
+                strategy = Strategy.DEGRADED
+            elif profile is not None and profile.opted_out:
+                strategy = Strategy.NOT_PERSONALIZED
+            else:
+                uvec, strategy = user_vector(bundle, profile, self._options.interest_events)
         timings.profile_ms = (time.perf_counter() - start) * 1e3
-        uvec = None if degraded else user_vector(bundle, profile)
         if uvec is None:
             items = cold_start_items(bundle, req, now)
-            strategy = Strategy.DEGRADED if degraded else Strategy.COLD_START
         else:
             if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlineExceeded("deadline passed before retrieval")
@@ -188,7 +252,7 @@ class Recommender:
             items, timings.retrieval_ms, timings.ranking_ms = await loop.run_in_executor(
                 self._executor, rank_candidates, bundle, uvec, req, now, self._options.candidates, deadline
             )
-            strategy = Strategy.PERSONALIZED
+        metrics.RECOMMENDATIONS.labels(strategy.value).inc()
         timings.total_ms = (time.perf_counter() - start) * 1e3
         return Recommendation(
             items=items,

@@ -20,19 +20,24 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from hyperrec import metrics
+from hyperrec.breaker import CircuitBreaker
 from hyperrec.bundle import Bundle, resolve_version
 from hyperrec.config import ServerConfig
 from hyperrec.domain import RequestLimits
 from hyperrec.errors import ConfigError, ProfileStoreError
+from hyperrec.ingest import ProfileService
 from hyperrec.pipeline import BundleSlot, PipelineOptions, Recommender, warm_up
 from hyperrec.profiles import ProfileStore
 from hyperrec.profiles.keys import Pseudonymizer
 from hyperrec.profiles.memory import InMemoryProfileStore
+from hyperrec.profiles.model import ProfileSettings
 from hyperrec.profiles.redis_store import RedisProfileStore, RedisStoreOptions
 from hyperrec.profiles.snapshot import load_profiles
 from hyperrec.ranker import RankerOptions
 from index.ann import set_threads
-from server.servicer import SERVICE_NAME, RecommenderServicer
+from server.servicer import PROFILES_SERVICE_NAME, SERVICE_NAME, ProfilesServicer, RecommenderServicer
+from server.servicer import add_profiles_to_server as add_profiles
 from server.servicer import add_to_server as add_recommender
 
 log = logging.getLogger(__name__)
@@ -45,16 +50,21 @@ def build_profile_store(config: ServerConfig) -> ProfileStore:
     """Redis when a URL is configured, else the in-process store."""
     secret = config.profile_secret.encode() if config.profile_secret else secrets.token_bytes(32)
     pseudonymizer = Pseudonymizer(secret)
+    settings = ProfileSettings(
+        half_life_s=config.affinity_half_life_days * 86_400.0,
+        recent_limit=config.recent_items,
+        ttl_s=config.profile_ttl_s,
+        dedupe_window_s=config.dedupe_window_s,
+    )
     if config.redis_url:
         options = RedisStoreOptions(
             url=config.redis_url,
             connect_timeout_s=config.redis_connect_timeout_ms / 1e3,
             read_timeout_s=config.redis_read_timeout_ms / 1e3,
-            ttl_s=config.profile_ttl_s,
-            recent_limit=config.recent_items,
+            settings=settings,
         )
         return RedisProfileStore(options, pseudonymizer)
-    return InMemoryProfileStore(pseudonymizer, recent_limit=config.recent_items)
+    return InMemoryProfileStore(pseudonymizer, settings)
 
 
 class HyperrecServer:
@@ -81,7 +91,7 @@ class HyperrecServer:
 
     async def set_serving(self, serving: bool) -> None:
         status = SERVING if serving else NOT_SERVING
-        for service in ("", SERVICE_NAME):
+        for service in ("", SERVICE_NAME, PROFILES_SERVICE_NAME):
             await self.health.set(service, status)
 
     async def load_model(self, version: int | None = None) -> Bundle:
@@ -135,7 +145,7 @@ class HyperrecServer:
 
 def create_server(config: ServerConfig, profile_store: ProfileStore | None = None) -> tuple[HyperrecServer, int]:
     """Wire a server and bind its port; returns it with the bound port. Loads no model."""
-    store = profile_store or build_profile_store(config)
+    store = profile_store if profile_store is not None else build_profile_store(config)
     slot = BundleSlot()
     executor = ThreadPoolExecutor(
         max_workers=config.compute_threads,
@@ -147,14 +157,26 @@ def create_server(config: ServerConfig, profile_store: ProfileStore | None = Non
         candidates=config.candidates,
         limits=RequestLimits(max_k=config.max_k, max_exclusions=config.max_exclusions),
         profile_budget_s=config.profile_budget_ms / 1e3,
+        interest_events=config.interest_events,
     )
-    pipeline = Recommender(store, slot, options, executor)
+    breaker = CircuitBreaker(
+        config.breaker_failures, config.breaker_open_s, on_change=lambda state: metrics.BREAKER_STATE.set(state)
+    )
+    metrics.BREAKER_STATE.set(breaker.state)
+    pipeline = Recommender(store, slot, options, executor, breaker)
     server = grpc.aio.server()
     add_recommender(RecommenderServicer(pipeline), server)
+    add_profiles(ProfilesServicer(ProfileService(store, slot, breaker, config.max_events_per_batch)), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+        (
+            SERVICE_NAME,
+            PROFILES_SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
     )
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:
@@ -168,6 +190,9 @@ async def serve(config: ServerConfig, on_ready: Callable[[int], None] | None = N
     `on_ready(port)` is called once the model is loaded and health says SERVING.
     """
     app, port = create_server(config)
+    if config.metrics_port is not None:
+        metrics.serve_metrics(config.metrics_port, config.host)
+        log.info("Prometheus metrics on http://%s:%d/metrics", config.host, config.metrics_port)
     await app.set_serving(False)
     await app.start()
     log.info("listening on %s:%d (health NOT_SERVING until a model is loaded)", config.host, port)

@@ -9,12 +9,16 @@ from typing import TypeVar
 from hyperrec.domain import (
     Context,
     DeviceType,
+    Event,
+    EventType,
     Recommendation,
     RecommendRequest,
     Strategy,
     Surface,
 )
 from hyperrec.errors import InvalidArgument
+from hyperrec.ingest import IngestResult
+from hyperrec.v1 import profiles_pb2 as ppb
 from hyperrec.v1 import recommender_pb2 as pb
 
 # Timestamp seconds representable as a datetime (0001-01-01 .. 9999-12-31).
@@ -25,6 +29,8 @@ _STRATEGY = {
     Strategy.PERSONALIZED: pb.STRATEGY_PERSONALIZED,
     Strategy.COLD_START: pb.STRATEGY_COLD_START,
     Strategy.DEGRADED: pb.STRATEGY_DEGRADED,
+    Strategy.INTERESTS: pb.STRATEGY_INTERESTS,
+    Strategy.NOT_PERSONALIZED: pb.STRATEGY_NOT_PERSONALIZED,
 }
 
 
@@ -38,18 +44,18 @@ def _enum(kind: type[E], value: int, field: str) -> E:
         raise InvalidArgument(field, f"unknown enum value {value}") from None
 
 
-def _timestamp(msg: pb.Context) -> datetime | None:
+def _timestamp(msg: pb.Context | ppb.Event, field: str) -> datetime | None:
     if not msg.HasField("event_time"):
         return None
     ts = msg.event_time
     if not (_MIN_SECONDS <= ts.seconds <= _MAX_SECONDS) or not (0 <= ts.nanos < 1_000_000_000):
-        raise InvalidArgument("context.event_time", "is not a valid timestamp")
+        raise InvalidArgument(field, "is not a valid timestamp")
     return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(seconds=ts.seconds, microseconds=ts.nanos // 1000)
 
 
 def decode_context(msg: pb.Context) -> Context:
     return Context(
-        event_time=_timestamp(msg),
+        event_time=_timestamp(msg, "context.event_time"),
         utc_offset_minutes=msg.utc_offset_minutes,
         device=_enum(DeviceType, msg.device_type, "context.device_type"),
         country=msg.country,
@@ -67,6 +73,31 @@ def decode_request(msg: pb.RecommendRequest, request_id: str) -> RecommendReques
         exclude=tuple(msg.exclude_item_ids),
         request_id=request_id,
         include_timings=msg.include_timings,
+        disable_personalization=msg.disable_personalization,
+    )
+
+
+def decode_event(msg: ppb.Event) -> Event:
+    """One event; InvalidArgument (field relative to the event) when an enum or timestamp is out of range."""
+    context = decode_context(msg.context)
+    return Event(
+        event_id=msg.event_id,
+        user_id=msg.user_id,
+        item_id=msg.item_id,
+        event_type=_enum(EventType, msg.type, "type"),
+        value=msg.value,
+        event_time=_timestamp(msg, "event_time"),
+        context=context,
+    )
+
+
+def encode_ingest_result(result: IngestResult, request_id: str) -> ppb.RecordEventsResponse:
+    return ppb.RecordEventsResponse(
+        accepted=result.accepted,
+        duplicates=result.duplicates,
+        dropped_no_consent=result.dropped_no_consent,
+        rejected=[ppb.EventRejection(index=r.index, field=r.field, reason=r.reason) for r in result.rejected],
+        request_id=request_id,
     )
 
 

@@ -1,4 +1,4 @@
-"""The Recommender gRPC servicer: parse, decode, call the pipeline, encode. Nothing else.
+"""The gRPC servicers: parse, decode, call the protocol-neutral core, encode. Nothing else.
 
 Requests arrive as raw bytes and are parsed here, inside the error mapping, so a
 malformed message (for example a string that is not valid UTF-8) is answered
@@ -9,70 +9,141 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 
 import grpc
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from hyperrec.domain import request_id_problem
 from hyperrec.errors import InvalidArgument
+from hyperrec.ingest import ProfileService
 from hyperrec.pipeline import Recommender
+from hyperrec.v1 import profiles_pb2 as ppb
 from hyperrec.v1 import recommender_pb2 as pb
-from server.codec import decode_request, encode_response
+from server.codec import decode_event, decode_request, encode_ingest_result, encode_response
 from server.status import status_for
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Recommender"].full_name
+PROFILES_SERVICE_NAME = ppb.DESCRIPTOR.services_by_name["Profiles"].full_name
+
+Req = TypeVar("Req", bound=Message)
+Resp = TypeVar("Resp", bound=Message)
+Context = grpc.aio.ServicerContext[Any, Any]
 
 
 def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
-def _deadline(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
+def _deadline(context: Context) -> float | None:
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
 
 
-def parse_request(raw: bytes) -> pb.RecommendRequest:
-    """The wire message; InvalidArgument when it is not a valid RecommendRequest."""
+def parse(kind: type[Req], raw: bytes) -> Req:
+    """The wire message; InvalidArgument when it is not a valid `kind`."""
     try:
-        return pb.RecommendRequest.FromString(raw)
+        return kind.FromString(raw)
     except DecodeError as exc:
-        raise InvalidArgument("request", f"not a valid RecommendRequest ({exc})") from None
+        raise InvalidArgument("request", f"not a valid {kind.DESCRIPTOR.name} ({exc})") from None
+
+
+async def answer(
+    kind: type[Req], raw: bytes, context: Context, run: Callable[[Req, str, float | None], Awaitable[Resp]]
+) -> Resp:
+    """Parse `raw`, settle the request id to quote, run the call, and map any failure to its status."""
+    quoted_id = new_request_id()
+    try:
+        request = parse(kind, raw)
+        request_id = getattr(request, "request_id", "") or quoted_id
+        if request_id_problem(request_id) is None:  # else validation rejects it and we quote ours
+            quoted_id = request_id
+        return await run(request, request_id, _deadline(context))
+    except Exception as exc:
+        code, message = status_for(exc, quoted_id)
+        context.set_trailing_metadata((("x-request-id", quoted_id),))
+        await context.abort(code, message)
 
 
 class RecommenderServicer:
     def __init__(self, pipeline: Recommender) -> None:
         self._pipeline = pipeline
 
-    async def Recommend(  # noqa: N802 - name fixed by the contract
-        self, raw: bytes, context: grpc.aio.ServicerContext[bytes, pb.RecommendResponse]
-    ) -> pb.RecommendResponse:
-        quoted_id = new_request_id()
+    async def Recommend(self, raw: bytes, context: Context) -> pb.RecommendResponse:  # noqa: N802 - contract name
+        async def run(request: pb.RecommendRequest, request_id: str, deadline: float | None) -> pb.RecommendResponse:
+            return encode_response(await self._pipeline.recommend(decode_request(request, request_id), deadline))
+
+        return await answer(pb.RecommendRequest, raw, context, run)
+
+
+def _decoded_events(request: ppb.RecordEventsRequest) -> list[Any]:
+    """Each event decoded, or the InvalidArgument it raised (a per-event rejection, not a failed call)."""
+    out: list[Any] = []
+    for event in request.events:
         try:
-            request = parse_request(raw)
-            request_id = request.request_id or quoted_id
-            if request_id_problem(request_id) is None:  # else validation rejects it and we quote ours
-                quoted_id = request_id
-            req = decode_request(request, request_id)
-            rec = await self._pipeline.recommend(req, _deadline(context))
-            return encode_response(rec)
-        except Exception as exc:
-            code, message = status_for(exc, quoted_id)
-            context.set_trailing_metadata((("x-request-id", quoted_id),))
-            await context.abort(code, message)
+            out.append(decode_event(event))
+        except InvalidArgument as exc:
+            out.append(exc)
+    return out
+
+
+class ProfilesServicer:
+    def __init__(self, service: ProfileService) -> None:
+        self._service = service
+
+    async def RecordEvents(self, raw: bytes, context: Context) -> ppb.RecordEventsResponse:  # noqa: N802
+        async def run(request: ppb.RecordEventsRequest, request_id: str, _: float | None) -> ppb.RecordEventsResponse:
+            problem = request_id_problem(request_id)
+            if problem is not None:
+                raise InvalidArgument("request_id", problem)
+            result = await self._service.record_events(_decoded_events(request))
+            return encode_ingest_result(result, request_id)
+
+        return await answer(ppb.RecordEventsRequest, raw, context, run)
+
+    async def SetConsent(self, raw: bytes, context: Context) -> ppb.SetConsentResponse:  # noqa: N802
+        async def run(request: ppb.SetConsentRequest, _: str, __: float | None) -> ppb.SetConsentResponse:
+            deleted = await self._service.set_consent(request.user_id, request.personalization)
+            return ppb.SetConsentResponse(profile_deleted=deleted)
+
+        return await answer(ppb.SetConsentRequest, raw, context, run)
+
+    async def ForgetUser(self, raw: bytes, context: Context) -> ppb.ForgetUserResponse:  # noqa: N802
+        async def run(request: ppb.ForgetUserRequest, _: str, __: float | None) -> ppb.ForgetUserResponse:
+            return ppb.ForgetUserResponse(deleted=list(await self._service.forget(request.user_id)))
+
+        return await answer(ppb.ForgetUserRequest, raw, context, run)
+
+    async def SetInterests(self, raw: bytes, context: Context) -> ppb.SetInterestsResponse:  # noqa: N802
+        async def run(request: ppb.SetInterestsRequest, _: str, __: float | None) -> ppb.SetInterestsResponse:
+            stored = await self._service.set_interests(request.user_id, list(request.categories))
+            return ppb.SetInterestsResponse(categories=list(stored))
+
+        return await answer(ppb.SetInterestsRequest, raw, context, run)
+
+
+def _handlers(service: str, methods: Mapping[str, tuple[Callable[..., Any], Callable[..., bytes]]]) -> Any:
+    """Unary handlers taking raw request bytes (see the module docstring)."""
+    return grpc.method_handlers_generic_handler(
+        service,
+        {
+            name: grpc.unary_unary_rpc_method_handler(call, request_deserializer=None, response_serializer=serialize)
+            for name, (call, serialize) in methods.items()
+        },
+    )
 
 
 def add_to_server(servicer: RecommenderServicer, server: grpc.aio.Server) -> None:
-    """Register Recommend with a raw-bytes request deserializer (see the module docstring)."""
-    handler = grpc.method_handlers_generic_handler(
-        SERVICE_NAME,
-        {
-            "Recommend": grpc.unary_unary_rpc_method_handler(
-                servicer.Recommend,
-                request_deserializer=None,
-                response_serializer=pb.RecommendResponse.SerializeToString,
-            )
-        },
-    )
-    server.add_generic_rpc_handlers((handler,))
+    methods = {"Recommend": (servicer.Recommend, pb.RecommendResponse.SerializeToString)}
+    server.add_generic_rpc_handlers((_handlers(SERVICE_NAME, methods),))
+
+
+def add_profiles_to_server(servicer: ProfilesServicer, server: grpc.aio.Server) -> None:
+    methods = {
+        "RecordEvents": (servicer.RecordEvents, ppb.RecordEventsResponse.SerializeToString),
+        "SetConsent": (servicer.SetConsent, ppb.SetConsentResponse.SerializeToString),
+        "ForgetUser": (servicer.ForgetUser, ppb.ForgetUserResponse.SerializeToString),
+        "SetInterests": (servicer.SetInterests, ppb.SetInterestsResponse.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((_handlers(PROFILES_SERVICE_NAME, methods),))

@@ -13,6 +13,7 @@ import grpc
 
 from hyperrec.errors import (
     DeadlineExceeded,
+    FailedPrecondition,
     HyperrecError,
     InvalidArgument,
     NotFound,
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 _CODES: tuple[tuple[type[HyperrecError], grpc.StatusCode], ...] = (
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFound, grpc.StatusCode.NOT_FOUND),
+    (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
     (ProfileStoreError, grpc.StatusCode.UNAVAILABLE),
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),

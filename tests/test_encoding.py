@@ -17,10 +17,11 @@ from hyperrec.profiles.keys import (
     Pseudonymizer,
     decode_profile,
     encode_profile_hash,
+    encode_recent,
     profile_key,
     recent_key,
 )
-from hyperrec.profiles.model import Profile
+from hyperrec.profiles.model import CategoryAffinity, Profile
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 LIMITS = RequestLimits(max_k=50, max_exclusions=10)
@@ -146,19 +147,42 @@ def test_keys_carry_a_keyed_hash_never_the_user_id() -> None:
 @settings(max_examples=100)
 @given(
     vector=st.lists(st.floats(width=32, allow_nan=False), min_size=1, max_size=64) | st.none(),
-    recent=st.lists(st.text(min_size=1, max_size=20), max_size=10),
+    recent=st.lists(st.tuples(st.text(min_size=1, max_size=20), st.floats(min_value=0, max_value=1e6)), max_size=10),
     updated=st.floats(min_value=0, max_value=4e9),
+    categories=st.dictionaries(
+        st.text(min_size=1, max_size=12),
+        st.builds(CategoryAffinity, st.floats(min_value=0, max_value=1e9), st.floats(min_value=0, max_value=4e9)),
+        max_size=5,
+    ),
+    counts=st.dictionaries(st.sampled_from(["view", "click", "purchase"]), st.integers(1, 10**9)),
+    interests=st.lists(st.text(alphabet=st.characters(exclude_characters="\x1f"), min_size=1), max_size=4),
 )
-def test_profile_encoding_round_trips(vector: list[float] | None, recent: list[str], updated: float) -> None:
+def test_profile_encoding_round_trips(
+    vector: list[float] | None,
+    recent: list[tuple[str, float]],
+    updated: float,
+    categories: dict[str, CategoryAffinity],
+    counts: dict[str, int],
+    interests: list[str],
+) -> None:
+    """Every field survives the Redis encoding exactly (item ids may contain the separator)."""
     profile = Profile(
         user_vector=None if vector is None else np.array(vector, np.float32),
         embedding_space="space-1" if vector is not None else "",
-        recent_items=tuple(recent),
+        recent_items=tuple(item for item, _ in recent),
+        recent_weights=tuple(weight for _, weight in recent),
         updated_at=updated,
+        categories=categories,
+        event_counts=counts,
+        last_seen=updated / 2,
+        interests=tuple(interests),
     )
-    decoded = decode_profile(encode_profile_hash(profile), [r.encode() for r in recent])
+    decoded = decode_profile(encode_profile_hash(profile), [encode_recent(i, w) for i, w in recent])
     assert decoded is not None
     assert decoded.recent_items == profile.recent_items and decoded.updated_at == updated
+    assert decoded.recent_weights == profile.recent_weights
+    assert decoded.categories == categories and decoded.event_counts == counts
+    assert decoded.interests == profile.interests and decoded.last_seen == profile.last_seen
     assert decoded.embedding_space == profile.embedding_space
     if vector is None:
         assert decoded.user_vector is None

@@ -12,19 +12,21 @@ from hyperrec.errors import ProfileStoreError
 from hyperrec.profiles import Profile, ProfileStore
 from hyperrec.profiles.keys import Pseudonymizer
 from hyperrec.profiles.memory import InMemoryProfileStore
+from hyperrec.profiles.model import ProfileSettings
 from hyperrec.profiles.redis_store import RedisProfileStore, RedisStoreOptions
 from tests.conftest import free_port
 
 SECRET = b"contract-test-secret-0123456789"
+SETTINGS = ProfileSettings(recent_limit=5, ttl_s=3600)
 
 
 @pytest.fixture(params=["memory", "redis"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[ProfileStore]:
     if request.param == "memory":
-        yield InMemoryProfileStore(Pseudonymizer(SECRET), recent_limit=5)
+        yield InMemoryProfileStore(Pseudonymizer(SECRET), SETTINGS)
         return
     url = request.getfixturevalue("redis_url")
-    redis_store = RedisProfileStore(RedisStoreOptions(url=url, recent_limit=5, ttl_s=3600), Pseudonymizer(SECRET))
+    redis_store = RedisProfileStore(RedisStoreOptions(url=url, settings=SETTINGS), Pseudonymizer(SECRET))
     yield redis_store
     await redis_store.close()
 
@@ -61,11 +63,11 @@ async def test_users_are_kept_apart(store: ProfileStore) -> None:
     assert got_a.recent_items == ("x",) and got_b.recent_items == ("y",)
 
 
-async def test_delete_removes_the_profile(store: ProfileStore) -> None:
+async def test_forget_removes_the_profile_and_says_what_existed(store: ProfileStore) -> None:
     await store.put("user-1", profile(1))
-    assert await store.delete("user-1") is True
+    assert await store.forget("user-1") == ("profile", "recent_items")
     assert await store.get("user-1") is None
-    assert await store.delete("user-1") is False
+    assert await store.forget("user-1") == ()
 
 
 async def test_profile_without_vector_keeps_recent_items(store: ProfileStore) -> None:
@@ -75,7 +77,9 @@ async def test_profile_without_vector_keeps_recent_items(store: ProfileStore) ->
 
 
 async def test_redis_keys_are_pseudonymous_and_expire(redis_url: str) -> None:
-    store = RedisProfileStore(RedisStoreOptions(url=redis_url, ttl_s=1234), Pseudonymizer(SECRET))
+    store = RedisProfileStore(
+        RedisStoreOptions(url=redis_url, settings=ProfileSettings(ttl_s=1234)), Pseudonymizer(SECRET)
+    )
     await store.put("alice@example.com", profile(1, recent=("item-1",)))
     await store.close()
     raw = redis.Redis.from_url(redis_url)
@@ -88,8 +92,8 @@ async def test_redis_keys_are_pseudonymous_and_expire(redis_url: str) -> None:
         assert all(b"alice" not in bytes(v) for v in values)  # type: ignore[arg-type]
 
 
-async def test_redis_read_issues_two_commands_and_nothing_else(redis_url: str) -> None:
-    """A read is HGETALL + LRANGE (sent as one non-transactional pipeline), no MULTI, no extra lookups."""
+async def test_redis_read_is_one_script_call_and_nothing_else(redis_url: str) -> None:
+    """A read is one EVALSHA (one round trip) running EXISTS (the opt-out marker), HGETALL and LRANGE."""
     raw = redis.Redis.from_url(redis_url)
     store = RedisProfileStore(RedisStoreOptions(url=redis_url), Pseudonymizer(SECRET))
     await store.put("u", profile(3))
@@ -97,8 +101,11 @@ async def test_redis_read_issues_two_commands_and_nothing_else(redis_url: str) -
     await store.get("u")
     stats = raw.info("commandstats")
     await store.close()
+    assert stats["cmdstat_evalsha"]["calls"] == 1 and stats["cmdstat_exists"]["calls"] == 1
     assert stats["cmdstat_hgetall"]["calls"] == 1 and stats["cmdstat_lrange"]["calls"] == 1
     assert {k for k in stats if k.startswith("cmdstat_")} <= {
+        "cmdstat_evalsha",
+        "cmdstat_exists",
         "cmdstat_hgetall",
         "cmdstat_lrange",
         "cmdstat_config|resetstat",

@@ -19,8 +19,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from hyperrec.bundle import Bundle
 from hyperrec.config import load_config
-from hyperrec.profiles import Profile, ProfileStore
+from hyperrec.profiles import Profile
 from hyperrec.profiles.keys import Pseudonymizer
+from hyperrec.profiles.memory import InMemoryProfileStore
 from hyperrec.profiles.redis_store import RedisProfileStore
 from hyperrec.v1 import recommender_pb2 as pb
 from tests.conftest import free_port
@@ -226,20 +227,14 @@ async def test_slow_redis_past_the_budget_answers_degraded(toy_repo: Path, redis
     assert reply.strategy == pb.STRATEGY_DEGRADED
 
 
-class BuggyStore(ProfileStore):
+class BuggyStore(InMemoryProfileStore):
     """A store with a programming error (not a backend failure): it must surface as INTERNAL."""
+
+    def __init__(self) -> None:
+        super().__init__(Pseudonymizer(b"buggy-store-secret-0123456789"))
 
     async def get(self, user_id: str) -> Profile | None:
         raise KeyError("bug in the store")
-
-    async def put(self, user_id: str, profile: Profile) -> None:
-        return None
-
-    async def delete(self, user_id: str) -> bool:
-        return False
-
-    async def ping(self) -> None:
-        return None
 
 
 async def test_unexpected_failure_is_internal_with_request_id_and_logged(

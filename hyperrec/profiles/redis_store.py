@@ -1,34 +1,60 @@
 """Redis profile store (redis.asyncio with the hiredis parser).
 
-Schema (docs/profiles.md): per user, a hash `hr:{<hmac>}:profile` and a list
-`hr:{<hmac>}:recent`, both with a TTL. A read is one non-transactional
-pipeline (HGETALL + LRANGE): one round trip. A write is one MULTI/EXEC.
+Schema (docs/profiles.md): per user, keys `hr:{<hmac>}:profile|recent|events|optout`.
+Every read and update is one Lua script over one user's keys (hyperrec/profiles/scripts.py):
+atomic per user, one round trip, and a user who opted out is never read.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
+import numpy as np
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
 from hyperrec.errors import ProfileStoreError
-from hyperrec.profiles.keys import Pseudonymizer, decode_profile, encode_profile_hash, profile_key, recent_key
-from hyperrec.profiles.model import Profile
-from hyperrec.profiles.store import ProfileStore
+from hyperrec.profiles import scripts
+from hyperrec.profiles.keys import (
+    INTEREST_SEPARATOR,
+    Pseudonymizer,
+    decode_profile,
+    encode_profile_hash,
+    encode_recent,
+    encode_vector,
+    format_float,
+    user_keys,
+)
+from hyperrec.profiles.model import OPTED_OUT, Profile, ProfileSettings, StoredEvent
+from hyperrec.profiles.store import ProfileStore, RecordOutcome
 
 
 @dataclass(frozen=True)
 class RedisStoreOptions:
-    """Connection and data settings for the Redis store."""
+    """Connection settings of the Redis store, and the profile settings it applies."""
 
     url: str
     connect_timeout_s: float = 0.2
     read_timeout_s: float = 0.1
-    ttl_s: int = 90 * 24 * 3600
-    recent_limit: int = 50
     max_connections: int = 64
+    settings: ProfileSettings = field(default_factory=ProfileSettings)
+
+
+Arg = bytes | str | int | float
+
+
+def _decode(flat_hash: list[bytes], recent: list[bytes]) -> Profile | None:
+    fields = dict(zip(flat_hash[::2], flat_hash[1::2], strict=True))
+    try:
+        return decode_profile(fields, recent)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProfileStoreError(f"stored profile is malformed: {exc}") from exc
+
+
+def _failure(action: str, exc: BaseException) -> ProfileStoreError:
+    return ProfileStoreError(f"redis {action} failed: {type(exc).__name__}")
 
 
 class RedisProfileStore(ProfileStore):
@@ -36,6 +62,7 @@ class RedisProfileStore(ProfileStore):
 
     def __init__(self, options: RedisStoreOptions, pseudonymizer: Pseudonymizer) -> None:
         self._options = options
+        self.settings = options.settings
         self._pseudonymizer = pseudonymizer
         # A blocking pool: a burst beyond max_connections waits for a free connection (bounded by the
         # request's profile budget) instead of failing at once.
@@ -48,52 +75,95 @@ class RedisProfileStore(ProfileStore):
             decode_responses=False,
         )
         self._client = redis.Redis(connection_pool=pool)
+        self._read = self._client.register_script(scripts.READ)
+        self._record = self._client.register_script(scripts.RECORD)
+        self._set_vector = self._client.register_script(scripts.SET_VECTOR)
+        self._set_interests = self._client.register_script(scripts.SET_INTERESTS)
+        self._put = self._client.register_script(scripts.PUT)
+        self._opt_out = self._client.register_script(scripts.OPT_OUT)
+
+    def _keys(self, user_id: str) -> list[str]:
+        return list(user_keys(self._pseudonymizer.user_key(user_id)).values())
 
     async def get(self, user_id: str) -> Profile | None:
-        key = self._pseudonymizer.user_key(user_id)
+        try:
+            reply = await self._read(keys=self._keys(user_id), args=[self.settings.recent_limit])
+        except (RedisError, OSError) as exc:
+            raise _failure("read", exc) from exc
+        if reply[0] == 1:
+            return OPTED_OUT
+        return _decode(reply[1], reply[2])
+
+    def _put_args(self, profile: Profile) -> list[Arg]:
+        fields = encode_profile_hash(profile)
+        args: list[Arg] = [self.settings.ttl_s, len(fields)]
+        for name, value in fields.items():
+            args += [name, value]
+        limit = self.settings.recent_limit
+        items, weights = profile.recent_items[:limit], profile.weights_of_recent()[:limit]
+        args += [encode_recent(item, weight) for item, weight in zip(items, weights, strict=True)]
+        return args
+
+    async def put_many(self, profiles: Mapping[str, Profile]) -> int:
+        """One script per user (atomic per user), all in one non-transactional pipeline: one round trip."""
         try:
             async with self._client.pipeline(transaction=False) as pipe:
-                pipe.hgetall(profile_key(key))
-                pipe.lrange(recent_key(key), 0, self._options.recent_limit - 1)
-                fields, recent = await pipe.execute()
+                for user_id, profile in profiles.items():
+                    await self._put(keys=self._keys(user_id), args=self._put_args(profile), client=pipe)
+                written = await pipe.execute()
         except (RedisError, OSError) as exc:
-            raise ProfileStoreError(f"redis read failed: {type(exc).__name__}") from exc
+            raise _failure("write", exc) from exc
+        return sum(int(w) for w in written)
+
+    async def record(self, user_id: str, events: Sequence[StoredEvent]) -> RecordOutcome:
+        s = self.settings
+        args: list[Arg] = [format_float(time.time()), format_float(s.half_life_s), s.ttl_s, s.recent_limit]
+        args += [s.dedupe_window_s, len(events)]
+        for e in events:
+            args += [self._pseudonymizer.event_key(e.event_id), e.item_id, e.event_type.name.lower()]
+            args += [format_float(e.weight), format_float(e.at), len(e.categories), *e.categories]
         try:
-            return decode_profile(fields, recent)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ProfileStoreError(f"stored profile is malformed: {exc}") from exc
+            reply = await self._record(keys=self._keys(user_id), args=args)
+        except (RedisError, OSError) as exc:
+            raise _failure("update", exc) from exc
+        if reply[0] == -1:
+            return RecordOutcome(opted_out=True, fresh=(False,) * len(events), profile=None, seq=0)
+        return RecordOutcome(False, tuple(bool(f) for f in reply[1]), _decode(reply[2], reply[3]), int(reply[0]))
 
-    def _queue_put(self, pipe: redis.client.Pipeline, user_id: str, profile: Profile) -> None:
-        key = self._pseudonymizer.user_key(user_id)
-        pkey, rkey = profile_key(key), recent_key(key)
-        pipe.delete(pkey, rkey)
-        pipe.hset(pkey, mapping=encode_profile_hash(profile))  # type: ignore[arg-type]
-        recent = list(profile.recent_items[: self._options.recent_limit])
-        if recent:
-            pipe.rpush(rkey, *recent)
-            pipe.expire(rkey, self._options.ttl_s)
-        pipe.expire(pkey, self._options.ttl_s)
+    async def set_vector(self, user_id: str, vector: np.ndarray, embedding_space: str, seq: int) -> bool:
+        args: list[Arg] = [seq, encode_vector(vector), embedding_space.encode("utf-8")]
+        try:
+            return bool(await self._set_vector(keys=self._keys(user_id), args=args))
+        except (RedisError, OSError) as exc:
+            raise _failure("update", exc) from exc
 
-    async def put(self, user_id: str, profile: Profile) -> None:
-        await self.put_many({user_id: profile})
+    async def set_interests(self, user_id: str, interests: Sequence[str]) -> bool:
+        args: list[Arg] = [self.settings.ttl_s, INTEREST_SEPARATOR.join(interests).encode("utf-8")]
+        try:
+            return bool(await self._set_interests(keys=self._keys(user_id), args=args))
+        except (RedisError, OSError) as exc:
+            raise _failure("update", exc) from exc
 
-    async def put_many(self, profiles: Mapping[str, Profile]) -> None:
-        """Each user's keys are replaced atomically (MULTI/EXEC), many users per round trip."""
+    async def set_consent(self, user_id: str, personalization: bool) -> bool:
+        keys = self._keys(user_id)
+        try:
+            if personalization:
+                await self._client.delete(keys[3])
+                return False
+            return int(await self._opt_out(keys=keys)) > 0
+        except (RedisError, OSError) as exc:
+            raise _failure("consent update", exc) from exc
+
+    async def forget(self, user_id: str) -> tuple[str, ...]:
+        kinds = user_keys(self._pseudonymizer.user_key(user_id))
         try:
             async with self._client.pipeline(transaction=True) as pipe:
-                for user_id, profile in profiles.items():
-                    self._queue_put(pipe, user_id, profile)
-                await pipe.execute()
+                for key in kinds.values():
+                    pipe.delete(key)
+                removed = await pipe.execute()
         except (RedisError, OSError) as exc:
-            raise ProfileStoreError(f"redis write failed: {type(exc).__name__}") from exc
-
-    async def delete(self, user_id: str) -> bool:
-        key = self._pseudonymizer.user_key(user_id)
-        try:
-            removed = await self._client.delete(profile_key(key), recent_key(key))
-        except (RedisError, OSError) as exc:
-            raise ProfileStoreError(f"redis delete failed: {type(exc).__name__}") from exc
-        return bool(removed)
+            raise _failure("erase", exc) from exc
+        return tuple(kind for kind, count in zip(kinds, removed, strict=True) if count)
 
     async def ping(self) -> None:
         try:

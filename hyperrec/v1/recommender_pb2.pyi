@@ -6,6 +6,8 @@ hyperrec recommendation contract, version 1.
 Stability: fields are only ever added in v1; numbers and meanings never change.
 Errors are reported with gRPC status codes (see docs/api.md):
   INVALID_ARGUMENT  a request field is malformed; the message names the field.
+  FAILED_PRECONDITION the request cannot apply to this user or model as it stands
+                    (interests of a user who opted out; a model without categories).
   UNAVAILABLE       no model version is loaded yet; retry with backoff.
   DEADLINE_EXCEEDED the caller's deadline passed before an answer was ready.
   INTERNAL          an unexpected server fault; the message carries the request id to quote.
@@ -112,6 +114,15 @@ class _StrategyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Strategy.Val
     """A dependency (the profile store) failed or ran out of time budget:
     popular items for the context segment, without personalization.
     """
+    STRATEGY_INTERESTS: _Strategy.ValueType  # 4
+    """The user has no usable history yet: retrieved and ranked for the interests
+    they declared with Profiles.SetInterests.
+    """
+    STRATEGY_NOT_PERSONALIZED: _Strategy.ValueType  # 5
+    """The user opted out of personalization (Profiles.SetConsent) or the request
+    set disable_personalization: popular items for the context segment; the
+    profile was not read.
+    """
 
 class Strategy(_Strategy, metaclass=_StrategyEnumTypeWrapper):
     """How an answer was produced."""
@@ -125,6 +136,15 @@ STRATEGY_COLD_START: Strategy.ValueType  # 2
 STRATEGY_DEGRADED: Strategy.ValueType  # 3
 """A dependency (the profile store) failed or ran out of time budget:
 popular items for the context segment, without personalization.
+"""
+STRATEGY_INTERESTS: Strategy.ValueType  # 4
+"""The user has no usable history yet: retrieved and ranked for the interests
+they declared with Profiles.SetInterests.
+"""
+STRATEGY_NOT_PERSONALIZED: Strategy.ValueType  # 5
+"""The user opted out of personalization (Profiles.SetConsent) or the request
+set disable_personalization: popular items for the context segment; the
+profile was not read.
 """
 Global___Strategy: _TypeAlias = Strategy  # noqa: Y015
 
@@ -213,6 +233,7 @@ class RecommendRequest(_message.Message):
     EXCLUDE_ITEM_IDS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     INCLUDE_TIMINGS_FIELD_NUMBER: _builtins.int
+    DISABLE_PERSONALIZATION_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """The caller's id for the user. Required, 1-256 bytes of UTF-8.
     The server never stores or logs it in clear (profiles are keyed by a keyed hash).
@@ -227,6 +248,10 @@ class RecommendRequest(_message.Message):
     """
     include_timings: _builtins.bool
     """When true the response carries per-stage server timings."""
+    disable_personalization: _builtins.bool
+    """When true the answer is not based on profiling: the profile is not read and
+    popular items for the context segment come back (STRATEGY_NOT_PERSONALIZED).
+    """
     @_builtins.property
     def context(self) -> Global___Context:
         """Where and when the items will be shown."""
@@ -246,10 +271,11 @@ class RecommendRequest(_message.Message):
         exclude_item_ids: _abc.Iterable[_builtins.str] | None = ...,
         request_id: _builtins.str = ...,
         include_timings: _builtins.bool = ...,
+        disable_personalization: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "exclude_item_ids", b"exclude_item_ids", "include_timings", b"include_timings", "k", b"k", "request_id", b"request_id", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "disable_personalization", b"disable_personalization", "exclude_item_ids", b"exclude_item_ids", "include_timings", b"include_timings", "k", b"k", "request_id", b"request_id", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

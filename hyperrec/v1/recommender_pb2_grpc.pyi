@@ -6,6 +6,8 @@ hyperrec recommendation contract, version 1.
 Stability: fields are only ever added in v1; numbers and meanings never change.
 Errors are reported with gRPC status codes (see docs/api.md):
   INVALID_ARGUMENT  a request field is malformed; the message names the field.
+  FAILED_PRECONDITION the request cannot apply to this user or model as it stands
+                    (interests of a user who opted out; a model without categories).
   UNAVAILABLE       no model version is loaded yet; retry with backoff.
   DEADLINE_EXCEEDED the caller's deadline passed before an answer was ready.
   INTERNAL          an unexpected server fault; the message carries the request id to quote.

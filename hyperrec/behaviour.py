@@ -1,0 +1,96 @@
+"""How user events turn into profile state: engagement weights, time-decayed category affinities, counters.
+
+One definition for every place that builds profiles: the in-process store applies
+`apply_events` directly, the Redis store's Lua script (hyperrec/profiles/scripts.py)
+performs the same arithmetic in the same order (a contract test compares them), and
+the trainers replay logged events through `apply_events` to compute the same
+behaviour features a live profile yields at request time.
+
+Affinities are order-independent: the value kept for a category is the sum of
+w_i * 2^(-(t_ref - t_i) / half_life) over its events, referred to t_ref, the time
+of its latest event; reading it at another time multiplies by one more decay factor.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
+
+from hyperrec.domain import EventType
+from hyperrec.profiles.model import CategoryAffinity, Profile, ProfileSettings, StoredEvent
+
+# Engagement weight of one event by type: how strongly it says "more like this".
+EVENT_WEIGHTS: Mapping[EventType, float] = {
+    EventType.VIEW: 1.0,
+    EventType.CLICK: 2.0,
+    EventType.LIKE: 4.0,
+    EventType.SHARE: 5.0,
+    EventType.ADD_TO_CART: 6.0,
+    EventType.PURCHASE: 10.0,
+}
+DWELL_UNIT_MS = 30_000.0  # 30 s of dwell weighs as much as a view
+DWELL_CAP = 4.0  # dwell beyond two minutes (idle tabs) counts as two minutes
+RATING_UNIT = 2.5  # a 5-star rating weighs 2, a 2.5-star one 1
+
+
+def engagement_weight(event_type: EventType, value: float) -> float:
+    """Weight of one event: fixed per type, from the dwell time (capped) or from the rating."""
+    if event_type == EventType.DWELL:
+        return min(max(value, 0.0) / DWELL_UNIT_MS, DWELL_CAP)
+    if event_type == EventType.RATING:
+        return value / RATING_UNIT
+    return EVENT_WEIGHTS[event_type]
+
+
+def decay_factor(elapsed_s: float, half_life_s: float) -> float:
+    """2^(-elapsed / half_life): the share of a weight left after `elapsed_s` seconds."""
+    return math.pow(2.0, -elapsed_s / half_life_s)
+
+
+def add_to_affinity(stat: CategoryAffinity | None, weight: float, at: float, half_life_s: float) -> CategoryAffinity:
+    """The category's affinity after one more event of `weight` at `at` (events may arrive out of order)."""
+    if stat is None:
+        return CategoryAffinity(weight, at)
+    if at >= stat.at:
+        return CategoryAffinity(stat.weight * decay_factor(at - stat.at, half_life_s) + weight, at)
+    return CategoryAffinity(stat.weight + weight * decay_factor(stat.at - at, half_life_s), stat.at)
+
+
+def affinity_at(stat: CategoryAffinity, now: float, half_life_s: float) -> float:
+    """The decayed affinity read at `now` (never grown for a `now` before the latest event)."""
+    return stat.weight * decay_factor(max(now - stat.at, 0.0), half_life_s)
+
+
+def apply_events(profile: Profile | None, events: Sequence[StoredEvent], settings: ProfileSettings) -> Profile:
+    """The profile after `events`, in the given order (duplicates already removed).
+
+    Recent items: newest arrival first, capped at `recent_limit`, each with its engagement weight.
+    The user vector is left as it is; the ingest path refolds it from the new recent items.
+    """
+    base = profile or Profile()
+    recent = list(zip(base.recent_items, base.weights_of_recent(), strict=True))
+    categories = dict(base.categories)
+    counts = dict(base.event_counts)
+    last_seen = base.last_seen
+    for event in events:
+        recent.insert(0, (event.item_id, event.weight))
+        for name in event.categories:
+            categories[name] = add_to_affinity(categories.get(name), event.weight, event.at, settings.half_life_s)
+        key = event.event_type.name.lower()
+        counts[key] = counts.get(key, 0) + 1
+        last_seen = max(last_seen, event.at)
+    recent = recent[: settings.recent_limit]
+    return replace(
+        base,
+        recent_items=tuple(item for item, _ in recent),
+        recent_weights=tuple(weight for _, weight in recent),
+        categories=categories,
+        event_counts=counts,
+        last_seen=last_seen,
+    )
+
+
+def replay(events: Iterable[StoredEvent], settings: ProfileSettings) -> Profile:
+    """A profile built from nothing by `events` in order (backfill and training use this)."""
+    return apply_events(None, list(events), settings)
