@@ -78,10 +78,21 @@ def make_contents(
     index_params: IndexParams | None = None,
     spec: FeatureSpec | None = None,
     ranker: bytes | None = None,
+    categories: int = 0,
 ) -> BundleContents:
-    """Random unit-norm item embeddings, a dot-product ranker and popularity lists."""
+    """Random unit-norm item embeddings, a dot-product ranker and popularity lists.
+
+    With `categories` > 0, item i belongs to category f"cat-{i % categories}" and its embedding lies near
+    that category's random centre, so engaging with a category moves a folded-in user vector toward it.
+    """
     rng = np.random.default_rng(seed)
     emb = rng.normal(size=(n_items, dim)).astype(np.float32)
+    item_categories = None
+    if categories:
+        centres = rng.normal(size=(categories, dim)).astype(np.float32)
+        centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+        emb = centres[np.arange(n_items) % categories] + 0.25 * emb / np.sqrt(dim)
+        item_categories = [(f"cat-{i % categories}",) for i in range(n_items)]
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     ids = [f"item-{i:05d}" for i in range(n_items)]
     spec = spec or default_feature_spec(dim)
@@ -97,6 +108,7 @@ def make_contents(
         index_params=index_params or IndexParams.choose(n_items),
         embedding_space=uuid.uuid4().hex,
         training={"kind": "test fixture"},
+        item_categories=item_categories,
     )
 
 

@@ -263,6 +263,7 @@ def run_factory(
         training=report,
         item_features=item_spec.matrix(history) if item_spec is not None else None,
         segments=centroids,
+        item_categories=data.catalog.categories,
     )
     version_dir = publish_bundle(repo, contents)
     profiles = profiles_from(history, vectors, histories, space)

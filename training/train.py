@@ -265,6 +265,7 @@ def train_and_publish(
             index_params=IndexParams.choose(data.n_items, cfg.flat_threshold),
             embedding_space=embedding_space,
             training=training_metadata(data, cfg, result, diff),
+            item_categories=[(data.category_names[c],) for c in data.item_category],
         )
         version_dir = publish_bundle(Path(repo), contents)
     with _stage(timings, "profiles"):
