@@ -180,6 +180,42 @@ def cmd_synth_bundle(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profiles_load(args: argparse.Namespace) -> int:
+    """Backfill profiles for every user of a log into the configured (Redis) profile store."""
+    from hyperrec.bundle import Bundle, resolve_version
+    from server.app import build_profile_store
+    from training.backfill import backfill
+    from training.loaders import load_dataset
+
+    overrides = {"model_name": args.model} if args.model else {}
+    if args.version is not None:
+        overrides["model_version"] = args.version
+    config = load_config(args, **overrides)
+    setup_logging(config.log_level)
+    if not config.redis_url:
+        raise ConfigError("profiles load writes to Redis: set --redis-url (and --profile-secret) as for the server")
+    bundle = Bundle.load(resolve_version(config.model_repo, config.model_name, config.model_version))
+    log, load_report = load_dataset(args.events, args.drop_malformed)
+    dropped = sum(load_report.dropped.values())
+    print(f"{args.events}: {log.n_users} users, {len(log)} events ({dropped} malformed rows dropped)")
+
+    async def run() -> Any:
+        store = build_profile_store(config)
+        try:
+            await store.ping()
+            return await backfill(log, bundle, store, args.batch_size)
+        finally:
+            await store.close()
+
+    report = run_async(run())
+    print(
+        f"wrote {report.written} profiles ({report.users - report.written} users opted out, skipped) "
+        f"for model {bundle.model_name} version {bundle.version} in {report.seconds:.1f} s: "
+        f"{report.users_per_second:,.0f} users/s"
+    )
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from hyperrec.demo import run_demo
 
@@ -273,6 +309,21 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--profiles-out", type=Path, help="write matching user profiles (.npz) here")
     synth.add_argument("--log-level", default="INFO")
     synth.set_defaults(func=cmd_synth_bundle)
+
+    profiles = sub.add_parser("profiles", help="manage stored user profiles")
+    profiles_sub = profiles.add_subparsers(dest="profiles_command", required=True)
+    load = profiles_sub.add_parser(
+        "load",
+        help="backfill profiles for every user of an interaction log into Redis",
+        description="Reads the server's configuration (flags, env, --config) for Redis, secret and profile settings.",
+    )
+    load.add_argument("--events", required=True, help="the log: movielens:PATH, movietweetings:PATH or events:PATH")
+    load.add_argument("--model", help="model whose embeddings and categories the profiles use (default: model_name)")
+    load.add_argument("--version", type=int, help="version of the model (default: newest)")
+    load.add_argument("--batch-size", type=int, default=500, help="users written per round trip")
+    load.add_argument("--drop-malformed", action="store_true", help="skip malformed rows (counted) instead of failing")
+    add_arguments(load)
+    load.set_defaults(func=cmd_profiles_load)
 
     config = sub.add_parser("config", help="print every configuration field as a markdown table")
     config.set_defaults(func=cmd_config)
