@@ -103,6 +103,7 @@ async def test_backfill_writes_every_user_and_matches_live_ingestion(
             assert a.categories[name].at == b.categories[name].at
             assert a.categories[name].weight == pytest.approx(b.categories[name].weight, rel=1e-12)
         assert a.embedding_space == b.embedding_space == bundle.manifest.embedding_space
+        assert a.user_vector is not None and b.user_vector is not None
         np.testing.assert_allclose(a.user_vector, b.user_vector, rtol=1e-5, atol=1e-6)
 
 
