@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import redis
 
+from hyperrec.behaviour import EVENT_WEIGHTS, replay
+from hyperrec.domain import EventType
 from hyperrec.errors import ProfileStoreError
 from hyperrec.profiles import Profile, ProfileStore
 from hyperrec.profiles.keys import Pseudonymizer
 from hyperrec.profiles.memory import InMemoryProfileStore
-from hyperrec.profiles.model import ProfileSettings
+from hyperrec.profiles.model import ProfileSettings, StoredEvent
 from hyperrec.profiles.redis_store import RedisProfileStore, RedisStoreOptions
 from tests.conftest import free_port
 
@@ -131,3 +133,226 @@ async def test_a_burst_beyond_the_pool_waits_for_connections_instead_of_failing(
     results = await asyncio.gather(*(store.get("u") for _ in range(40)))
     await store.close()
     assert all(r is not None and r.recent_items == ("a", "b") for r in results)
+
+
+# The live-profile contract: events, the update counter, interests, consent and erasure.
+
+BASE_TIME = 1_700_000_000.0
+
+
+def event(
+    event_id: str,
+    item_id: str,
+    kind: EventType = EventType.CLICK,
+    at: float = BASE_TIME,
+    categories: tuple[str, ...] = (),
+    weight: float | None = None,
+) -> StoredEvent:
+    return StoredEvent(event_id, item_id, kind, EVENT_WEIGHTS[kind] if weight is None else weight, at, categories)
+
+
+async def test_record_drops_event_ids_already_seen(store: ProfileStore) -> None:
+    first = await store.record("u", [event("e1", "a"), event("e2", "b")])
+    assert not first.opted_out and first.fresh == (True, True)
+    retried = await store.record("u", [event("e2", "b"), event("e3", "c")])
+    assert retried.fresh == (False, True)
+    repeated = await store.record("u", [event("e4", "d"), event("e4", "e")])  # one id twice in a batch
+    assert repeated.fresh == (True, False)
+    assert (await store.record("other", [event("e1", "a")])).fresh == (True,)  # ids are per user
+    got = await store.get("u")
+    assert got is not None
+    assert got.recent_items == ("d", "c", "b", "a")
+    assert dict(got.event_counts) == {"click": 4}
+    assert repeated.profile is not None and repeated.profile.recent_items == got.recent_items
+    other = await store.get("other")
+    assert other is not None and other.recent_items == ("a",)
+
+
+async def test_recent_items_are_capped_newest_first_with_their_weights(store: ProfileStore) -> None:
+    kinds = [EventType.VIEW, EventType.CLICK, EventType.LIKE, EventType.SHARE, EventType.ADD_TO_CART]
+    await store.record("u", [event(f"e{n}", f"i{n}", kind) for n, kind in enumerate(kinds)])
+    outcome = await store.record("u", [event("e5", "i5", EventType.PURCHASE), event("e6", "i6", weight=0.25)])
+    got = await store.get("u")
+    assert got is not None and outcome.profile is not None
+    assert got.recent_items == outcome.profile.recent_items == ("i6", "i5", "i4", "i3", "i2")  # SETTINGS: 5 kept
+    assert got.recent_weights == outcome.profile.recent_weights == (0.25, 10.0, 6.0, 5.0, 4.0)
+    assert sum(got.event_counts.values()) == 7  # counters keep counting what the list forgets
+
+
+async def test_set_vector_writes_only_while_the_profile_is_at_that_update(store: ProfileStore) -> None:
+    vector = np.arange(8, dtype=np.float32)
+    first = await store.record("u", [event("e1", "a")])
+    assert first.seq >= 1
+    assert await store.set_vector("u", vector, "space-1", first.seq)
+    second = await store.record("u", [event("e2", "b")])
+    assert second.seq != first.seq
+    assert not await store.set_vector("u", vector * 2, "space-2", first.seq)  # computed from a stale profile
+    got = await store.get("u")
+    assert got is not None and got.embedding_space == "space-1"
+    np.testing.assert_array_equal(got.user_vector, vector)
+    duplicate = await store.record("u", [event("e2", "b")])
+    assert duplicate.seq == second.seq  # nothing stored, nothing changed
+    assert await store.set_vector("u", vector * 3, "space-3", second.seq)
+    got = await store.get("u")
+    assert got is not None and got.embedding_space == "space-3" and got.recent_items == ("b", "a")
+    np.testing.assert_array_equal(got.user_vector, vector * 3)
+    assert not await store.set_vector("nobody", vector, "space-1", 1)
+    assert await store.get("nobody") is None
+
+
+async def test_a_refold_from_erased_data_never_lands_on_the_new_profile(store: ProfileStore) -> None:
+    """A refold in flight across ForgetUser (or an opt-out and back) carries the old sequence number: refused."""
+    old = await store.record("u", [event("e1", "a")])
+    assert await store.forget("u")
+    new = await store.record("u", [event("e2", "b")])
+    assert new.seq != old.seq
+    assert not await store.set_vector("u", np.ones(8, np.float32), "space-old", old.seq)
+    got = await store.get("u")
+    assert got is not None and got.user_vector is None and got.recent_items == ("b",)
+
+
+async def test_set_vector_never_creates_a_profile(store: ProfileStore) -> None:
+    for seq in (0, 1):
+        assert not await store.set_vector("nobody", np.ones(8, np.float32), "space", seq)
+    assert await store.get("nobody") is None and await store.forget("nobody") == ()
+
+
+async def test_clearing_interests_of_an_unknown_user_stores_nothing(store: ProfileStore) -> None:
+    assert await store.set_interests("new", [])
+    assert await store.get("new") is None
+    assert await store.set_interests("once", ["a"]) and await store.set_interests("once", [])
+    assert await store.get("once") is None and await store.forget("once") == ()
+
+
+async def test_set_interests_replaces_and_lives_beside_events(store: ProfileStore) -> None:
+    assert await store.set_interests("u", ["cat-1", "cat-2"])
+    got = await store.get("u")
+    assert got is not None and got.interests == ("cat-1", "cat-2") and got.recent_items == ()
+    outcome = await store.record("u", [event("e1", "a", categories=("cat-1",))])
+    assert outcome.profile is not None and outcome.profile.interests == ("cat-1", "cat-2")
+    assert await store.set_interests("u", ["cat-3"])
+    got = await store.get("u")
+    assert got is not None and got.interests == ("cat-3",) and got.recent_items == ("a",)
+    assert set(got.categories) == {"cat-1"}
+    assert await store.set_interests("u", [])
+    got = await store.get("u")
+    assert got is not None and got.interests == () and got.recent_items == ("a",)
+
+
+async def test_an_opted_out_user_reads_as_opted_out_and_takes_no_writes(store: ProfileStore) -> None:
+    await store.record("u", [event("e1", "a", categories=("cat-1",))])
+    await store.set_interests("u", ["cat-1"])
+    assert await store.set_consent("u", False)  # profile data existed and is gone
+    got = await store.get("u")
+    assert got is not None and got.opted_out
+    assert got.recent_items == () and not got.categories and got.interests == () and got.user_vector is None
+    outcome = await store.record("u", [event("e2", "b"), event("e3", "c")])
+    assert outcome.opted_out and outcome.fresh == (False, False) and outcome.profile is None
+    assert not await store.set_interests("u", ["cat-2"])
+    assert not await store.put("u", profile(1))
+    assert not await store.set_vector("u", np.ones(8, np.float32), "space", 1)
+    still = await store.get("u")
+    assert still is not None and still.opted_out and still.recent_items == ()
+    assert not await store.set_consent("u", False)  # nothing left to delete
+
+    assert not await store.set_consent("u", True)
+    assert await store.get("u") is None  # back in: an empty profile
+    again = await store.record("u", [event("e1", "a")])
+    assert not again.opted_out and again.fresh == (True,)  # the dedupe window went with the profile
+    assert again.profile is not None and again.profile.recent_items == ("a",)
+
+
+async def test_put_many_skips_opted_out_users_and_counts_the_written(store: ProfileStore) -> None:
+    await store.set_consent("b", False)
+    written = await store.put_many({"a": profile(1, ("x",)), "b": profile(2, ("y",)), "c": profile(3, ("z",))})
+    assert written == 2
+    got_a, got_b, got_c = await store.get("a"), await store.get("b"), await store.get("c")
+    assert got_a is not None and got_a.recent_items == ("x",)
+    assert got_c is not None and got_c.recent_items == ("z",)
+    assert got_b is not None and got_b.opted_out and got_b.recent_items == ()
+    assert await store.put_many({}) == 0
+
+
+async def test_forget_reports_each_kind_of_data_that_existed(store: ProfileStore) -> None:
+    await store.record("events", [event("e1", "a")])
+    await store.set_consent("opted-out", False)
+    await store.set_interests("interests-only", ["cat-1"])
+    await store.record("opted-out-later", [event("e1", "a")])
+    await store.set_consent("opted-out-later", False)
+    assert await store.forget("events") == ("profile", "recent_items", "event_ids")
+    assert await store.forget("opted-out") == ("consent",)
+    assert await store.forget("interests-only") == ("profile",)
+    assert await store.forget("opted-out-later") == ("consent",)
+    for user in ("events", "opted-out", "interests-only", "opted-out-later"):
+        assert await store.get(user) is None
+        assert await store.forget(user) == ()
+    assert (await store.record("events", [event("e1", "a")])).fresh == (True,)  # its event ids were erased
+
+
+def parity_batches() -> list[list[StoredEvent]]:
+    """One user's events in four batches: categories overlapping, times out of order, retried ids."""
+    day = 86_400.0
+    return [
+        [
+            event("e1", "i1", EventType.CLICK, BASE_TIME + 3.25 * day, ("books", "maths")),
+            event("e2", "i2", EventType.PURCHASE, BASE_TIME, ("books",)),
+            event("e3", "i3", EventType.DWELL, BASE_TIME + 0.1, ("film",), weight=12_345.678 / 30_000.0),
+        ],
+        [
+            event("e4", "i4", EventType.RATING, BASE_TIME + 40 * day, ("film", "maths"), weight=7.3 / 2.5),
+            event("e2", "i2", EventType.PURCHASE, BASE_TIME, ("books",)),  # a retry
+            event("e5", "i5", EventType.VIEW, BASE_TIME - 17.5 * day, ("books", "film", "garden")),
+        ],
+        [
+            event("e6", "i1", EventType.LIKE, BASE_TIME + 39.999 * day, ("books", "maths")),
+            event("e7", "unknown", EventType.SHARE, BASE_TIME + 100 * day),
+            event("e8", "i6", EventType.ADD_TO_CART, BASE_TIME - 0.000_001, ("garden",)),
+            event("e8", "i6", EventType.ADD_TO_CART, BASE_TIME - 0.000_001, ("garden",)),  # repeated in a batch
+        ],
+        [event("e9", "i7", EventType.DWELL, BASE_TIME + 2 * day, ("film",), weight=0.0)],
+    ]
+
+
+async def test_memory_and_redis_build_identical_profiles_from_the_same_events(redis_url: str) -> None:
+    memory = InMemoryProfileStore(Pseudonymizer(SECRET), SETTINGS)
+    in_redis = RedisProfileStore(RedisStoreOptions(url=redis_url, settings=SETTINGS), Pseudonymizer(SECRET))
+    try:
+        last_seq = {"memory": 0, "redis": 0}
+        for batch in parity_batches():
+            from_memory, from_redis = await memory.record("u", batch), await in_redis.record("u", batch)
+            assert from_memory.fresh == from_redis.fresh
+            # seq is an opaque token that only grows (never repeated, even across erasure)
+            assert from_memory.seq > last_seq["memory"] and from_redis.seq > last_seq["redis"]
+            last_seq = {"memory": from_memory.seq, "redis": from_redis.seq}
+        got_memory, got_redis = await memory.get("u"), await in_redis.get("u")
+    finally:
+        await in_redis.close()
+    assert got_memory is not None and got_redis is not None
+    assert dict(got_memory.categories) == dict(got_redis.categories)  # bit for bit
+    assert set(got_memory.categories) == {"books", "maths", "film", "garden"}
+    assert dict(got_memory.event_counts) == dict(got_redis.event_counts)
+    assert got_memory.recent_items == got_redis.recent_items == ("i7", "i6", "unknown", "i1", "i5")
+    assert got_memory.recent_weights == got_redis.recent_weights
+    assert got_memory.last_seen == got_redis.last_seen == BASE_TIME + 100 * 86_400.0
+    # ...and both equal the reference replay of the events each store kept.
+    kept: dict[str, StoredEvent] = {}
+    for batch in parity_batches():
+        for e in batch:
+            kept.setdefault(e.event_id, e)  # the first of each id, in arrival order
+    reference = replay(kept.values(), SETTINGS)
+    assert dict(reference.categories) == dict(got_memory.categories)
+    assert (
+        dict(reference.event_counts)
+        == dict(got_memory.event_counts)
+        == {
+            "click": 1,
+            "purchase": 1,
+            "dwell": 2,
+            "rating": 1,
+            "view": 1,
+            "like": 1,
+            "share": 1,
+            "add_to_cart": 1,
+        }
+    )
+    assert reference.recent_weights == got_memory.recent_weights

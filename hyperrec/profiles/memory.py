@@ -7,6 +7,7 @@ with the process first). Keys are pseudonymised exactly as in Redis, and updates
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -27,6 +28,8 @@ class InMemoryProfileStore(ProfileStore):
         self._seq: dict[str, int] = {}
         self._seen_events: dict[str, dict[str, float]] = {}  # user key -> hashed event id -> arrival
         self._opted_out: set[str] = set()
+        # One counter for all users and all time: a profile erased and made again never repeats a number.
+        self._next_seq = itertools.count(1)
 
     async def get(self, user_id: str) -> Profile | None:
         key = self._pseudonymizer.user_key(user_id)
@@ -55,7 +58,7 @@ class InMemoryProfileStore(ProfileStore):
             if key in self._opted_out:
                 continue
             self._profiles[key] = self._trimmed(profile)
-            self._seq[key] = 1
+            self._seq[key] = next(self._next_seq)
             written += 1
         return written
 
@@ -76,7 +79,7 @@ class InMemoryProfileStore(ProfileStore):
         if stored:
             updated = apply_events(self._profiles.get(key), stored, self.settings)
             self._profiles[key] = replace(updated, updated_at=now)
-            self._seq[key] = self._seq.get(key, 0) + 1
+            self._seq[key] = next(self._next_seq)
         return RecordOutcome(False, tuple(fresh), self._profiles.get(key), self._seq.get(key, 0))
 
     async def set_vector(self, user_id: str, vector: np.ndarray, embedding_space: str, seq: int) -> bool:
@@ -93,7 +96,11 @@ class InMemoryProfileStore(ProfileStore):
         key = self._pseudonymizer.user_key(user_id)
         if key in self._opted_out:
             return False
-        self._profiles[key] = replace(self._profiles.get(key) or Profile(), interests=tuple(interests))
+        updated = replace(self._profiles.get(key) or Profile(), interests=tuple(interests))
+        if _holds_nothing(updated):  # as in Redis, where an emptied hash disappears
+            self._profiles.pop(key, None)
+        else:
+            self._profiles[key] = updated
         return True
 
     async def set_consent(self, user_id: str, personalization: bool) -> bool:
@@ -128,3 +135,15 @@ class InMemoryProfileStore(ProfileStore):
 
     def __len__(self) -> int:
         return len(self._profiles)
+
+
+def _holds_nothing(profile: Profile) -> bool:
+    return (
+        profile.user_vector is None
+        and not profile.recent_items
+        and not profile.categories
+        and not profile.event_counts
+        and not profile.interests
+        and profile.last_seen == 0.0
+        and profile.updated_at == 0.0
+    )

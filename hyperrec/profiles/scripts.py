@@ -55,6 +55,12 @@ end
 local seq
 if stored > 0 then
   redis.call('LTRIM', KEYS[2], 0, cap - 1)
+  if redis.call('HEXISTS', KEYS[1], 'seq') == 0 then
+    -- a new profile's counter starts at the server clock in microseconds, so a profile erased and made again
+    -- never repeats a sequence number an in-flight refold may still hold
+    local clock = redis.call('TIME')
+    redis.call('HSET', KEYS[1], 'seq', clock[1] .. string.format('%06d', tonumber(clock[2])))
+  end
   seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
   redis.call('HSET', KEYS[1], 'upd', fmt(now))
   redis.call('EXPIRE', KEYS[1], ttl)
@@ -69,7 +75,7 @@ return {seq, fresh, redis.call('HGETALL', KEYS[1]), redis.call('LRANGE', KEYS[2]
 # ARGV: seq, vector bytes, embedding space. Writes only while the profile is at update `seq`.
 SET_VECTOR = """
 if redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
-if (redis.call('HGET', KEYS[1], 'seq') or '0') ~= ARGV[1] then return 0 end
+if redis.call('HGET', KEYS[1], 'seq') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'vec', ARGV[2], 'space', ARGV[3])
 return 1
 """
@@ -89,7 +95,8 @@ if redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
 redis.call('DEL', KEYS[1], KEYS[2])
 local ttl, nfields = tonumber(ARGV[1]), tonumber(ARGV[2])
 for i = 3, 2 + 2 * nfields, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-redis.call('HINCRBY', KEYS[1], 'seq', 1)
+local clock = redis.call('TIME')
+redis.call('HSET', KEYS[1], 'seq', clock[1] .. string.format('%06d', tonumber(clock[2])))
 redis.call('EXPIRE', KEYS[1], ttl)
 local first = 3 + 2 * nfields
 if #ARGV >= first then
