@@ -17,6 +17,8 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 
+import numpy as np
+
 from hyperrec.domain import EventType
 from hyperrec.profiles.model import CategoryAffinity, Profile, ProfileSettings, StoredEvent
 
@@ -94,3 +96,52 @@ def apply_events(profile: Profile | None, events: Sequence[StoredEvent], setting
 def replay(events: Iterable[StoredEvent], settings: ProfileSettings) -> Profile:
     """A profile built from nothing by `events` in order (backfill and training use this)."""
     return apply_events(None, list(events), settings)
+
+
+# --- Behaviour features: what the ranker sees of a user's category affinities, per candidate item -----------
+
+BEHAVIOUR_FEATURES = ("log_category_affinity", "category_affinity_share", "log_days_since_category")
+DAY_S = 86_400.0
+
+
+def affinity_arrays(
+    categories: Mapping[str, CategoryAffinity], index: Mapping[str, int], n_categories: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """A profile's affinities as arrays over a category vocabulary: weights (0 where none) and their reference
+    times (NaN where none). Categories outside the vocabulary are ignored."""
+    weights = np.zeros(n_categories, dtype=np.float64)
+    times = np.full(n_categories, np.nan, dtype=np.float64)
+    for name, stat in categories.items():
+        column = index.get(name)
+        if column is not None:
+            weights[column], times[column] = stat.weight, stat.at
+    return weights, times
+
+
+def behaviour_raw(
+    weights: np.ndarray, times: np.ndarray, now: np.ndarray, item_categories: np.ndarray, half_life_s: float
+) -> np.ndarray:
+    """Untransformed behaviour features [users, n, 3] of candidate items for users at `now` [users].
+
+    weights, times: [users, C] from `affinity_arrays` (or a replay of logged events in training);
+    item_categories: [users, n, m] category columns of each candidate, -1 padding.
+    Columns: log1p of the user's decayed affinity summed over the item's categories; that sum's share of the
+    user's total affinity (0 for a user without any); log1p of days since the user's latest event in any of the
+    item's categories (NaN when none: imputed by the transform).
+    """
+    now = np.asarray(now, dtype=np.float64)[:, None]
+    known = np.isfinite(times)
+    elapsed = np.where(known, np.maximum(now - np.where(known, times, 0.0), 0.0), 0.0)
+    decayed = np.where(known, weights * np.power(2.0, -elapsed / half_life_s), 0.0)  # [users, C]
+    padded = np.concatenate([decayed, np.zeros((len(decayed), 1))], axis=1)  # column C stands for "no category"
+    last = np.concatenate([np.where(known, times, -np.inf), np.full((len(times), 1), -np.inf)], axis=1)
+    columns = np.where(item_categories >= 0, item_categories, decayed.shape[1])
+    rows = np.arange(len(decayed))[:, None, None]
+    summed = padded[rows, columns].sum(axis=2)  # [users, n]
+    total = decayed.sum(axis=1, keepdims=True)
+    share = np.divide(summed, total, out=np.zeros_like(summed), where=total > 0)
+    latest = last[rows, columns].max(axis=2)
+    days = np.where(
+        np.isfinite(latest), np.maximum(now - np.where(np.isfinite(latest), latest, 0.0), 0.0) / DAY_S, np.nan
+    )
+    return np.stack([np.log1p(summed), share, np.log1p(days)], axis=2)

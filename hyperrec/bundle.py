@@ -186,6 +186,11 @@ class Categories:
     names: tuple[str, ...]
     of_item: tuple[tuple[str, ...], ...]  # by bundle row
     centroids: np.ndarray  # float32 [len(names), embedding_dim]
+    columns: np.ndarray  # int64 [items, most categories of an item]: each item's category indexes, -1 padding
+
+    @property
+    def index(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.names)}
 
     @property
     def known(self) -> frozenset[str]:
@@ -211,7 +216,10 @@ class Categories:
                 sums[index[c]] += embeddings[row]
                 counts[index[c]] += 1
         centroids = (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
-        return Categories(names, tuple(tuple(cats) for cats in of_item), centroids)
+        columns = np.full((len(of_item), max((len(c) for c in of_item), default=0) or 1), -1, dtype=np.int64)
+        for row, cats in enumerate(of_item):
+            columns[row, : len(cats)] = [index[c] for c in cats]
+        return Categories(names, tuple(tuple(cats) for cats in of_item), centroids, columns)
 
     @staticmethod
     def from_json(data: Any, embeddings: np.ndarray) -> Categories:
@@ -266,6 +274,8 @@ def write_bundle(directory: Path, contents: BundleContents) -> Manifest:
             raise ValueError(f"the feature spec has a segment block; segments must be {shape}")
         np.save(directory / SEGMENTS, np.ascontiguousarray(centroids, dtype=np.float32), allow_pickle=False)
         names.append(SEGMENTS)
+    if contents.feature_spec.behaviour_features and contents.item_categories is None:
+        raise ValueError("the feature spec has behaviour features; item_categories are required")
     if contents.item_categories is not None:
         if len(contents.item_categories) != len(ids):
             raise ValueError(f"item_categories has {len(contents.item_categories)} entries for {len(ids)} items")
@@ -456,7 +466,11 @@ class Bundle:
         item_features = _load_matrix(directory, ITEM_FEATURES, (manifest.item_count, spec.item_feature_dim))
         segments = _load_matrix(directory, SEGMENTS, (spec.segments, spec.embedding_dim))
         ranker = OnnxRanker.load(
-            directory / RANKER, spec.embedding_dim, spec.context_dim, options or RankerOptions(), spec.item_feature_dim
+            directory / RANKER,
+            spec.embedding_dim,
+            spec.context_dim,
+            options or RankerOptions(),
+            spec.ranker_feature_dim,
         )
         try:
             cold = ColdStart.from_json(json.loads((directory / COLD_START).read_text()), row_of)
@@ -469,6 +483,10 @@ class Bundle:
             except ValueError as exc:
                 raise BundleError(ITEM_CATEGORIES, f"not valid JSON: {exc}") from exc
             categories = Categories.from_json(raw_categories, emb)
+        if spec.behaviour_features and categories is None:
+            raise BundleError(
+                ITEM_CATEGORIES, "missing: the feature spec has behaviour features, which need categories"
+            )
         return cls(
             model_name=manifest.model_name,
             version=directory.name,

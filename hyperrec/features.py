@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from hyperrec.behaviour import BEHAVIOUR_FEATURES
 from hyperrec.domain import Context, DeviceType, Surface
 from hyperrec.errors import BundleError
 
@@ -76,6 +77,9 @@ class FeatureSpec:
     blocks: tuple[FeatureBlock, ...]
     item_features: tuple[str, ...] = ()
     item_feature_stats: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    behaviour_features: tuple[str, ...] = ()
+    behaviour_stats: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    affinity_half_life_s: float = 0.0
 
     @property
     def context_dim(self) -> int:
@@ -83,7 +87,13 @@ class FeatureSpec:
 
     @property
     def item_feature_dim(self) -> int:
+        """Width of the bundle's stored item feature matrix."""
         return len(self.item_features)
+
+    @property
+    def ranker_feature_dim(self) -> int:
+        """Width of the ranker's `item_features` input: stored item features, then per-request behaviour features."""
+        return len(self.item_features) + len(self.behaviour_features)
 
     @property
     def segments(self) -> int:
@@ -100,6 +110,12 @@ class FeatureSpec:
             out["item_features"] = {
                 "names": list(self.item_features),
                 "stats": {k: dict(v) for k, v in self.item_feature_stats.items()},
+            }
+        if self.behaviour_features:
+            out["behaviour_features"] = {
+                "names": list(self.behaviour_features),
+                "stats": {k: dict(v) for k, v in self.behaviour_stats.items()},
+                "half_life_s": self.affinity_half_life_s,
             }
         return out
 
@@ -121,11 +137,25 @@ class FeatureSpec:
             item = data.get("item_features", {})
             item_names = tuple(str(n) for n in item.get("names", ()))
             item_stats = {str(k): {str(a): float(b) for a, b in v.items()} for k, v in item.get("stats", {}).items()}
+            behaviour = data.get("behaviour_features", {})
+            behaviour_names = tuple(str(n) for n in behaviour.get("names", ()))
+            behaviour_stats = {
+                str(k): {str(a): float(b) for a, b in v.items()} for k, v in behaviour.get("stats", {}).items()
+            }
+            half_life = float(behaviour.get("half_life_s", 0.0))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise BundleError(file, f"feature_spec is malformed: {exc!r}") from exc
         if len(set(item_names)) != len(item_names):
             raise BundleError(file, "feature_spec.item_features.names are not unique")
-        spec = cls(embedding_dim=dim, blocks=blocks, item_features=item_names, item_feature_stats=item_stats)
+        spec = cls(
+            embedding_dim=dim,
+            blocks=blocks,
+            item_features=item_names,
+            item_feature_stats=item_stats,
+            behaviour_features=behaviour_names,
+            behaviour_stats=behaviour_stats,
+            affinity_half_life_s=half_life,
+        )
         spec.check(file)
         declared = data.get("context_dim")
         if declared is not None and int(declared) != spec.context_dim:
@@ -137,6 +167,15 @@ class FeatureSpec:
     def check(self, file: str = "manifest.json") -> None:
         if self.embedding_dim < 1:
             raise BundleError(file, "feature_spec.embedding_dim must be positive")
+        if self.behaviour_features:
+            if self.behaviour_features != BEHAVIOUR_FEATURES:
+                raise BundleError(file, f"feature_spec.behaviour_features must be {list(BEHAVIOUR_FEATURES)}")
+            if not (math.isfinite(self.affinity_half_life_s) and self.affinity_half_life_s > 0):
+                raise BundleError(file, "feature_spec.behaviour_features.half_life_s must be positive")
+            for name in self.behaviour_features:
+                stats = self.behaviour_stats.get(name, {})
+                if not all(math.isfinite(stats.get(key, math.nan)) for key in ("cap", "mean", "std")):
+                    raise BundleError(file, f"feature_spec.behaviour_features.stats lacks cap/mean/std for {name}")
         for block in self.blocks:
             ok = (
                 (block.kind == "cyclic" and block.source in _CYCLIC_SOURCES)
@@ -164,6 +203,16 @@ def default_feature_spec(embedding_dim: int, country_buckets: int = 16) -> Featu
             FeatureBlock("country", "hashed", "country", buckets=country_buckets),
         ),
     )
+
+
+def standardize(raw: np.ndarray, stats: Mapping[str, Mapping[str, float]], names: Sequence[str]) -> np.ndarray:
+    """The numeric transform training fits and serving applies: missing (NaN) values take the cap, values
+    above the cap are capped, then each column is standardised. `raw` [..., len(names)] -> float32."""
+    cap = np.array([stats[n]["cap"] for n in names])
+    mean = np.array([stats[n]["mean"] for n in names])
+    std = np.array([stats[n]["std"] for n in names])
+    filled = np.minimum(np.where(np.isfinite(raw), raw, cap), cap)
+    return np.asarray((filled - mean) / std, dtype=np.float32)
 
 
 def stable_bucket(value: str, buckets: int) -> int:

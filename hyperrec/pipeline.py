@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 import numpy as np
 
 from hyperrec import metrics
+from hyperrec.behaviour import affinity_arrays, behaviour_raw
 from hyperrec.breaker import CircuitBreaker
 from hyperrec.bundle import Bundle
 from hyperrec.domain import (
@@ -30,7 +31,7 @@ from hyperrec.domain import (
     validate_request,
 )
 from hyperrec.errors import DeadlineExceeded, ProfileStoreError, Unavailable
-from hyperrec.features import assign_segments, daypart, encode_context
+from hyperrec.features import assign_segments, daypart, encode_context, standardize
 from hyperrec.profiles import Profile, ProfileStore
 
 log = logging.getLogger(__name__)
@@ -158,8 +159,33 @@ def cold_start_items(bundle: Bundle, req: RecommendRequest, now: datetime) -> tu
     return tuple(out)
 
 
+def candidate_features(bundle: Bundle, profile: Profile | None, rows: np.ndarray, now: datetime) -> np.ndarray | None:
+    """The ranker's `item_features` for candidate `rows` [n, F]: the bundle's stored item features, then the
+    user's behaviour features (transformed with the training split's statistics); None when the ranker takes none."""
+    spec = bundle.feature_spec
+    parts = [] if bundle.item_features is None else [bundle.item_features[rows]]
+    if spec.behaviour_features and bundle.categories is not None:
+        cats = bundle.categories
+        weights, times = affinity_arrays(profile.categories if profile else {}, cats.index, len(cats.names))
+        raw = behaviour_raw(
+            weights[None, :],
+            times[None, :],
+            np.array([now.timestamp()]),
+            cats.columns[rows][None, :, :],
+            spec.affinity_half_life_s,
+        )[0]
+        parts.append(standardize(raw, spec.behaviour_stats, spec.behaviour_features))
+    return np.concatenate(parts, axis=1) if parts else None
+
+
 def rank_candidates(
-    bundle: Bundle, uvec: np.ndarray, req: RecommendRequest, now: datetime, candidates: int, deadline: float | None
+    bundle: Bundle,
+    uvec: np.ndarray,
+    req: RecommendRequest,
+    now: datetime,
+    candidates: int,
+    deadline: float | None,
+    profile: Profile | None = None,
 ) -> tuple[tuple[ScoredItem, ...], float, float]:
     """Retrieve and rank for one user (blocking; runs on a compute thread).
 
@@ -176,8 +202,9 @@ def rank_candidates(
     segment = None if bundle.segments is None else int(assign_segments(bundle.segments, uvec[None, :])[0])
     context = encode_context(req.context, bundle.feature_spec, now, segment=segment)
     items = bundle.item_embeddings[rows]
-    features = None if bundle.item_features is None else bundle.item_features[rows][None, :, :]
-    scores = bundle.ranker.score(uvec[None, :], context[None, :], items[None, :, :], features)[0]
+    features = candidate_features(bundle, profile, rows, req.context.event_time or now)  # as of the request's time
+    batch_features = None if features is None else features[None, :, :]
+    scores = bundle.ranker.score(uvec[None, :], context[None, :], items[None, :, :], batch_features)[0]
     scores = np.where(np.isnan(scores), -np.inf, scores)
     order = np.lexsort((rows, -retrieval_scores, -scores))[: req.k]
     ranked = tuple(ScoredItem(bundle.item_ids[rows[i]], float(scores[i]), float(retrieval_scores[i])) for i in order)
@@ -233,7 +260,7 @@ class Recommender:
         if bundle is None:
             raise Unavailable("no model version is loaded yet")
         timings = StageTimings()
-        uvec, strategy = None, Strategy.NOT_PERSONALIZED
+        uvec, strategy, profile = None, Strategy.NOT_PERSONALIZED, None
         if not req.disable_personalization:
             profile, degraded = await self._profile(req.user_id)
             if degraded:
@@ -250,7 +277,7 @@ class Recommender:
                 raise DeadlineExceeded("deadline passed before retrieval")
             loop = asyncio.get_running_loop()
             items, timings.retrieval_ms, timings.ranking_ms = await loop.run_in_executor(
-                self._executor, rank_candidates, bundle, uvec, req, now, self._options.candidates, deadline
+                self._executor, rank_candidates, bundle, uvec, req, now, self._options.candidates, deadline, profile
             )
         metrics.RECOMMENDATIONS.labels(strategy.value).inc()
         timings.total_ms = (time.perf_counter() - start) * 1e3

@@ -7,6 +7,7 @@ INVALID_ARGUMENT instead of the UNKNOWN that grpcio gives for a failing deserial
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -16,7 +17,7 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from hyperrec.domain import request_id_problem
-from hyperrec.errors import InvalidArgument
+from hyperrec.errors import DeadlineExceeded, InvalidArgument
 from hyperrec.ingest import ProfileService
 from hyperrec.pipeline import Recommender
 from hyperrec.v1 import profiles_pb2 as ppb
@@ -61,6 +62,9 @@ async def answer(
             quoted_id = request_id
         return await run(request, request_id, _deadline(context))
     except Exception as exc:
+        if isinstance(exc, DeadlineExceeded) and (context.done() or context.cancelled()):
+            # gRPC already ended the call with DEADLINE_EXCEEDED; aborting it again would only log an error.
+            raise asyncio.CancelledError from None
         code, message = status_for(exc, quoted_id)
         context.set_trailing_metadata((("x-request-id", quoted_id),))
         await context.abort(code, message)

@@ -11,6 +11,7 @@ import numpy as np
 
 from hyperrec.bundle import Bundle, resolve_version
 from training.baselines import Recommender
+from training.behaviour_features import BehaviourFeatures, category_columns
 from training.factory import FactoryConfig, baselines, evaluate_models, make_split
 from training.loaders import load_dataset
 from training.splits import filter_min_history
@@ -58,6 +59,13 @@ def evaluate_bundle(
             known[row] = True
     # The bundle's item features are frozen at its publication, exactly as the server uses them.
     frozen = (lambda _log: features) if width else None
+    behaviour = None
+    spec = bundle.feature_spec
+    if spec.behaviour_features and bundle.categories is not None:
+        cats = bundle.categories
+        of_item = [cats.of_item[bundle.row_of[i]] if i in bundle.row_of else () for i in data.catalog.item_ids]
+        columns = category_columns(of_item)
+        behaviour = BehaviourFeatures(columns, spec.affinity_half_life_s, spec.behaviour_stats)
     candidates = cfg.ranker.candidates
     ours: list[Recommender] = [
         TwoStageRecommender("bundle_retrieval", vectors, bundle.feature_spec, None, candidates, known=known),
@@ -70,6 +78,7 @@ def evaluate_bundle(
             known=known,
             item_features=frozen,
             segments=bundle.segments,
+            behaviour=behaviour,
         ),
     ]
     metrics, warm = evaluate_models(split, [*baselines(cfg), *ours], cfg)

@@ -24,12 +24,14 @@ from typing import Any
 import numpy as np
 
 import hyperrec
+from hyperrec.behaviour import BEHAVIOUR_FEATURES
 from hyperrec.bundle import BundleContents, publish_bundle
 from hyperrec.features import FeatureSpec, default_feature_spec
 from hyperrec.pipeline import fold_in
 from hyperrec.profiles.model import Profile
 from index.ann import IVF, AnnIndex, IndexParams
 from training.baselines import ImplicitALS, ItemKNN, MostPopular, Recommender, evaluate_recommender
+from training.behaviour_features import fit_behaviour_features
 from training.export import check_parity, export_ranker_onnx
 from training.history_model import RetrievalConfig, latest_histories, train_retrieval
 from training.interactions import Interactions, LoadReport
@@ -68,6 +70,8 @@ class FactoryConfig:
     knn_neighbours: int = 100
     item_features: bool = True
     segments: int = 8  # behavioural segments (K-Means over users' vectors); 0 turns the feature off
+    behaviour_features: bool = True  # users' decayed category affinities per candidate (needs item categories)
+    affinity_half_life_days: float = 14.0  # must equal the server's affinity_half_life_days
 
 
 @dataclass(frozen=True)
@@ -206,8 +210,20 @@ def run_factory(
     centroids = train_segments(split.train, retrieval.item_vectors, cfg)
     if centroids is not None:
         spec = with_segment_block(spec, len(centroids))
+    behaviour = None
+    if cfg.behaviour_features and any(data.catalog.categories):
+        half_life_s = cfg.affinity_half_life_days * 86_400.0
+        behaviour = fit_behaviour_features(split.train, data.catalog.categories, half_life_s, seed=cfg.ranker.seed)
+        spec = replace(
+            spec,
+            behaviour_features=BEHAVIOUR_FEATURES,
+            behaviour_stats=behaviour.stats,
+            affinity_half_life_s=half_life_s,
+        )
     clock = time.perf_counter()
-    fit = fit_ranker(split.train, split.validation, retrieval.item_vectors, spec, cfg.ranker, item_spec, centroids)
+    fit = fit_ranker(
+        split.train, split.validation, retrieval.item_vectors, spec, cfg.ranker, item_spec, centroids, behaviour
+    )
     timings["ranker"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -224,6 +240,7 @@ def run_factory(
             cfg.retrieval.history,
             item_features=features_at_end,
             segments=centroids,
+            behaviour=behaviour,
         ),
     ]
     results, warm_results = evaluate_models(split, [*baselines(cfg), *ours], cfg)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from hyperrec.features import standardize
 from training.interactions import Interactions
 
 DAY = 86_400
@@ -95,9 +96,7 @@ def fit_stats(raw: FloatArray) -> NumericStats:
 
 def transform(raw: FloatArray, stats: NumericStats) -> npt.NDArray[np.float32]:
     """Impute missing with the cap, cap, standardise: the one transform used in training and for the bundle."""
-    cap = np.asarray(stats.cap)
-    filled = np.minimum(np.where(np.isfinite(raw), raw, cap), cap)
-    out: npt.NDArray[np.float32] = ((filled - np.asarray(stats.mean)) / np.asarray(stats.std)).astype(np.float32)
+    out: npt.NDArray[np.float32] = standardize(raw, stats.to_json(), NUMERIC)
     return out
 
 

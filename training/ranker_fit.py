@@ -20,6 +20,7 @@ from torch import nn
 from hyperrec.features import FeatureSpec, assign_segments
 from hyperrec.pipeline import fold_in
 from training.baselines import evaluate_recommender
+from training.behaviour_features import BehaviourFeatures, replay_states
 from training.history_model import event_histories
 from training.interactions import Interactions
 from training.item_features import ItemFeatureSpec, ItemHistory
@@ -105,6 +106,7 @@ def build_examples(
     rng: np.random.Generator,
     item_spec: ItemFeatureSpec | None = None,
     segments: np.ndarray | None = None,
+    behaviour: BehaviourFeatures | None = None,
 ) -> RankerExamples:
     """Hard-negative examples from the most recent train events that have a history.
 
@@ -126,11 +128,15 @@ def build_examples(
         picks = np.argsort(rng.random(top.shape), axis=1)[:, : cfg.hard_negatives]
         negatives[block] = np.take_along_axis(top, picks, axis=1)
     items = np.concatenate([positives[:, None], negatives], axis=1)
-    features = None
+    parts = []
     if item_spec is not None:
         times = np.repeat(train.timestamp[rows], items.shape[1])
         flat = item_spec.at(ItemHistory(train), items.reshape(-1), times)
-        features = flat.reshape(items.shape[0], items.shape[1], item_spec.width)
+        parts.append(flat.reshape(items.shape[0], items.shape[1], item_spec.width))
+    if behaviour is not None:
+        weights, times_before = replay_states(train, behaviour.columns, behaviour.half_life_s, rows)
+        parts.append(behaviour.features(weights, times_before, train.timestamp[rows].astype(np.float64), items))
+    features = np.concatenate(parts, axis=2) if parts else None
     segment_of = None if segments is None else assign_segments(segments, users)
     return RankerExamples(users, context_matrix(train.timestamp[rows], spec, segment_of), items, features)
 
@@ -143,17 +149,19 @@ def fit_ranker(
     config: RankerConfig | None = None,
     item_spec: ItemFeatureSpec | None = None,
     segments: np.ndarray | None = None,
+    behaviour: BehaviourFeatures | None = None,
 ) -> RankerFit:
     """Train with softmax over [positive, hard negatives]; keep the epoch with the best validation NDCG@10."""
     cfg = config or RankerConfig()
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
-    examples = build_examples(train, item_vectors, spec, cfg, rng, item_spec, segments)
-    ranker = Ranker(spec.embedding_dim, spec.context_dim, cfg.hidden, item_spec.width if item_spec else 0)
+    examples = build_examples(train, item_vectors, spec, cfg, rng, item_spec, segments, behaviour)
+    width = (item_spec.width if item_spec else 0) + (behaviour.width if behaviour else 0)
+    ranker = Ranker(spec.embedding_dim, spec.context_dim, cfg.hidden, width)
     start_from_retrieval_order(ranker)
     optimizer = torch.optim.Adam(ranker.parameters(), lr=cfg.learning_rate)
     vectors = torch.from_numpy(item_vectors)
-    baseline = _validation_ndcg(None, train, validation, item_vectors, spec, cfg, item_spec, segments)
+    baseline = _validation_ndcg(None, train, validation, item_vectors, spec, cfg, item_spec, segments, behaviour)
     # Epoch 0 is the untrained ranker, which keeps retrieval order: a ranker that never beats it is not kept.
     best_state, best_score, best_epoch, curve = copy.deepcopy(ranker.state_dict()), baseline, 0, []
     for epoch in progress(range(1, cfg.epochs + 1), "ranker epochs", unit=" epochs"):
@@ -174,7 +182,7 @@ def fit_ranker(
             loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
         ranker.eval()
-        score = _validation_ndcg(ranker, train, validation, item_vectors, spec, cfg, item_spec, segments)
+        score = _validation_ndcg(ranker, train, validation, item_vectors, spec, cfg, item_spec, segments, behaviour)
         curve.append(score)
         log.info("ranker epoch %d: validation ndcg@10 %.4f (retrieval alone %.4f)", epoch, score, baseline)
         if score > best_score:
@@ -195,11 +203,20 @@ def _validation_ndcg(
     cfg: RankerConfig,
     item_spec: ItemFeatureSpec | None,
     segments: np.ndarray | None,
+    behaviour: BehaviourFeatures | None,
 ) -> float:
     score = torch_scorer(ranker) if ranker is not None else None
     features = item_spec.matrix if item_spec is not None else None
     model = TwoStageRecommender(
-        "validation", item_vectors, spec, score, cfg.candidates, cfg.history, item_features=features, segments=segments
+        "validation",
+        item_vectors,
+        spec,
+        score,
+        cfg.candidates,
+        cfg.history,
+        item_features=features,
+        segments=segments,
+        behaviour=behaviour,
     )
     model.fit(train)
     return float(evaluate_recommender(model, train, validation, ks=(10,))["ndcg@10"])

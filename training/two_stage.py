@@ -17,6 +17,7 @@ import numpy.typing as npt
 from hyperrec.domain import Context
 from hyperrec.features import FeatureSpec, assign_segments, encode_context
 from hyperrec.pipeline import FOLD_IN_DECAY, fold_in
+from training.behaviour_features import BehaviourFeatures, replay_states
 from training.history_model import latest_histories
 from training.interactions import Interactions
 
@@ -60,6 +61,7 @@ class TwoStageRecommender:
         known: npt.NDArray[np.bool_] | None = None,
         item_features: FeaturesFn | None = None,
         segments: np.ndarray | None = None,
+        behaviour: BehaviourFeatures | None = None,
     ) -> None:
         self.name = name
         self._vectors = item_vectors
@@ -73,6 +75,8 @@ class TwoStageRecommender:
         self._features_fn = item_features
         self._features: np.ndarray | None = None
         self._segments = segments
+        self._behaviour = behaviour
+        self._user_weights = self._user_times = np.zeros((0, 0))
         self._histories: IntArray = np.zeros((0, history), dtype=np.int64)
         self._popular: IntArray = np.zeros(0, dtype=np.int64)
         self._fit_end = 0
@@ -83,6 +87,9 @@ class TwoStageRecommender:
         self._popular = np.argsort(-np.bincount(train.item, minlength=train.n_items), kind="stable")
         self._fit_end = int(train.timestamp.max()) if len(train) else 0
         self._features = self._features_fn(train) if self._features_fn is not None else None
+        if self._behaviour is not None:
+            b = self._behaviour
+            self._user_weights, self._user_times = replay_states(train, b.columns, b.half_life_s)
 
     def recommend(self, users: IntArray, k: int, exclude: list[IntArray] | None = None) -> IntArray:
         out = np.full((len(users), k), -1, dtype=np.int64)
@@ -96,10 +103,12 @@ class TwoStageRecommender:
             out[row] = _first_allowed(self._popular, banned[row], k)
         for start in range(0, len(warm), BLOCK):
             rows = warm[start : start + BLOCK]
-            out[rows] = self._rank_block(histories[rows], times[rows], [banned[r] for r in rows], k)
+            out[rows] = self._rank_block(users[rows], histories[rows], times[rows], [banned[r] for r in rows], k)
         return out
 
-    def _rank_block(self, histories: IntArray, times: IntArray, banned: list[IntArray], k: int) -> IntArray:
+    def _rank_block(
+        self, user_index: IntArray, histories: IntArray, times: IntArray, banned: list[IntArray], k: int
+    ) -> IntArray:
         """Retrieve and rank for a block of warm users at once (one matrix product, one ranker call)."""
         users = fold_in(self._vectors, histories, self._decay)
         scores = users @ self._vectors.T
@@ -118,7 +127,11 @@ class TwoStageRecommender:
         else:
             segment_of = None if self._segments is None else assign_segments(self._segments, users)
             context = context_matrix(times, self._spec, segment_of)
-            features = self._features[candidates] if self._features is not None else None
+            parts = [] if self._features is None else [self._features[candidates]]
+            if self._behaviour is not None:
+                weights, last = self._user_weights[user_index], self._user_times[user_index]
+                parts.append(self._behaviour.features(weights, last, times.astype(np.float64), candidates))
+            features = np.concatenate(parts, axis=2) if parts else None
             ranked = self._score(users, context, self._vectors[candidates], features).astype(np.float64)
             ranked[~np.isfinite(retrieved)] = -np.inf
         order = np.argsort(-ranked, axis=1, kind="stable")[:, :k]

@@ -68,7 +68,7 @@ if stored > 0 then
 else
   seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
 end
-redis.call('EXPIRE', KEYS[3], math.max(math.ceil(window), 1))
+redis.call('EXPIRE', KEYS[3], math.max(math.ceil(math.min(window, ttl)), 1))  -- never outlives the profile TTL
 return {seq, fresh, redis.call('HGETALL', KEYS[1]), redis.call('LRANGE', KEYS[2], 0, cap - 1)}
 """
 
