@@ -106,7 +106,12 @@ def factory_config(args: argparse.Namespace) -> Any:
     from training.history_model import RetrievalConfig
 
     retrieval = RetrievalConfig() if args.epochs is None else RetrievalConfig(epochs=args.epochs, seed=args.seed)
-    return FactoryConfig(retrieval=retrieval, split=args.split or "temporal", min_user_events=args.min_user_events or 0)
+    return FactoryConfig(
+        retrieval=retrieval,
+        split=args.split or "temporal",
+        min_user_events=args.min_user_events or 0,
+        retrain_on_all=not getattr(args, "no_retrain", False),
+    )
 
 
 def train_on_dataset(args: argparse.Namespace) -> int:
@@ -285,6 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=int, help="training epochs (default: TrainConfig's)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--profiles-out", type=Path, help="also write the users' profiles (.npz) here")
+    train.add_argument(
+        "--no-retrain",
+        action="store_true",
+        help="publish the model trained on the train part (default: retrain on train + validation first)",
+    )
     train.add_argument("--log-level", default="INFO")
     train.set_defaults(func=cmd_train)
     evaluate = sub.add_parser("evaluate", help="re-score a published version on a dataset against baselines")

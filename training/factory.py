@@ -16,7 +16,7 @@ import logging
 import subprocess
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -31,13 +31,13 @@ from hyperrec.pipeline import fold_in
 from hyperrec.profiles.model import Profile
 from index.ann import IVF, AnnIndex, IndexParams
 from training.baselines import ImplicitALS, ItemKNN, MostPopular, Recommender, evaluate_recommender
-from training.behaviour_features import fit_behaviour_features
+from training.behaviour_features import BehaviourFeatures, fit_behaviour_features
 from training.export import check_parity, export_ranker_onnx
 from training.history_model import RetrievalConfig, latest_histories, train_retrieval
 from training.interactions import Interactions, LoadReport
 from training.item_features import fit_item_features
 from training.loaders import load_dataset
-from training.ranker_fit import RankerConfig, fit_ranker, torch_scorer
+from training.ranker_fit import RankerConfig, RankerFit, fit_ranker, torch_scorer
 from training.segments import fit_segments, with_segment_block
 from training.splits import Split, filter_min_history, leave_last_out_split, temporal_split, training_view
 from training.train import cold_start_from_events
@@ -71,6 +71,7 @@ class FactoryConfig:
     item_features: bool = True
     segments: int = 8  # behavioural segments (K-Means over users' vectors); 0 turns the feature off
     behaviour_features: bool = True  # users' decayed category affinities per candidate (needs item categories)
+    retrain_on_all: bool = True  # publish a model retrained on train + validation (the test part stays unseen)
     affinity_half_life_days: float = 14.0  # must equal the server's affinity_half_life_days
 
 
@@ -187,6 +188,53 @@ def evaluate_models(split: Split, models: list[Recommender], cfg: FactoryConfig)
     return results, warm
 
 
+@dataclass(frozen=True)
+class TrainedModels:
+    retrieval: Any
+    item_spec: Any
+    centroids: np.ndarray | None
+    behaviour: BehaviourFeatures | None
+    spec: FeatureSpec
+    fit: RankerFit
+
+
+def train_models(
+    train: Interactions,
+    validation: Interactions | None,
+    item_categories: Sequence[Sequence[str]],
+    cfg: FactoryConfig,
+    timings: dict[str, float],
+) -> TrainedModels:
+    """Retrieval, item and behaviour feature statistics, segments and the ranker, all learned from `train`.
+
+    With `validation`, the ranker stops early on it; without, it trains exactly `cfg.ranker.epochs` epochs.
+    """
+    clock = time.perf_counter()
+    retrieval = train_retrieval(train, cfg.retrieval)
+    timings["retrieval"] = time.perf_counter() - clock
+    item_spec = fit_item_features(train) if cfg.item_features else None
+    spec = default_feature_spec(cfg.retrieval.embedding_dim, cfg.country_buckets)
+    if item_spec is not None:
+        spec = replace(spec, item_features=item_spec.names, item_feature_stats=item_spec.stats_json())
+    centroids = train_segments(train, retrieval.item_vectors, cfg)
+    if centroids is not None:
+        spec = with_segment_block(spec, len(centroids))
+    behaviour = None
+    if cfg.behaviour_features and any(item_categories):
+        half_life_s = cfg.affinity_half_life_days * 86_400.0
+        behaviour = fit_behaviour_features(train, item_categories, half_life_s, seed=cfg.ranker.seed)
+        spec = replace(
+            spec,
+            behaviour_features=BEHAVIOUR_FEATURES,
+            behaviour_stats=behaviour.stats,
+            affinity_half_life_s=half_life_s,
+        )
+    clock = time.perf_counter()
+    fit = fit_ranker(train, validation, retrieval.item_vectors, spec, cfg.ranker, item_spec, centroids, behaviour)
+    timings["ranker"] = time.perf_counter() - clock
+    return TrainedModels(retrieval, item_spec, centroids, behaviour, spec, fit)
+
+
 def run_factory(
     dataset: str, repo: Path, model_name: str, cfg: FactoryConfig | None = None, drop_malformed: bool = False
 ) -> FactoryResult:
@@ -200,31 +248,15 @@ def run_factory(
     split = make_split(data, cfg)
     timings["load_and_split"] = time.perf_counter() - clock
 
-    clock = time.perf_counter()
-    retrieval = train_retrieval(split.train, cfg.retrieval)
-    timings["retrieval"] = time.perf_counter() - clock
-    item_spec = fit_item_features(split.train) if cfg.item_features else None
-    spec = default_feature_spec(cfg.retrieval.embedding_dim, cfg.country_buckets)
-    if item_spec is not None:
-        spec = replace(spec, item_features=item_spec.names, item_feature_stats=item_spec.stats_json())
-    centroids = train_segments(split.train, retrieval.item_vectors, cfg)
-    if centroids is not None:
-        spec = with_segment_block(spec, len(centroids))
-    behaviour = None
-    if cfg.behaviour_features and any(data.catalog.categories):
-        half_life_s = cfg.affinity_half_life_days * 86_400.0
-        behaviour = fit_behaviour_features(split.train, data.catalog.categories, half_life_s, seed=cfg.ranker.seed)
-        spec = replace(
-            spec,
-            behaviour_features=BEHAVIOUR_FEATURES,
-            behaviour_stats=behaviour.stats,
-            affinity_half_life_s=half_life_s,
-        )
-    clock = time.perf_counter()
-    fit = fit_ranker(
-        split.train, split.validation, retrieval.item_vectors, spec, cfg.ranker, item_spec, centroids, behaviour
+    trained = train_models(split.train, split.validation, data.catalog.categories, cfg, timings)
+    retrieval, item_spec, centroids, behaviour, spec, fit = (
+        trained.retrieval,
+        trained.item_spec,
+        trained.centroids,
+        trained.behaviour,
+        trained.spec,
+        trained.fit,
     )
-    timings["ranker"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
     vectors = retrieval.item_vectors
@@ -247,6 +279,16 @@ def run_factory(
     timings["evaluation"] = time.perf_counter() - clock
 
     history = training_view(split, with_validation=True)
+    published = fit.ranker
+    if cfg.retrain_on_all:
+        # The published model learns from train + validation with what validation chose (the ranker's epochs);
+        # the test part stays unseen, so `hyperrec evaluate` on the same data remains an honest re-score.
+        clock = time.perf_counter()
+        final_ranker = replace(cfg.ranker, epochs=fit.best_epoch)
+        trained = train_models(history, None, data.catalog.categories, replace(cfg, ranker=final_ranker), {})
+        item_spec, centroids, spec = trained.item_spec, trained.centroids, trained.spec
+        vectors, published = trained.retrieval.item_vectors, trained.fit.ranker
+        timings["retrain_on_train_and_validation"] = time.perf_counter() - clock
     histories = latest_histories(history, cfg.retrieval.history)
     warm = np.flatnonzero(histories[:, 0] >= 0)
     probe = fold_in(vectors, histories[warm][:1000])
@@ -254,9 +296,9 @@ def run_factory(
     recall = ann_report(vectors, probe, index_params, min(cfg.ranker.candidates, data.n_items))
 
     clock = time.perf_counter()
-    onnx_bytes = export_ranker_onnx(fit.ranker, spec.embedding_dim, spec.context_dim)
+    onnx_bytes = export_ranker_onnx(published, spec.embedding_dim, spec.context_dim)
     parity = check_parity(
-        fit.ranker,
+        published,
         onnx_bytes,
         spec.embedding_dim,
         spec.context_dim,
@@ -267,6 +309,11 @@ def run_factory(
 
     report = build_report(dataset, data, load_report, split, cfg, results, recall, fit, parity, timings)
     report["metrics_warm_users"] = warm_results
+    report["published_model"] = {
+        "trained_on": "train+validation" if cfg.retrain_on_all else "train",
+        "ranker_epochs": fit.best_epoch,
+        "note": "the metrics above score the same procedure trained on train only; the test part is never learned",
+    }
     space = uuid.uuid4().hex
     contents = BundleContents(
         model_name=model_name,

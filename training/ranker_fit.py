@@ -143,7 +143,7 @@ def build_examples(
 
 def fit_ranker(
     train: Interactions,
-    validation: Interactions,
+    validation: Interactions | None,
     item_vectors: npt.NDArray[np.float32],
     spec: FeatureSpec,
     config: RankerConfig | None = None,
@@ -151,7 +151,11 @@ def fit_ranker(
     segments: np.ndarray | None = None,
     behaviour: BehaviourFeatures | None = None,
 ) -> RankerFit:
-    """Train with softmax over [positive, hard negatives]; keep the epoch with the best validation NDCG@10."""
+    """Train with softmax over [positive, hard negatives]; keep the epoch with the best validation NDCG@10.
+
+    Without `validation` (the final fit on train + validation) it trains exactly `epochs` epochs; 0 keeps the
+    untrained ranker, which scores in retrieval order.
+    """
     cfg = config or RankerConfig()
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -161,26 +165,16 @@ def fit_ranker(
     start_from_retrieval_order(ranker)
     optimizer = torch.optim.Adam(ranker.parameters(), lr=cfg.learning_rate)
     vectors = torch.from_numpy(item_vectors)
+    if validation is None:
+        for _ in progress(range(cfg.epochs), "ranker epochs", unit=" epochs"):
+            _train_epoch(ranker, optimizer, examples, vectors, rng, cfg.batch_size)
+        ranker.eval()
+        return RankerFit(ranker, cfg.epochs, (), float("nan"))
     baseline = _validation_ndcg(None, train, validation, item_vectors, spec, cfg, item_spec, segments, behaviour)
     # Epoch 0 is the untrained ranker, which keeps retrieval order: a ranker that never beats it is not kept.
     best_state, best_score, best_epoch, curve = copy.deepcopy(ranker.state_dict()), baseline, 0, []
     for epoch in progress(range(1, cfg.epochs + 1), "ranker epochs", unit=" epochs"):
-        ranker.train()
-        order = rng.permutation(len(examples.items))
-        for start in range(0, len(order), cfg.batch_size):
-            rows = order[start : start + cfg.batch_size]
-            inputs = [
-                torch.from_numpy(examples.users[rows]),
-                torch.from_numpy(examples.contexts[rows]),
-                vectors[torch.from_numpy(examples.items[rows])],
-            ]
-            if examples.item_features is not None:
-                inputs.append(torch.from_numpy(examples.item_features[rows]))
-            scores = ranker(*inputs)
-            loss = nn.functional.cross_entropy(scores, torch.zeros(len(scores), dtype=torch.long))
-            optimizer.zero_grad()
-            loss.backward()  # type: ignore[no-untyped-call]
-            optimizer.step()
+        _train_epoch(ranker, optimizer, examples, vectors, rng, cfg.batch_size)
         ranker.eval()
         score = _validation_ndcg(ranker, train, validation, item_vectors, spec, cfg, item_spec, segments, behaviour)
         curve.append(score)
@@ -192,6 +186,33 @@ def fit_ranker(
     ranker.load_state_dict(best_state)
     ranker.eval()
     return RankerFit(ranker, best_epoch, tuple(curve), baseline)
+
+
+def _train_epoch(
+    ranker: Ranker,
+    optimizer: torch.optim.Optimizer,
+    examples: RankerExamples,
+    vectors: torch.Tensor,
+    rng: np.random.Generator,
+    batch_size: int,
+) -> None:
+    """One pass over the examples in random order: softmax of the positive against its hard negatives."""
+    ranker.train()
+    order = rng.permutation(len(examples.items))
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        inputs = [
+            torch.from_numpy(examples.users[rows]),
+            torch.from_numpy(examples.contexts[rows]),
+            vectors[torch.from_numpy(examples.items[rows])],
+        ]
+        if examples.item_features is not None:
+            inputs.append(torch.from_numpy(examples.item_features[rows]))
+        scores = ranker(*inputs)
+        loss = nn.functional.cross_entropy(scores, torch.zeros(len(scores), dtype=torch.long))
+        optimizer.zero_grad()
+        loss.backward()  # type: ignore[no-untyped-call]
+        optimizer.step()
 
 
 def _validation_ndcg(
