@@ -14,7 +14,7 @@ import math
 import os
 import shutil
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -243,8 +243,12 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_bundle(directory: Path, contents: BundleContents) -> Manifest:
-    """Write all bundle files into an existing empty `directory`; the manifest goes last."""
+def write_bundle(
+    directory: Path, contents: BundleContents, on_index_progress: Callable[[int, int], None] | None = None
+) -> Manifest:
+    """Write all bundle files into an existing empty `directory`; the manifest goes last.
+
+    `on_index_progress(added, total)` follows the ANN index build (the slow part for large catalogues)."""
     ids = list(contents.item_ids)
     emb = np.ascontiguousarray(contents.item_embeddings, dtype=np.float32)
     if emb.ndim != 2 or emb.shape[0] != len(ids) or emb.shape[1] != contents.feature_spec.embedding_dim:
@@ -255,7 +259,7 @@ def write_bundle(directory: Path, contents: BundleContents) -> Manifest:
     (directory / RANKER).write_bytes(contents.ranker_onnx)
     np.save(directory / EMBEDDINGS, emb, allow_pickle=False)
     (directory / ITEM_IDS).write_text(json.dumps(ids))
-    AnnIndex.build(emb, contents.index_params).save(directory / INDEX)
+    AnnIndex.build(emb, contents.index_params, on_progress=on_index_progress).save(directory / INDEX)
     (directory / COLD_START).write_text(json.dumps(contents.cold_start.to_json()))
     names = list(DATA_FILES)
     width = contents.feature_spec.item_feature_dim
@@ -312,7 +316,9 @@ def _fsync_tree(directory: Path) -> None:
     _fsync_dir(directory)
 
 
-def publish_bundle(repo: Path, contents: BundleContents) -> Path:
+def publish_bundle(
+    repo: Path, contents: BundleContents, on_index_progress: Callable[[int, int], None] | None = None
+) -> Path:
     """Write a new version of `contents.model_name` atomically and return its directory.
 
     The bundle is written and synced in a staging directory inside the model's
@@ -324,7 +330,7 @@ def publish_bundle(repo: Path, contents: BundleContents) -> Path:
     staging = model_dir / f"{STAGING_PREFIX}{uuid.uuid4().hex}"
     staging.mkdir()
     try:
-        write_bundle(staging, contents)
+        write_bundle(staging, contents, on_index_progress)
         _fsync_tree(staging)
         while True:
             target = model_dir / str(max(_taken_numbers(model_dir), default=0) + 1)

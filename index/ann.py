@@ -8,7 +8,7 @@ large ones an inverted-file index whose parameters come from the bundle manifest
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,9 @@ def set_threads(n: int) -> None:
     faiss.omp_set_num_threads(max(1, n))
 
 
+ADD_CHUNK = 65_536  # vectors added per FAISS call when building (the unit of build progress)
+
+
 class AnnIndex:
     """Inner-product search over a fixed item set. Build with `build` or `load`; search is thread-safe."""
 
@@ -71,8 +74,17 @@ class AnnIndex:
             self._exhaustive_params.nprobe = params.nlist
 
     @classmethod
-    def build(cls, embeddings: np.ndarray, params: IndexParams, seed: int = 0) -> AnnIndex:
-        """Index `embeddings` (float32 [n, d]); IVF trains its coarse quantiser on them."""
+    def build(
+        cls,
+        embeddings: np.ndarray,
+        params: IndexParams,
+        seed: int = 0,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> AnnIndex:
+        """Index `embeddings` (float32 [n, d]); IVF trains its coarse quantiser on them.
+
+        `on_progress(added, total)` is called after training and after each chunk of added vectors.
+        """
         vectors = np.ascontiguousarray(embeddings, dtype=np.float32)
         dim = vectors.shape[1]
         if params.kind == FLAT:
@@ -82,7 +94,13 @@ class AnnIndex:
             index = faiss.IndexIVFFlat(quantizer, dim, params.nlist, faiss.METRIC_INNER_PRODUCT)
             index.cp.seed = seed
             index.train(vectors)
-        index.add(vectors)
+        total = len(vectors)
+        if on_progress is not None:
+            on_progress(0, total)
+        for start in range(0, total, ADD_CHUNK):
+            index.add(vectors[start : start + ADD_CHUNK])
+            if on_progress is not None:
+                on_progress(min(start + ADD_CHUNK, total), total)
         return cls(index, params)
 
     @classmethod

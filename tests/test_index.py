@@ -109,3 +109,14 @@ def test_everything_excluded_returns_nothing() -> None:
 def test_index_params_from_manifest_are_checked(bad: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         IndexParams.from_json(bad)
+
+
+def test_building_reports_progress_chunk_by_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    import index.ann as ann
+
+    monkeypatch.setattr(ann, "ADD_CHUNK", 100)
+    calls: list[tuple[int, int]] = []
+    emb = np.random.default_rng(0).normal(size=(250, 8)).astype(np.float32)
+    index = AnnIndex.build(emb, IndexParams(IVF, nlist=4, nprobe=4), on_progress=lambda a, t: calls.append((a, t)))
+    assert calls == [(0, 250), (100, 250), (200, 250), (250, 250)]
+    assert index.size == 250

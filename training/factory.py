@@ -30,6 +30,7 @@ from hyperrec.features import FeatureSpec, default_feature_spec
 from hyperrec.pipeline import fold_in
 from hyperrec.profiles.model import Profile
 from index.ann import IVF, AnnIndex, IndexParams
+from training import progress
 from training.baselines import ImplicitALS, ItemKNN, MostPopular, Recommender, evaluate_recommender
 from training.behaviour_features import BehaviourFeatures, fit_behaviour_features
 from training.export import check_parity, export_ranker_onnx
@@ -329,7 +330,7 @@ def run_factory(
         segments=centroids,
         item_categories=data.catalog.categories,
     )
-    version_dir = publish_bundle(repo, contents)
+    version_dir = publish_bundle(repo, contents, progress.counter("index build", " vectors"))
     profiles = profiles_from(history, vectors, histories, space)
     return FactoryResult(version_dir, report, profiles)
 

@@ -20,6 +20,7 @@ from hyperrec.bundle import BundleContents, ColdStart, publish_bundle
 from hyperrec.features import default_feature_spec
 from hyperrec.profiles.model import Profile
 from index.ann import IndexParams
+from training import progress
 from training.export import export_ranker_onnx
 from training.model import Ranker
 
@@ -77,7 +78,7 @@ def make_synth_bundle(
         embedding_space=space,
         training={"kind": "synthetic, untrained (benchmarks only)", "seed": seed, "clusters": clusters},
     )
-    path = publish_bundle(repo, contents)
+    path = publish_bundle(repo, contents, progress.counter("index build", " vectors"))
     users = clustered_unit_vectors(n_users, dim, clusters, rng)
     profiles = {
         f"bench-user-{u:06d}": Profile(user_vector=users[u], embedding_space=space, updated_at=0.0)

@@ -30,6 +30,7 @@ from hyperrec.domain import DeviceType
 from hyperrec.features import FeatureSpec, daypart, default_feature_spec, encode_contexts
 from hyperrec.profiles.model import Profile
 from index.ann import IndexParams
+from training import progress
 from training.export import check_parity, export_ranker_onnx
 from training.history_model import recent_distinct
 from training.model import DEFAULT_HIDDEN, JointModel, Ranker, torch_threads
@@ -267,7 +268,7 @@ def train_and_publish(
             training=training_metadata(data, cfg, result, diff),
             item_categories=[(data.category_names[c],) for c in data.item_category],
         )
-        version_dir = publish_bundle(Path(repo), contents)
+        version_dir = publish_bundle(Path(repo), contents, progress.counter("index build", " vectors"))
     with _stage(timings, "profiles"):
         profiles = build_profiles(data, result, embedding_space, cfg.recent_items)
     timings["total"] = time.perf_counter() - started
