@@ -47,6 +47,11 @@ STAGING_PREFIX = ".staging-"
 GLOBAL_SEGMENT = "global"
 
 
+def segment_key(segment: int) -> str:
+    """cold_start.json key of a behavioural segment's list."""
+    return f"segment={segment}"
+
+
 @dataclass(frozen=True)
 class ColdStart:
     """Popular items, overall and per context segment, each list best first.
@@ -70,6 +75,10 @@ class ColdStart:
             if item[0] not in seen:
                 seen.add(item[0])
                 yield item
+
+    def for_segment(self, segment: int) -> tuple[tuple[str, float], ...]:
+        """Popular items among the users of one behavioural segment (empty when the bundle has no such list)."""
+        return self.segments.get(segment_key(segment), ())
 
     def to_json(self) -> dict[str, Any]:
         return {

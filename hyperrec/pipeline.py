@@ -178,6 +178,17 @@ def candidate_features(bundle: Bundle, profile: Profile | None, rows: np.ndarray
     return np.concatenate(parts, axis=1) if parts else None
 
 
+def segment_candidates(bundle: Bundle, uvec: np.ndarray, req: RecommendRequest) -> np.ndarray | None:
+    """Rows of the popular items of the behavioural segment nearest `uvec` (a user's declared interests), or None
+    when the bundle has no such list or it cannot fill k after the exclusions (then retrieval runs as usual)."""
+    if bundle.segments is None:
+        return None
+    segment = int(assign_segments(bundle.segments, uvec[None, :])[0])
+    excluded = set(req.exclude)
+    rows = [bundle.row_of[item] for item, _ in bundle.cold_start.for_segment(segment) if item not in excluded]
+    return np.array(rows, dtype=np.int64) if len(rows) >= req.k else None
+
+
 def rank_candidates(
     bundle: Bundle,
     uvec: np.ndarray,
@@ -186,14 +197,20 @@ def rank_candidates(
     candidates: int,
     deadline: float | None,
     profile: Profile | None = None,
+    candidate_rows: np.ndarray | None = None,
 ) -> tuple[tuple[ScoredItem, ...], float, float]:
     """Retrieve and rank for one user (blocking; runs on a compute thread).
 
-    Returns the top-k items and the retrieval and ranking times in ms.
+    `candidate_rows` replaces the ANN search with a given candidate set (a segment's popular items), scored
+    by inner product like retrieved ones. Returns the top-k items and the retrieval and ranking times in ms.
     """
     t0 = time.perf_counter()
     excluded_rows = {bundle.row_of[i] for i in req.exclude if i in bundle.row_of}
-    retrieval_scores, rows = bundle.index.search_excluding(uvec, max(candidates, req.k), excluded_rows)
+    if candidate_rows is None:
+        retrieval_scores, rows = bundle.index.search_excluding(uvec, max(candidates, req.k), excluded_rows)
+    else:
+        rows = np.array([r for r in candidate_rows if r not in excluded_rows], dtype=np.int64)
+        retrieval_scores = bundle.item_embeddings[rows] @ uvec
     t1 = time.perf_counter()
     if deadline is not None and time.monotonic() >= deadline:
         raise DeadlineExceeded("deadline passed after retrieval; ranking skipped")
@@ -275,9 +292,19 @@ class Recommender:
         else:
             if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlineExceeded("deadline passed before retrieval")
+            pool = segment_candidates(bundle, uvec, req) if strategy == Strategy.INTERESTS else None
             loop = asyncio.get_running_loop()
             items, timings.retrieval_ms, timings.ranking_ms = await loop.run_in_executor(
-                self._executor, rank_candidates, bundle, uvec, req, now, self._options.candidates, deadline, profile
+                self._executor,
+                rank_candidates,
+                bundle,
+                uvec,
+                req,
+                now,
+                self._options.candidates,
+                deadline,
+                profile,
+                pool,
             )
         metrics.RECOMMENDATIONS.labels(strategy.value).inc()
         timings.total_ms = (time.perf_counter() - start) * 1e3

@@ -169,3 +169,18 @@ def test_bundle_carries_behavioural_segments_used_as_a_ranker_feature(factory: F
     assert spec.blocks[-1].kind == "segment" and spec.blocks[-1].width == SMALL.segments
     assert bundle.segments is not None and bundle.segments.shape == (SMALL.segments, spec.embedding_dim)
     assert "segments.npy" in read_manifest(factory.version_dir).files
+
+
+def test_published_bundle_carries_behaviour_features_categories_and_segment_lists(factory: FactoryResult) -> None:
+    from hyperrec.behaviour import BEHAVIOUR_FEATURES
+    from hyperrec.bundle import Bundle, segment_key
+
+    bundle = Bundle.load(factory.version_dir)
+    spec = bundle.feature_spec
+    assert spec.behaviour_features == BEHAVIOUR_FEATURES and spec.affinity_half_life_s == 14 * 86_400.0
+    assert set(spec.behaviour_stats) == set(BEHAVIOUR_FEATURES)
+    assert bundle.categories is not None and bundle.segments is not None
+    lists = [bundle.cold_start.for_segment(k) for k in range(len(bundle.segments))]
+    assert sum(1 for items in lists if items) >= 2  # segments with users have their own popular items
+    assert all(item in bundle.row_of for items in lists for item, _ in items)
+    assert segment_key(0) == "segment=0"

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
+import numpy as np
 import pytest
 import redis
 
@@ -650,3 +651,48 @@ async def test_the_longest_user_id_is_accepted(live: Live) -> None:
     assert (await live.recommend(user)).strategy == pb.STRATEGY_PERSONALIZED
     forgot = await live.profiles.ForgetUser(ppb.ForgetUserRequest(user_id=user))
     assert list(forgot.deleted) == ["profile", "recent_items", "event_ids"]
+
+
+@pytest.fixture(scope="module")
+def segmented_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Like `cat_repo`, plus 5 behavioural segments (one per category centre) whose cold-start lists hold the
+    items of the *next* category, so an answer drawn from a segment list is told apart from retrieval."""
+    from dataclasses import replace as with_fields
+
+    from hyperrec.bundle import ColdStart, publish_bundle, segment_key
+    from tests.helpers import make_contents, make_ranker_onnx
+    from training.segments import with_segment_block
+
+    contents = make_contents(n_items=N_ITEMS, dim=8, seed=7, categories=N_CATEGORIES)
+    spec = with_segment_block(contents.feature_spec, N_CATEGORIES)
+    emb = contents.item_embeddings
+    centroids = np.stack([emb[c::N_CATEGORIES].mean(axis=0) for c in range(N_CATEGORIES)]).astype(np.float32)
+    lists = {
+        segment_key(c): tuple((item(r), 0.01) for r in range((c + 1) % N_CATEGORIES, N_ITEMS, N_CATEGORIES))[:30]
+        for c in range(N_CATEGORIES)
+    }
+    cold = ColdStart(contents.cold_start.global_items, {**contents.cold_start.segments, **lists})
+    repo = tmp_path_factory.mktemp("segmented-repo")
+    publish_bundle(
+        repo,
+        with_fields(
+            contents,
+            feature_spec=spec,
+            segments=centroids,
+            cold_start=cold,
+            ranker_onnx=make_ranker_onnx(8, spec.context_dim),
+        ),
+    )
+    return repo
+
+
+async def test_declared_interests_start_from_their_segments_popular_items(segmented_repo: Path) -> None:
+    async with live_server(segmented_repo) as live:
+        await live.profiles.SetInterests(ppb.SetInterestsRequest(user_id="onboarded", categories=["cat-2"]), timeout=5)
+        reply = await live.recommend("onboarded", k=10)
+        assert reply.strategy == pb.STRATEGY_INTERESTS
+        assert count_in(reply, 3) == 10  # segment 2's list: the popular items of its users (here cat-3)
+        # When exclusions leave the segment's list unable to fill k, retrieval with the interests takes over.
+        req = request("onboarded", k=10, exclude=items_in(3, 25))
+        fallback: pb.RecommendResponse = await live.running.stub.Recommend(req, timeout=5)
+        assert fallback.strategy == pb.STRATEGY_INTERESTS and count_in(fallback, 2) >= 8

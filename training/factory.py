@@ -25,8 +25,8 @@ import numpy as np
 
 import hyperrec
 from hyperrec.behaviour import BEHAVIOUR_FEATURES
-from hyperrec.bundle import BundleContents, publish_bundle
-from hyperrec.features import FeatureSpec, default_feature_spec
+from hyperrec.bundle import BundleContents, ColdStart, publish_bundle, segment_key
+from hyperrec.features import FeatureSpec, assign_segments, default_feature_spec
 from hyperrec.pipeline import fold_in
 from hyperrec.profiles.model import Profile
 from index.ann import IVF, AnnIndex, IndexParams
@@ -41,7 +41,7 @@ from training.loaders import load_dataset
 from training.ranker_fit import RankerConfig, RankerFit, fit_ranker, torch_scorer
 from training.segments import fit_segments, with_segment_block
 from training.splits import Split, filter_min_history, leave_last_out_split, temporal_split, training_view
-from training.train import cold_start_from_events
+from training.train import SEGMENT_COLD_START_SIZE, cold_start_from_events, top_items
 from training.two_stage import TwoStageRecommender
 
 log = logging.getLogger(__name__)
@@ -322,7 +322,7 @@ def run_factory(
         item_embeddings=vectors,
         ranker_onnx=onnx_bytes,
         feature_spec=spec,
-        cold_start=real_cold_start(history),
+        cold_start=real_cold_start(history, vectors, centroids),
         index_params=index_params,
         embedding_space=space,
         training=report,
@@ -346,11 +346,30 @@ def train_segments(train: Interactions, vectors: np.ndarray, cfg: FactoryConfig)
     return fit_segments(users, cfg.segments, cfg.retrieval.seed)
 
 
-def real_cold_start(history: Interactions) -> Any:
-    """Popularity lists from the history; these logs carry no device, so segments are by daypart only."""
+def real_cold_start(history: Interactions, vectors: np.ndarray, centroids: np.ndarray | None) -> ColdStart:
+    """Popularity lists from the history; these logs carry no device, so context lists are by daypart only.
+
+    With behavioural segments, each segment also gets the popular items of its users (each user assigned by
+    the fold-in of their latest history): the list a user without history but with declared interests starts
+    from (`segment=<k>`).
+    """
     hours = (history.timestamp // 3600) % 24
     devices = np.zeros(len(history), dtype=np.int64)  # DeviceType.UNSPECIFIED
-    return cold_start_from_events(history.catalog.item_ids, history.item, devices, hours)
+    lists = cold_start_from_events(history.catalog.item_ids, history.item, devices, hours)
+    if centroids is None:
+        return lists
+    histories = latest_histories(history, 50)
+    warm = histories[:, 0] >= 0
+    segment_of = np.full(history.n_users, -1, dtype=np.int64)
+    segment_of[warm] = assign_segments(centroids, fold_in(vectors, histories[warm]))
+    by_segment = dict(lists.segments)
+    for k in range(len(centroids)):
+        events = segment_of[history.user] == k
+        if events.any():
+            by_segment[segment_key(k)] = top_items(
+                history.catalog.item_ids, history.item[events], SEGMENT_COLD_START_SIZE
+            )
+    return replace(lists, segments=by_segment)
 
 
 def profiles_from(history: Interactions, vectors: np.ndarray, histories: np.ndarray, space: str) -> dict[str, Profile]:

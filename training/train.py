@@ -208,11 +208,11 @@ def cold_start_from_events(
         if not on_device.any():
             continue
         name = device.name.lower()
-        segments[f"device={name}"] = _top_items(item_ids, items[on_device], segment_size)
+        segments[f"device={name}"] = top_items(item_ids, items[on_device], segment_size)
         for part in sorted(set(dayparts[on_device].tolist())):
             in_part = on_device & (dayparts == part)
-            segments[f"device={name}|daypart={part}"] = _top_items(item_ids, items[in_part], segment_size)
-    return ColdStart(global_items=_top_items(item_ids, items, global_size), segments=segments)
+            segments[f"device={name}|daypart={part}"] = top_items(item_ids, items[in_part], segment_size)
+    return ColdStart(global_items=top_items(item_ids, items, global_size), segments=segments)
 
 
 def build_profiles(
@@ -340,7 +340,7 @@ def _hit_rate(top: npt.NDArray[np.int64], targets: npt.NDArray[np.int64]) -> flo
     return float((top == targets[:, None]).any(axis=1).mean()) if len(targets) else 0.0
 
 
-def _top_items(item_ids: Sequence[str], items: npt.NDArray[np.int64], size: int) -> tuple[tuple[str, float], ...]:
+def top_items(item_ids: Sequence[str], items: npt.NDArray[np.int64], size: int) -> tuple[tuple[str, float], ...]:
     """The `size` most frequent items among `items` with their share of them, best first (ties: lower row)."""
     if len(items) == 0:
         return ()
