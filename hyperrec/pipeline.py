@@ -101,11 +101,22 @@ def history_vector(bundle: Bundle, profile: Profile) -> np.ndarray | None:
 
 
 def fold_recent(bundle: Bundle, profile: Profile) -> np.ndarray | None:
-    """Fold-in of the profile's recent items (with their engagement weights) that the bundle knows, else None."""
-    rows = np.array([bundle.row_of.get(i, -1) for i in profile.recent_items], dtype=np.int64)
+    """Fold-in of the profile's recent distinct items that the bundle knows, else None.
+
+    An item seen several times counts once, at its newest position and with its newest event's engagement
+    weight: the history the trainers fold (`training.history_model`), so serving matches training.
+    """
+    seen: set[str] = set()
+    items, engagement = [], []
+    for item, weight in zip(profile.recent_items, profile.weights_of_recent(), strict=True):
+        if item not in seen:
+            seen.add(item)
+            items.append(item)
+            engagement.append(weight)
+    rows = np.array([bundle.row_of.get(i, -1) for i in items], dtype=np.int64)
     if not (rows >= 0).any():
         return None
-    weights = np.asarray(profile.weights_of_recent(), dtype=np.float32)[None, :]
+    weights = np.asarray(engagement, dtype=np.float32)[None, :]
     folded: np.ndarray = fold_in(bundle.item_embeddings, rows[None, :], engagement=weights)[0]
     return folded
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from hyperrec.errors import ProfileStoreError
 from hyperrec.profiles import Profile, ProfileStore
 from hyperrec.profiles.keys import Pseudonymizer
 from hyperrec.profiles.memory import InMemoryProfileStore
-from hyperrec.profiles.model import ProfileSettings, StoredEvent
+from hyperrec.profiles.model import CategoryAffinity, ProfileSettings, StoredEvent
 from hyperrec.profiles.redis_store import RedisProfileStore, RedisStoreOptions
 from tests.conftest import free_port
 
@@ -356,3 +357,29 @@ async def test_memory_and_redis_build_identical_profiles_from_the_same_events(re
         }
     )
     assert reference.recent_weights == got_memory.recent_weights
+
+
+def test_snapshot_round_trips_every_profile_field(tmp_path: Path) -> None:
+    from hyperrec.profiles.snapshot import load_profiles, save_profiles
+
+    full = Profile(
+        user_vector=np.arange(4, dtype=np.float32),
+        embedding_space="space-9",
+        recent_items=("a", "b", "a"),
+        recent_weights=(2.0, 0.5, 1.0),
+        updated_at=123.5,
+        categories={"drama": CategoryAffinity(3.25, 1_700_000_000.0), "näh": CategoryAffinity(0.1, 5.0)},
+        event_counts={"click": 2, "rating": 1},
+        last_seen=1_700_000_000.0,
+        interests=("drama",),
+    )
+    bare = Profile(recent_items=("z",), updated_at=1.0)  # no vector: kept as such
+    path = tmp_path / "profiles.npz"
+    save_profiles(path, {"u1": full, "u2": bare})
+    got = load_profiles(path)
+    assert got["u1"].user_vector is not None and got["u2"].user_vector is None and got["u2"].embedding_space == ""
+    np.testing.assert_array_equal(got["u1"].user_vector, full.user_vector)
+    for field in ("embedding_space", "recent_items", "recent_weights", "updated_at", "categories", "event_counts"):
+        assert getattr(got["u1"], field) == getattr(full, field)
+    assert got["u1"].last_seen == full.last_seen and got["u1"].interests == full.interests
+    assert got["u2"].recent_items == ("z",) and got["u2"].weights_of_recent() == (1.0,)

@@ -25,12 +25,13 @@ import numpy as np
 
 import hyperrec
 from hyperrec.behaviour import BEHAVIOUR_FEATURES
-from hyperrec.bundle import BundleContents, ColdStart, publish_bundle, segment_key
+from hyperrec.bundle import Bundle, BundleContents, ColdStart, publish_bundle, segment_key
 from hyperrec.features import FeatureSpec, assign_segments, default_feature_spec
 from hyperrec.pipeline import fold_in
-from hyperrec.profiles.model import Profile
+from hyperrec.profiles.model import Profile, ProfileSettings
 from index.ann import IVF, AnnIndex, IndexParams
 from training import progress
+from training.backfill import build_profiles
 from training.baselines import ImplicitALS, ItemKNN, MostPopular, Recommender, evaluate_recommender
 from training.behaviour_features import BehaviourFeatures, fit_behaviour_features
 from training.export import check_parity, export_ranker_onnx
@@ -290,9 +291,9 @@ def run_factory(
         item_spec, centroids, spec = trained.item_spec, trained.centroids, trained.spec
         vectors, published = trained.retrieval.item_vectors, trained.fit.ranker
         timings["retrain_on_train_and_validation"] = time.perf_counter() - clock
-    histories = latest_histories(history, cfg.retrieval.history)
-    warm = np.flatnonzero(histories[:, 0] >= 0)
-    probe = fold_in(vectors, histories[warm][:1000])
+    histories, weights = latest_histories(history, cfg.retrieval.history)
+    warm = np.flatnonzero(histories[:, 0] >= 0)[:1000]
+    probe = fold_in(vectors, histories[warm], engagement=weights[warm])
     index_params = IndexParams.choose(data.n_items, cfg.flat_threshold)
     recall = ann_report(vectors, probe, index_params, min(cfg.ranker.candidates, data.n_items))
 
@@ -331,7 +332,8 @@ def run_factory(
         item_categories=data.catalog.categories,
     )
     version_dir = publish_bundle(repo, contents, progress.counter("index build", " vectors"))
-    profiles = profiles_from(history, vectors, histories, space)
+    settings = ProfileSettings(half_life_s=cfg.affinity_half_life_days * 86_400.0)
+    profiles = dict(build_profiles(history, Bundle.load(version_dir), settings))  # as `hyperrec profiles load`
     return FactoryResult(version_dir, report, profiles)
 
 
@@ -339,8 +341,9 @@ def train_segments(train: Interactions, vectors: np.ndarray, cfg: FactoryConfig)
     """K-Means centroids of the train users' fold-in vectors at the end of train (None when turned off)."""
     if not cfg.segments:
         return None
-    histories = latest_histories(train, cfg.retrieval.history)
-    users = fold_in(vectors, histories[histories[:, 0] >= 0])
+    histories, weights = latest_histories(train, cfg.retrieval.history)
+    warm = histories[:, 0] >= 0
+    users = fold_in(vectors, histories[warm], engagement=weights[warm])
     if len(users) < cfg.segments:
         return None
     return fit_segments(users, cfg.segments, cfg.retrieval.seed)
@@ -358,10 +361,10 @@ def real_cold_start(history: Interactions, vectors: np.ndarray, centroids: np.nd
     lists = cold_start_from_events(history.catalog.item_ids, history.item, devices, hours)
     if centroids is None:
         return lists
-    histories = latest_histories(history, 50)
+    histories, weights = latest_histories(history, 50)
     warm = histories[:, 0] >= 0
     segment_of = np.full(history.n_users, -1, dtype=np.int64)
-    segment_of[warm] = assign_segments(centroids, fold_in(vectors, histories[warm]))
+    segment_of[warm] = assign_segments(centroids, fold_in(vectors, histories[warm], engagement=weights[warm]))
     by_segment = dict(lists.segments)
     for k in range(len(centroids)):
         events = segment_of[history.user] == k
@@ -370,23 +373,6 @@ def real_cold_start(history: Interactions, vectors: np.ndarray, centroids: np.nd
                 history.catalog.item_ids, history.item[events], SEGMENT_COLD_START_SIZE
             )
     return replace(lists, segments=by_segment)
-
-
-def profiles_from(history: Interactions, vectors: np.ndarray, histories: np.ndarray, space: str) -> dict[str, Profile]:
-    """The profile each user would hold at the end of the history: recent items and their fold-in."""
-    ids = history.catalog.item_ids
-    updated = np.zeros(history.n_users)
-    np.maximum.at(updated, history.user, history.timestamp)
-    out = {}
-    for user in np.flatnonzero(histories[:, 0] >= 0):
-        recent = histories[user][histories[user] >= 0]
-        out[history.user_ids[user]] = Profile(
-            user_vector=fold_in(vectors, histories[user : user + 1])[0],
-            embedding_space=space,
-            recent_items=tuple(ids[i] for i in recent),
-            updated_at=float(updated[user]),
-        )
-    return out
 
 
 def build_report(

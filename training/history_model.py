@@ -2,10 +2,11 @@
 
 Item vector = id embedding + a projection of the item's categories (multi-hot),
 so items without interactions still get a vector from their metadata.
-User vector = the decayed average of the vectors of the user's most recent
-distinct items (weight FOLD_IN_DECAY**i for the i-th most recent): exactly what
-the server computes from a profile's `recent_items` (`hyperrec.pipeline.user_vector`),
-so training and serving agree by construction and new events move the user at once.
+User vector = the decayed, engagement-weighted average of the vectors of the user's
+most recent distinct items (weight FOLD_IN_DECAY**i for the i-th most recent, times
+the engagement weight of the item's latest event): exactly what the server folds
+from a profile's recent items (`hyperrec.pipeline.fold_recent`), so training and
+serving agree by construction and new events move the user at once.
 
 Trained with a sampled softmax: each event's true item against the batch's other
 items and a shared set of uniformly drawn items.
@@ -22,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from hyperrec.pipeline import FOLD_IN_DECAY
+from training.behaviour_features import event_weights
 from training.interactions import Interactions, ItemCatalog
 from training.model import torch_threads
 from training.progress import progress
@@ -76,28 +78,35 @@ class HybridItemTower(nn.Module):
         return self.forward(torch.arange(self.ids.num_embeddings))
 
 
-def fold_in(item_vectors: Tensor, history: Tensor) -> Tensor:
-    """User vectors from histories [b, L] of item indexes, newest first, -1 padded (as the server does)."""
+def fold_in(item_vectors: Tensor, history: Tensor, engagement: Tensor) -> Tensor:
+    """User vectors from histories [b, L] of item indexes, newest first, -1 padded, and their engagement
+    weights [b, L] (as the server does)."""
     mask = (history >= 0).float()
-    weights = (FOLD_IN_DECAY ** torch.arange(history.shape[1], dtype=torch.float32)) * mask
+    weights = (FOLD_IN_DECAY ** torch.arange(history.shape[1], dtype=torch.float32)) * mask * engagement
     vectors = item_vectors[history.clamp(min=0)]
     total = weights.sum(dim=1, keepdim=True).clamp(min=1e-6)
     return (weights.unsqueeze(-1) * vectors).sum(dim=1) / total
 
 
-def event_histories(data: Interactions, length: int) -> npt.NDArray[np.int64]:
-    """For each event, the user's previous distinct items, newest first, -1 padded: [events, length]."""
+Histories = tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]
+
+
+def event_histories(data: Interactions, length: int) -> Histories:
+    """For each event, the user's previous distinct items, newest first, -1 padded: [events, length]; and the
+    engagement weight of each item's latest event (0 in padding)."""
+    weights = event_weights(data)
     out = np.full((len(data), length), -1, dtype=np.int64)
-    recent: dict[int, list[int]] = {}
+    out_w = np.zeros((len(data), length), dtype=np.float32)
+    recent: dict[int, list[tuple[int, float]]] = {}
     for row in range(len(data)):
         user, item = int(data.user[row]), int(data.item[row])
         past = recent.setdefault(user, [])
-        out[row, : len(past)] = past[:length]
-        if item in past:
-            past.remove(item)
-        past.insert(0, item)
+        out[row, : len(past)] = [i for i, _ in past]
+        out_w[row, : len(past)] = [w for _, w in past]
+        past[:] = [entry for entry in past if entry[0] != item]
+        past.insert(0, (item, float(weights[row])))
         del past[length:]
-    return out
+    return out, out_w
 
 
 def recent_distinct(items_in_time_order: npt.NDArray[np.int64], length: int) -> npt.NDArray[np.int64]:
@@ -108,13 +117,28 @@ def recent_distinct(items_in_time_order: npt.NDArray[np.int64], length: int) -> 
     return distinct
 
 
-def latest_histories(data: Interactions, length: int) -> npt.NDArray[np.int64]:
-    """Each user's last distinct items at the end of `data`, newest first, -1 padded: [users, length]."""
+def latest_histories(data: Interactions, length: int) -> Histories:
+    """Each user's last distinct items at the end of `data`, newest first, -1 padded: [users, length]; and the
+    engagement weight of each item's latest event."""
+    weights = event_weights(data)
     out = np.full((data.n_users, length), -1, dtype=np.int64)
-    for user, items in enumerate(data.items_by_user()):
-        distinct = recent_distinct(items, length)
-        out[user, : len(distinct)] = distinct
-    return out
+    out_w = np.zeros((data.n_users, length), dtype=np.float32)
+    order = np.argsort(data.user, kind="stable")  # per user, in log (time) order
+    bounds = np.searchsorted(data.user[order], np.arange(data.n_users + 1))
+    for user in range(data.n_users):
+        rows = order[bounds[user] : bounds[user + 1]][::-1]  # newest first
+        seen: set[int] = set()
+        slot = 0
+        for row in rows:
+            item = int(data.item[row])
+            if item in seen:
+                continue
+            seen.add(item)
+            out[user, slot], out_w[user, slot] = item, weights[row]
+            slot += 1
+            if slot == length:
+                break
+    return out, out_w
 
 
 @dataclass(frozen=True)
@@ -124,22 +148,23 @@ class RetrievalModel:
     item_vectors: npt.NDArray[np.float32]
     losses: tuple[float, ...]
 
-    def user_vectors(self, histories: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
+    def user_vectors(self, histories: Histories) -> npt.NDArray[np.float32]:
+        items, weights = histories
         with torch.no_grad():
-            vecs = fold_in(torch.from_numpy(self.item_vectors), torch.from_numpy(histories))
+            vecs = fold_in(torch.from_numpy(self.item_vectors), torch.from_numpy(items), torch.from_numpy(weights))
         return vecs.numpy().astype(np.float32)
 
 
 def train_retrieval(train: Interactions, config: RetrievalConfig | None = None) -> RetrievalModel:
     """Fit the hybrid item tower so that fold-in of each event's history scores its item highest."""
     cfg = config or RetrievalConfig()
-    histories = event_histories(train, cfg.history)
+    histories, weights = event_histories(train, cfg.history)
     usable = np.flatnonzero(histories[:, 0] >= 0)  # events with at least one earlier item
     rng = np.random.default_rng(cfg.seed)
     with torch_threads(cfg.threads), torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         tower = HybridItemTower(category_matrix(train.catalog), cfg.embedding_dim)
-        losses = _fit(tower, train, histories, usable, cfg, rng)
+        losses = _fit(tower, train, (histories, weights), usable, cfg, rng)
         with torch.no_grad():
             vectors = tower.all_items().numpy().astype(np.float32)
     return RetrievalModel(vectors, tuple(losses))
@@ -148,13 +173,14 @@ def train_retrieval(train: Interactions, config: RetrievalConfig | None = None) 
 def _fit(
     tower: HybridItemTower,
     train: Interactions,
-    histories: npt.NDArray[np.int64],
+    histories: Histories,
     usable: npt.NDArray[np.int64],
     cfg: RetrievalConfig,
     rng: np.random.Generator,
 ) -> list[float]:
     optimizer = torch.optim.Adam(tower.parameters(), lr=cfg.learning_rate)
-    hist_t = torch.from_numpy(histories)
+    hist_t = torch.from_numpy(histories[0])
+    weight_t = torch.from_numpy(histories[1])
     items_t = torch.from_numpy(train.item)
     losses: list[float] = []
     for epoch in progress(range(cfg.epochs), "retrieval epochs", unit=" epochs"):
@@ -168,7 +194,7 @@ def _fit(
             needed = torch.unique(torch.cat([candidates, hist_t[rows].flatten().clamp(min=0)]))
             table = torch.zeros(train.n_items, cfg.embedding_dim)
             table[needed] = tower(needed)
-            users = fold_in(table, hist_t[rows])
+            users = fold_in(table, hist_t[rows], weight_t[rows])
             logits = users @ table[candidates].T / cfg.temperature
             # A batch item equal to the positive is not a negative.
             same = positives.unsqueeze(1) == candidates.unsqueeze(0)

@@ -112,9 +112,9 @@ def build_examples(
 
     Candidates are retrieved for blocks of events so memory stays bounded whatever the catalogue size.
     """
-    histories = event_histories(train, cfg.history)
+    histories, weights = event_histories(train, cfg.history)
     rows = np.flatnonzero(histories[:, 0] >= 0)[-cfg.events :]
-    users = fold_in(item_vectors, histories[rows])
+    users = fold_in(item_vectors, histories[rows], engagement=weights[rows])
     positives = train.item[rows]
     negatives = np.empty((len(rows), cfg.hard_negatives), dtype=np.int64)
     n = min(cfg.candidates, item_vectors.shape[0] - 1)
@@ -134,8 +134,8 @@ def build_examples(
         flat = item_spec.at(ItemHistory(train), items.reshape(-1), times)
         parts.append(flat.reshape(items.shape[0], items.shape[1], item_spec.width))
     if behaviour is not None:
-        weights, times_before = replay_states(train, behaviour.columns, behaviour.half_life_s, rows)
-        parts.append(behaviour.features(weights, times_before, train.timestamp[rows].astype(np.float64), items))
+        affinity, last_at = replay_states(train, behaviour.columns, behaviour.half_life_s, rows)
+        parts.append(behaviour.features(affinity, last_at, train.timestamp[rows].astype(np.float64), items))
     features = np.concatenate(parts, axis=2) if parts else None
     segment_of = None if segments is None else assign_segments(segments, users)
     return RankerExamples(users, context_matrix(train.timestamp[rows], spec, segment_of), items, features)

@@ -78,12 +78,13 @@ class TwoStageRecommender:
         self._behaviour = behaviour
         self._user_weights = self._user_times = np.zeros((0, 0))
         self._histories: IntArray = np.zeros((0, history), dtype=np.int64)
+        self._weights = np.zeros((0, history), dtype=np.float32)
         self._popular: IntArray = np.zeros(0, dtype=np.int64)
         self._fit_end = 0
 
     def fit(self, train: Interactions) -> None:
         """Take each user's latest history from `train` (what their profile holds at the cut-off)."""
-        self._histories = latest_histories(train, self._history_length)
+        self._histories, self._weights = latest_histories(train, self._history_length)
         self._popular = np.argsort(-np.bincount(train.item, minlength=train.n_items), kind="stable")
         self._fit_end = int(train.timestamp.max()) if len(train) else 0
         self._features = self._features_fn(train) if self._features_fn is not None else None
@@ -93,7 +94,7 @@ class TwoStageRecommender:
 
     def recommend(self, users: IntArray, k: int, exclude: list[IntArray] | None = None) -> IntArray:
         out = np.full((len(users), k), -1, dtype=np.int64)
-        histories = self._histories[users]
+        histories, weights = self._histories[users], self._weights[users]
         banned = [
             exclude[row] if exclude is not None else histories[row][histories[row] >= 0] for row in range(len(users))
         ]
@@ -103,14 +104,22 @@ class TwoStageRecommender:
             out[row] = _first_allowed(self._popular, banned[row], k)
         for start in range(0, len(warm), BLOCK):
             rows = warm[start : start + BLOCK]
-            out[rows] = self._rank_block(users[rows], histories[rows], times[rows], [banned[r] for r in rows], k)
+            out[rows] = self._rank_block(
+                users[rows], histories[rows], weights[rows], times[rows], [banned[r] for r in rows], k
+            )
         return out
 
     def _rank_block(
-        self, user_index: IntArray, histories: IntArray, times: IntArray, banned: list[IntArray], k: int
+        self,
+        user_index: IntArray,
+        histories: IntArray,
+        weights: np.ndarray,
+        times: IntArray,
+        banned: list[IntArray],
+        k: int,
     ) -> IntArray:
         """Retrieve and rank for a block of warm users at once (one matrix product, one ranker call)."""
-        users = fold_in(self._vectors, histories, self._decay)
+        users = fold_in(self._vectors, histories, self._decay, engagement=weights)
         scores = users @ self._vectors.T
         for row, items in enumerate(banned):
             scores[row, items] = -np.inf
