@@ -105,6 +105,16 @@ class HyperrecServer:
         settled_ms = await loop.run_in_executor(
             self._executor, warm_up, bundle, config.warmup_requests, config.candidates
         )
+        trained_half_life = bundle.feature_spec.affinity_half_life_s
+        if trained_half_life and abs(trained_half_life - config.affinity_half_life_days * 86_400.0) > 1e-6:
+            log.warning(
+                "model %s version %s was trained with an affinity half-life of %.2f days, profiles use %.2f: "
+                "behaviour features will differ from training",
+                bundle.model_name,
+                bundle.version,
+                trained_half_life / 86_400.0,
+                config.affinity_half_life_days,
+            )
         self.slot.swap(bundle)
         await self.set_serving(True)
         log.info(

@@ -8,6 +8,7 @@ scores carry exactly them.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -175,3 +176,11 @@ def test_a_bundle_with_behaviour_features_needs_item_categories(tmp_path: Path) 
     (version / "manifest.json").write_text(manifest.replace('"item_categories.json"', '"item_categories.gone"'))
     with pytest.raises(BundleError, match=r"item_categories\.json"):
         Bundle.load(version)
+
+
+async def test_a_half_life_other_than_the_models_is_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    publish_with_behaviour(tmp_path / "repo", make_log())
+    with caplog.at_level(logging.WARNING):
+        async with running_server(tmp_path / "repo", "beh", affinity_half_life_days=7.0):
+            pass
+    assert any("half-life of 14.00 days, profiles use 7.00" in r.getMessage() for r in caplog.records)
