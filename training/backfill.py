@@ -17,26 +17,23 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from hyperrec.behaviour import engagement_weight, replay
+from hyperrec.behaviour import replay
 from hyperrec.bundle import Bundle
-from hyperrec.domain import EventType
 from hyperrec.pipeline import fold_recent
 from hyperrec.profiles import Profile, ProfileStore
 from hyperrec.profiles.model import ProfileSettings, StoredEvent
 from training import progress
-from training.interactions import EVENT_TYPES, Interactions
+from training.behaviour_features import EVENT_TYPE_OF_CODE, event_weights
+from training.interactions import Interactions
 
-_EVENT_TYPE = [EventType[name.upper()] for name in EVENT_TYPES]
 
-
-def stored_events(log: Interactions, rows: np.ndarray, bundle: Bundle) -> list[StoredEvent]:
-    """The log's rows (one user's, in time order) as the stores take events."""
+def stored_events(log: Interactions, rows: np.ndarray, bundle: Bundle, weights: np.ndarray) -> list[StoredEvent]:
+    """The log's rows (one user's, in time order) as the stores take events; `weights` from `event_weights`."""
     out = []
     for row in rows:
         item_id = log.catalog.item_ids[log.item[row]]
-        kind = _EVENT_TYPE[log.event_type[row]]
-        value = float(log.value[row])
-        weight = engagement_weight(kind, 0.0 if math.isnan(value) else value)
+        kind = EVENT_TYPE_OF_CODE[log.event_type[row]]
+        weight = float(weights[row])
         bundle_row = bundle.row_of.get(item_id)
         categories = () if bundle.categories is None or bundle_row is None else bundle.categories.of_item[bundle_row]
         at = float(log.timestamp[row])
@@ -50,11 +47,12 @@ def build_profiles(log: Interactions, bundle: Bundle, settings: ProfileSettings)
     bounds = np.searchsorted(log.user[order], np.arange(log.n_users + 1))
     now = time.time()
     space = bundle.manifest.embedding_space
+    weights = event_weights(log)
     for user in range(log.n_users):
         rows = order[bounds[user] : bounds[user + 1]]
         if not len(rows):
             continue
-        profile = replay(stored_events(log, rows, bundle), settings)
+        profile = replay(stored_events(log, rows, bundle, weights), settings)
         vector = fold_recent(bundle, profile)
         profile = replace(profile, updated_at=now)
         if vector is not None:

@@ -30,7 +30,8 @@ from hyperrec.profiles.model import CategoryAffinity
 from training.interactions import EVENT_TYPES, Interactions
 from training.item_features import fit_stats
 
-_EVENT_TYPE = [EventType[name.upper()] for name in EVENT_TYPES]
+#: The domain event type of each training event code (index into EVENT_TYPES).
+EVENT_TYPE_OF_CODE = [EventType[name.upper()] for name in EVENT_TYPES]
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 
@@ -39,7 +40,7 @@ def event_weights(log: Interactions) -> FloatArray:
     """Engagement weight of every event of the log (the live rule; a missing value counts as 0)."""
     values = np.nan_to_num(log.value.astype(np.float64), nan=0.0)
     return np.array(
-        [engagement_weight(_EVENT_TYPE[t], float(v)) for t, v in zip(log.event_type, values, strict=True)],
+        [engagement_weight(EVENT_TYPE_OF_CODE[t], float(v)) for t, v in zip(log.event_type, values, strict=True)],
         dtype=np.float64,
     )
 
