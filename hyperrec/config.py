@@ -87,6 +87,10 @@ class ServerConfig:
     ort_inter_op_threads: int = field(default=1, metadata=_doc("ONNX Runtime inter-op threads."))
     faiss_threads: int = field(default=1, metadata=_doc("FAISS OpenMP threads per search."))
     warmup_requests: int = field(default=32, metadata=_doc("Synthetic requests run through a bundle before serving."))
+    watch_interval_s: float = field(
+        default=5.0,
+        metadata=_doc("How often the model repository is checked for new, removed or changed versions; 0: never."),
+    )
     drain_s: float = field(
         default=1.0,
         metadata=_doc(
@@ -135,7 +139,7 @@ class ServerConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be a positive number")
-        for name in ("grace_s", "drain_s"):
+        for name in ("grace_s", "drain_s", "watch_interval_s"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"{name} must be zero or more seconds")

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, start_http_server
 
-RECOMMENDATIONS = Counter("hyperrec_recommendations_total", "Recommend answers by strategy.", ["strategy"])
+RECOMMENDATIONS = Counter(
+    "hyperrec_recommendations_total", "Recommend answers by strategy and model version.", ["strategy", "model_version"]
+)
 PROFILE_DEGRADED = Counter(
     "hyperrec_profile_store_degraded_total",
     "Profile reads that gave up and served non-personalized (reason: error, timeout, circuit_open).",
@@ -29,3 +31,9 @@ PRIVACY_ACTIONS = Counter(
 def serve_metrics(port: int, host: str = "127.0.0.1") -> None:
     """Expose /metrics on `port` from a daemon thread."""
     start_http_server(port, addr=host)
+
+
+MODEL_LOADS = Counter(
+    "hyperrec_model_loads_total", "Model version loads by model and outcome (loaded, failed).", ["model", "outcome"]
+)
+ACTIVE_VERSION = Gauge("hyperrec_model_active_version", "The model version being served.", ["model"])

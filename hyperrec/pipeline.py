@@ -317,7 +317,7 @@ class Recommender:
                 profile,
                 pool,
             )
-        metrics.RECOMMENDATIONS.labels(strategy.value).inc()
+        metrics.RECOMMENDATIONS.labels(strategy.value, bundle.version).inc()
         timings.total_ms = (time.perf_counter() - start) * 1e3
         return Recommendation(
             items=items,

@@ -8,10 +8,10 @@ event loop and only then flips health to SERVING.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import signal
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -22,12 +22,13 @@ from grpc_reflection.v1alpha import reflection
 
 from hyperrec import metrics
 from hyperrec.breaker import CircuitBreaker
-from hyperrec.bundle import Bundle, resolve_version
+from hyperrec.bundle import Bundle, list_versions
 from hyperrec.config import ServerConfig
 from hyperrec.domain import RequestLimits
-from hyperrec.errors import ConfigError, ProfileStoreError
+from hyperrec.errors import ConfigError, NotFound, ProfileStoreError
 from hyperrec.ingest import ProfileService
-from hyperrec.pipeline import BundleSlot, PipelineOptions, Recommender, warm_up
+from hyperrec.models import LoadSettings, ModelManager
+from hyperrec.pipeline import BundleSlot, PipelineOptions, Recommender
 from hyperrec.profiles import ProfileStore
 from hyperrec.profiles.keys import Pseudonymizer
 from hyperrec.profiles.memory import InMemoryProfileStore
@@ -78,13 +79,19 @@ class HyperrecServer:
         store: ProfileStore,
         slot: BundleSlot,
         executor: ThreadPoolExecutor,
+        manager: ModelManager,
+        loader: ThreadPoolExecutor,
     ) -> None:
         self.config = config
         self.grpc_server = grpc_server
         self.health = health
         self.store = store
         self.slot = slot
+        self.manager = manager
         self._executor = executor
+        self._loader = loader
+        self._stopping = asyncio.Event()
+        self._watcher: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
         await self.grpc_server.start()
@@ -95,39 +102,35 @@ class HyperrecServer:
             await self.health.set(service, status)
 
     async def load_model(self, version: int | None = None) -> Bundle:
-        """Load, validate and warm a bundle off the event loop, swap it in, report SERVING."""
-        config = self.config
-        path = resolve_version(config.model_repo, config.model_name, version or config.model_version)
-        options = RankerOptions(config.ort_intra_op_threads, config.ort_inter_op_threads)
-        loop = asyncio.get_running_loop()
-        started = time.perf_counter()
-        bundle = await loop.run_in_executor(self._executor, Bundle.load, path, options)
-        settled_ms = await loop.run_in_executor(
-            self._executor, warm_up, bundle, config.warmup_requests, config.candidates
-        )
+        """Serve `version` (pinned), or `config.model_version`, or what the repository policy says (newest by
+        default), loading and warming it off the event loop; then report SERVING."""
+        manager = self.manager
+        pinned = version or self.config.model_version
+        if pinned is not None:
+            await manager.activate(pinned, pin=True)
+        elif await manager.reconcile() is None:
+            some = list_versions(manager.repo, manager.model_name)
+            problem = "no loadable version (see the errors above)" if some else "no versions"
+            raise NotFound(f"model {manager.model_name!r} has {problem} in {manager.repo}")
+        bundle = self.slot.active
+        assert bundle is not None
         trained_half_life = bundle.feature_spec.affinity_half_life_s
-        if trained_half_life and abs(trained_half_life - config.affinity_half_life_days * 86_400.0) > 1e-6:
+        if trained_half_life and abs(trained_half_life - self.config.affinity_half_life_days * 86_400.0) > 1e-6:
             log.warning(
                 "model %s version %s was trained with an affinity half-life of %.2f days, profiles use %.2f: "
                 "behaviour features will differ from training",
                 bundle.model_name,
                 bundle.version,
                 trained_half_life / 86_400.0,
-                config.affinity_half_life_days,
+                self.config.affinity_half_life_days,
             )
-        self.slot.swap(bundle)
         await self.set_serving(True)
-        log.info(
-            "serving model %s version %s (%d items, index %s, ranker on %s); loaded in %.0f ms, warm %.2f ms",
-            bundle.model_name,
-            bundle.version,
-            bundle.index.size,
-            bundle.index.kind_name,
-            ",".join(bundle.ranker.providers),
-            (time.perf_counter() - started) * 1e3,
-            settled_ms,
-        )
         return bundle
+
+    def start_watcher(self) -> None:
+        """Follow the model repository every `watch_interval_s` (0: never)."""
+        if self.config.watch_interval_s > 0 and self._watcher is None:
+            self._watcher = asyncio.ensure_future(self.manager.watch(self.config.watch_interval_s, self._stopping))
 
     async def seed_profiles(self) -> int:
         """Load `config.seed_profiles` into the store; returns how many profiles."""
@@ -147,9 +150,15 @@ class HyperrecServer:
         """Health NOT_SERVING at once while still answering for `drain` seconds (so load balancers move away),
         then refuse new calls, let in-flight ones finish within `grace`, and release everything."""
         await self.health.enter_graceful_shutdown()
+        self._stopping.set()
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
         await asyncio.sleep(self.config.drain_s if drain is None else drain)
         await self.grpc_server.stop(self.config.grace_s if grace is None else grace)
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._loader.shutdown(wait=False, cancel_futures=True)
         await self.store.close()
 
 
@@ -174,6 +183,15 @@ def create_server(config: ServerConfig, profile_store: ProfileStore | None = Non
     )
     metrics.BREAKER_STATE.set(breaker.state)
     pipeline = Recommender(store, slot, options, executor, breaker)
+    loader = ThreadPoolExecutor(
+        max_workers=1, thread_name_prefix="hyperrec-loader", initializer=set_threads, initargs=(config.faiss_threads,)
+    )
+    load_settings = LoadSettings(
+        RankerOptions(config.ort_intra_op_threads, config.ort_inter_op_threads),
+        config.warmup_requests,
+        config.candidates,
+    )
+    manager = ModelManager(config.model_repo, config.model_name, slot, load_settings, loader)
     server = grpc.aio.server()
     add_recommender(RecommenderServicer(pipeline), server)
     add_profiles(ProfilesServicer(ProfileService(store, slot, breaker, config.max_events_per_batch)), server)
@@ -191,7 +209,7 @@ def create_server(config: ServerConfig, profile_store: ProfileStore | None = Non
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:
         raise OSError(f"cannot bind {config.host}:{config.port}")
-    return HyperrecServer(config, server, health, store, slot, executor), port
+    return HyperrecServer(config, server, health, store, slot, executor, manager, loader), port
 
 
 async def serve(config: ServerConfig, on_ready: Callable[[int], None] | None = None) -> None:
@@ -239,3 +257,4 @@ async def start_up(app: HyperrecServer) -> None:
     except ProfileStoreError as exc:  # served DEGRADED until the store comes back
         log.warning("profile store is not reachable at start, profiles not seeded: %s", exc)
     await app.load_model()
+    app.start_watcher()

@@ -68,7 +68,7 @@ def test_serve_process_becomes_serving_answers_and_drains_on_sigterm(repo: Path)
         if proc.poll() is None:
             proc.kill()
     log = proc.stderr.read() if proc.stderr else ""
-    assert "serving model toy version 1" in log and "shutting down" in log
+    assert "model toy: version 1 active" in log and "shutting down" in log
 
 
 def test_bad_config_exits_with_a_message(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,0 +1,267 @@
+"""The versions of the served model: load, validate, warm, activate, roll back, and follow the repository.
+
+A version becomes servable only after `Bundle.load` validated every file and a warm-up ran its index and
+ranker; then one reference swap (`BundleSlot.swap`) makes it active. Requests read the slot once, so a request
+in flight finishes on the bundle it started with, and the old bundle is freed when the last one ends.
+Loading and warm-up run on their own single thread, so serving threads and the event loop never wait on them.
+A version that fails to load is marked FAILED with its reason and never served; the active one keeps serving.
+
+Which version should be active: a pin (from the admin API, or `policy.json` in the model's folder) when set,
+else the newest version that has not failed. `reconcile()` moves the server there; the watcher calls it on a
+timer. See docs/model-repo.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import hashlib
+import json
+import logging
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hyperrec import metrics
+from hyperrec.bundle import MANIFEST, Bundle, list_versions
+from hyperrec.errors import BundleError, FailedPrecondition, NotFound
+from hyperrec.names import check_name
+from hyperrec.pipeline import BundleSlot, warm_up
+from hyperrec.ranker import RankerOptions
+
+log = logging.getLogger(__name__)
+
+POLICY = "policy.json"
+
+
+class VersionState(enum.Enum):
+    LOADING = "loading"
+    READY = "ready"  # loaded and warm, not serving
+    ACTIVE = "active"
+    FAILED = "failed"
+
+
+@dataclass
+class VersionInfo:
+    """What the server knows about one version directory."""
+
+    version: int
+    state: VersionState
+    reason: str = ""
+    fingerprint: str = ""  # SHA-256 of manifest.json when last tried: a changed file is tried again
+    load_ms: float = 0.0
+    warm_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class LoadSettings:
+    ranker: RankerOptions = field(default_factory=RankerOptions)
+    warmup_requests: int = 32
+    candidates: int = 500
+
+
+def manifest_fingerprint(directory: Path) -> str:
+    """SHA-256 of the version's manifest, or "" while it has none (a version still being copied)."""
+    try:
+        return hashlib.sha256((directory / MANIFEST).read_bytes()).hexdigest()
+    except OSError:
+        return ""
+
+
+def read_policy(model_dir: Path) -> int | None:
+    """The version `policy.json` pins ({"version": N}), or None for "newest". A broken file is logged and ignored."""
+    path = model_dir / POLICY
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        version = data.get("version")
+        if version is None:
+            return None
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise ValueError(f"version must be a positive integer, got {version!r}")
+        return version
+    except (OSError, ValueError, AttributeError) as exc:
+        log.error("ignoring %s: %s", path, exc)
+        return None
+
+
+class ModelManager:
+    """Owns the versions of one model and the slot the pipeline reads. One change at a time."""
+
+    def __init__(self, repo: Path, model_name: str, slot: BundleSlot, settings: LoadSettings, loader: Executor) -> None:
+        self.repo = Path(repo)
+        self.model_name = check_name(model_name)
+        self._slot = slot
+        self._settings = settings
+        self._loader = loader
+        self._bundles: dict[int, Bundle] = {}
+        self._info: dict[int, VersionInfo] = {}
+        self._active: int | None = None
+        self._history: list[int] = []  # versions that were active before, most recent last
+        self.pinned: int | None = None  # set by the admin API; overrides policy.json and "newest"
+        self._lock = asyncio.Lock()
+
+    @property
+    def model_dir(self) -> Path:
+        return self.repo / self.model_name
+
+    @property
+    def active(self) -> int | None:
+        return self._active
+
+    def status(self) -> list[VersionInfo]:
+        return [self._info[v] for v in sorted(self._info)]
+
+    def _directory(self, version: int) -> Path:
+        return self.model_dir / str(version)
+
+    async def _load(self, version: int) -> Bundle:
+        """Load, validate and warm `version` (cached when already loaded from the same manifest)."""
+        directory = self._directory(version)
+        if version not in list_versions(self.repo, self.model_name):
+            raise NotFound(f"model {self.model_name!r} has no version {version}")
+        fingerprint = manifest_fingerprint(directory)
+        known = self._info.get(version)
+        if known is not None and known.fingerprint == fingerprint and version in self._bundles:
+            return self._bundles[version]
+        info = VersionInfo(version, VersionState.LOADING, fingerprint=fingerprint)
+        self._info[version] = info
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        try:
+            bundle = await loop.run_in_executor(self._loader, Bundle.load, directory, self._settings.ranker)
+            if bundle.model_name != self.model_name:
+                raise BundleError(MANIFEST, f"names model {bundle.model_name!r}, not {self.model_name!r}")
+        except BundleError as exc:
+            info.state, info.reason = VersionState.FAILED, str(exc)
+            metrics.MODEL_LOADS.labels(self.model_name, "failed").inc()
+            log.error("model %s version %d rejected: %s", self.model_name, version, exc)
+            raise
+        info.load_ms = (time.perf_counter() - started) * 1e3
+        s = self._settings
+        info.warm_ms = await loop.run_in_executor(self._loader, warm_up, bundle, s.warmup_requests, s.candidates)
+        self._bundles[version] = bundle
+        info.state = VersionState.READY
+        metrics.MODEL_LOADS.labels(self.model_name, "loaded").inc()
+        log.info(
+            "model %s version %d ready (%d items, index %s, ranker on %s); loaded in %.0f ms, warm %.2f ms",
+            self.model_name,
+            version,
+            bundle.index.size,
+            bundle.index.kind_name,
+            ",".join(bundle.ranker.providers),
+            info.load_ms,
+            info.warm_ms,
+        )
+        return bundle
+
+    async def load(self, version: int) -> VersionInfo:
+        """Load and warm a version without serving it (admin "load")."""
+        async with self._lock:
+            await self._load(version)
+            return self._info[version]
+
+    async def _activate(self, version: int) -> Bundle:
+        bundle = await self._load(version)
+        if self._active == version and self._slot.active is bundle:
+            return bundle
+        previous = self._active
+        self._slot.swap(bundle)  # the one reference every new request reads
+        self._active = version
+        self._info[version].state = VersionState.ACTIVE
+        if previous is not None and previous != version:
+            if previous in self._info and self._info[previous].state == VersionState.ACTIVE:
+                self._info[previous].state = VersionState.READY
+            self._history = [v for v in self._history if v != previous] + [previous]
+        metrics.ACTIVE_VERSION.labels(self.model_name).set(version)
+        log.info("model %s: version %d active (was %s)", self.model_name, version, previous)
+        return bundle
+
+    async def activate(self, version: int, pin: bool = True) -> Bundle:
+        """Make `version` the served one (loading it first if needed); with `pin` the watcher keeps it."""
+        async with self._lock:
+            bundle = await self._activate(version)
+            if pin:
+                self.pinned = version
+            return bundle
+
+    async def rollback(self) -> int:
+        """Serve the version that was active before the current one again, and pin it."""
+        async with self._lock:
+            on_disk = list_versions(self.repo, self.model_name)
+            candidates = [v for v in self._history if v != self._active and v in on_disk]
+            if not candidates:
+                raise FailedPrecondition(f"model {self.model_name!r} has no earlier version to roll back to")
+            target = candidates[-1]
+            await self._activate(target)
+            self._history = [v for v in self._history if v != target]
+            self.pinned = target
+            return target
+
+    async def unload(self, version: int) -> None:
+        """Release a loaded version that is not serving."""
+        async with self._lock:
+            if version == self._active:
+                raise FailedPrecondition(f"version {version} is active; activate another one first")
+            if version not in self._info:
+                raise NotFound(f"model {self.model_name!r} version {version} is not loaded")
+            self._bundles.pop(version, None)
+            del self._info[version]
+
+    def unpin(self) -> None:
+        self.pinned = None
+
+    def _usable(self, version: int) -> bool:
+        """False for a version that failed and whose manifest has not changed since."""
+        info = self._info.get(version)
+        if info is None or info.state != VersionState.FAILED:
+            return True
+        return info.fingerprint != manifest_fingerprint(self._directory(version))
+
+    def desired(self) -> int | None:
+        """The version that should serve: the admin pin, else the policy pin, else the newest that has not failed.
+        A pinned version that failed keeps the current one serving."""
+        versions = list_versions(self.repo, self.model_name)
+        for pin in (self.pinned, read_policy(self.model_dir)):
+            if pin is not None and pin in versions:
+                return pin if self._usable(pin) else self._active
+        for version in reversed(versions):
+            if self._usable(version):
+                return version
+        return None
+
+    async def reconcile(self) -> int | None:
+        """One pass of the watcher: forget removed versions, then move to the desired version. Returns the
+        active version. A version that fails is recorded and skipped; the next pass tries the next best."""
+        async with self._lock:
+            on_disk = set(list_versions(self.repo, self.model_name))
+            for version in [v for v in self._info if v not in on_disk and v != self._active]:
+                self._bundles.pop(version, None)
+                del self._info[version]
+                log.info("model %s version %d removed from the repository", self.model_name, version)
+            while True:
+                target = self.desired()
+                if target is None or target == self._active:
+                    if self._active is not None and self._active not in on_disk:
+                        log.warning("model %s: active version %d left the repository", self.model_name, self._active)
+                    return self._active
+                try:
+                    await self._activate(target)
+                    return self._active
+                except BundleError:
+                    continue  # marked FAILED with this fingerprint: desired() now skips it
+
+    async def watch(self, interval_s: float, stop: asyncio.Event) -> None:
+        """Reconcile every `interval_s` until `stop` is set. Errors are logged, never fatal."""
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), interval_s)
+                return
+            except TimeoutError:
+                pass
+            try:
+                await self.reconcile()
+            except Exception:  # the watcher must outlive any one bad pass
+                log.exception("model %s: repository watch pass failed", self.model_name)
