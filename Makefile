@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-PROTO_SRC := proto/hyperrec/v1/recommender.proto proto/hyperrec/v1/profiles.proto
+PROTO_SRC := proto/hyperrec/v1/recommender.proto proto/hyperrec/v1/profiles.proto proto/hyperrec/v1/admin.proto
 GEN_DIR := hyperrec/v1
 
 .PHONY: demo test install lint proto proto-check buf-lint pytest dockerfile-lint clean

@@ -221,6 +221,49 @@ def cmd_profiles_load(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    """Call the ModelAdmin service and print the model's versions."""
+    import os
+
+    import grpc
+
+    from hyperrec.v1 import admin_pb2 as apb
+    from hyperrec.v1 import admin_pb2_grpc as apb_grpc
+
+    token = args.token or os.environ.get("HYPERREC_ADMIN_TOKEN", "")
+    metadata = (("authorization", f"Bearer {token}"),)
+    states = {v.number: v.name.removeprefix("VERSION_STATE_").lower() for v in apb.VersionState.DESCRIPTOR.values}
+    with grpc.insecure_channel(args.target) as channel:
+        stub = apb_grpc.ModelAdminStub(channel)
+        try:
+            if args.models_command == "list":
+                models = list(stub.ListModels(apb.ListModelsRequest(), metadata=metadata, timeout=args.timeout).models)
+            elif args.models_command == "load":
+                request = apb.LoadVersionRequest(model=args.model, version=args.version)
+                reply = stub.LoadVersion(request, metadata=metadata, timeout=args.timeout)
+                print(f"version {reply.status.version}: {states[reply.status.state]} {reply.status.reason}".rstrip())
+                return 0 if reply.status.state != apb.VERSION_STATE_FAILED else 1
+            elif args.models_command == "activate":
+                request_a = apb.ActivateVersionRequest(model=args.model, version=args.version)
+                models = [stub.ActivateVersion(request_a, metadata=metadata, timeout=args.timeout).model]
+            else:
+                request_r = apb.RollbackRequest(model=args.model)
+                models = [stub.Rollback(request_r, metadata=metadata, timeout=args.timeout).model]
+        except grpc.RpcError as exc:
+            print(f"hyperrec models: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    for model in models:
+        pinned = f", pinned {model.pinned_version}" if model.pinned_version else ""
+        print(f"model {model.name}: active {model.active_version or 'none'}{pinned}")
+        print(f"{'version':>8}  {'state':<8}  {'load ms':>8}  {'warm ms':>8}  reason")
+        for v in model.versions:
+            print(f"{v.version:>8}  {states[v.state]:<8}  {v.load_ms:>8.0f}  {v.warm_ms:>8.2f}  {v.reason}")
+        unseen = sorted(set(model.available_versions) - {v.version for v in model.versions})
+        if unseen:
+            print(f"not loaded: {', '.join(str(v) for v in unseen)}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from hyperrec.demo import run_demo
 
@@ -334,6 +377,24 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--drop-malformed", action="store_true", help="skip malformed rows (counted) instead of failing")
     add_arguments(load)
     load.set_defaults(func=cmd_profiles_load)
+
+    models = sub.add_parser("models", help="list, load, activate or roll back model versions on a running server")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    for name, help_text in (
+        ("list", "every version the server knows, with its state"),
+        ("load", "load, validate and warm a version without serving it"),
+        ("activate", "serve a version and pin it"),
+        ("rollback", "serve the previously active version and pin it"),
+    ):
+        cmd = models_sub.add_parser(name, help=help_text)
+        cmd.add_argument("--target", default="localhost:50051", help="server address host:port")
+        cmd.add_argument("--token", help="admin token (default: $HYPERREC_ADMIN_TOKEN)")
+        cmd.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds (loading takes time)")
+        if name != "list":
+            cmd.add_argument("--model", default="demo", help="model name")
+        if name in ("load", "activate"):
+            cmd.add_argument("--version", type=int, required=True, help="version number")
+        cmd.set_defaults(func=cmd_models)
 
     config = sub.add_parser("config", help="print every configuration field as a markdown table")
     config.set_defaults(func=cmd_config)

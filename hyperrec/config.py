@@ -104,6 +104,19 @@ class ServerConfig:
     seed_profiles: Path | None = field(
         default=None, metadata=_doc("Optional profiles file (.npz from training) loaded into the store at start.")
     )
+    admin_token: str | None = field(
+        default=None,
+        metadata=_doc(
+            "Bearer token (>= 16 bytes) the ModelAdmin service requires; unset refuses every admin call. "
+            "Best passed as HYPERREC_ADMIN_TOKEN."
+        ),
+    )
+    client_tokens: str | None = field(
+        default=None,
+        metadata=_doc(
+            "Comma-separated bearer tokens of clients: recognised, but refused admin calls (PERMISSION_DENIED)."
+        ),
+    )
     log_level: str = field(default="INFO", metadata=_doc("Log level: DEBUG, INFO, WARNING or ERROR."))
 
     def check(self) -> None:
@@ -153,6 +166,8 @@ class ServerConfig:
             raise ConfigError("profile_secret (HYPERREC_PROFILE_SECRET) is required with a Redis profile store")
         if self.profile_secret is not None and len(self.profile_secret.encode()) < 16:
             raise ConfigError("profile_secret must be at least 16 bytes")
+        if self.admin_token is not None and len(self.admin_token.encode()) < 16:
+            raise ConfigError("admin_token must be at least 16 bytes")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"unknown log_level {self.log_level!r}")
 

@@ -25,6 +25,14 @@ class NotFound(HyperrecError):
     """A named thing (model, version) does not exist."""
 
 
+class Unauthenticated(HyperrecError):
+    """The call carries no valid credentials."""
+
+
+class PermissionDenied(HyperrecError):
+    """The credentials are valid but do not allow this call."""
+
+
 class FailedPrecondition(HyperrecError):
     """The request is valid but cannot apply to this user or model as they stand."""
 

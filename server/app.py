@@ -37,6 +37,8 @@ from hyperrec.profiles.redis_store import RedisProfileStore, RedisStoreOptions
 from hyperrec.profiles.snapshot import load_profiles
 from hyperrec.ranker import RankerOptions
 from index.ann import set_threads
+from server.admin import ADMIN_SERVICE_NAME, ModelAdminServicer, add_admin_to_server
+from server.auth import TokenAuth
 from server.servicer import PROFILES_SERVICE_NAME, SERVICE_NAME, ProfilesServicer, RecommenderServicer
 from server.servicer import add_profiles_to_server as add_profiles
 from server.servicer import add_to_server as add_recommender
@@ -192,15 +194,18 @@ def create_server(config: ServerConfig, profile_store: ProfileStore | None = Non
         config.candidates,
     )
     manager = ModelManager(config.model_repo, config.model_name, slot, load_settings, loader)
+    auth = TokenAuth(config.admin_token, TokenAuth.parse_clients(config.client_tokens))
     server = grpc.aio.server()
     add_recommender(RecommenderServicer(pipeline), server)
     add_profiles(ProfilesServicer(ProfileService(store, slot, breaker, config.max_events_per_batch)), server)
+    add_admin_to_server(ModelAdminServicer(manager, auth), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         (
             SERVICE_NAME,
             PROFILES_SERVICE_NAME,
+            ADMIN_SERVICE_NAME,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ),

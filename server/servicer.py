@@ -127,7 +127,7 @@ class ProfilesServicer:
         return await answer(ppb.SetInterestsRequest, raw, context, run)
 
 
-def _handlers(service: str, methods: Mapping[str, tuple[Callable[..., Any], Callable[..., bytes]]]) -> Any:
+def unary_handlers(service: str, methods: Mapping[str, tuple[Callable[..., Any], Callable[..., bytes]]]) -> Any:
     """Unary handlers taking raw request bytes (see the module docstring)."""
     return grpc.method_handlers_generic_handler(
         service,
@@ -140,7 +140,7 @@ def _handlers(service: str, methods: Mapping[str, tuple[Callable[..., Any], Call
 
 def add_to_server(servicer: RecommenderServicer, server: grpc.aio.Server) -> None:
     methods = {"Recommend": (servicer.Recommend, pb.RecommendResponse.SerializeToString)}
-    server.add_generic_rpc_handlers((_handlers(SERVICE_NAME, methods),))
+    server.add_generic_rpc_handlers((unary_handlers(SERVICE_NAME, methods),))
 
 
 def add_profiles_to_server(servicer: ProfilesServicer, server: grpc.aio.Server) -> None:
@@ -150,4 +150,4 @@ def add_profiles_to_server(servicer: ProfilesServicer, server: grpc.aio.Server) 
         "ForgetUser": (servicer.ForgetUser, ppb.ForgetUserResponse.SerializeToString),
         "SetInterests": (servicer.SetInterests, ppb.SetInterestsResponse.SerializeToString),
     }
-    server.add_generic_rpc_handlers((_handlers(PROFILES_SERVICE_NAME, methods),))
+    server.add_generic_rpc_handlers((unary_handlers(PROFILES_SERVICE_NAME, methods),))

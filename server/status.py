@@ -17,7 +17,9 @@ from hyperrec.errors import (
     HyperrecError,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     ProfileStoreError,
+    Unauthenticated,
     Unavailable,
 )
 
@@ -27,6 +29,8 @@ _CODES: tuple[tuple[type[HyperrecError], grpc.StatusCode], ...] = (
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
     (ProfileStoreError, grpc.StatusCode.UNAVAILABLE),
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
