@@ -1,0 +1,205 @@
+"""The model repository over a real server: admin auth, load, activate, rollback, unload, the watcher,
+partial and corrupt versions, and the policy file."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from hyperrec.cli import main
+from hyperrec.v1 import admin_pb2 as apb
+from hyperrec.v1 import admin_pb2_grpc as apb_grpc
+from tests.helpers import publish_toy
+from tests.serving import Running, request, running_server
+
+ADMIN = "admin-token-0123456789"
+CLIENT = "client-token-0123456789"
+AUTH = (("authorization", f"Bearer {ADMIN}"),)
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    publish_toy(tmp_path, model_name="toy", seed=1)
+    publish_toy(tmp_path, model_name="toy", seed=2)
+    return tmp_path
+
+
+@pytest.fixture
+async def served(repo: Path) -> AsyncIterator[Running]:
+    async with running_server(repo, "toy", admin_token=ADMIN, client_tokens=f"{CLIENT},other-client-token") as r:
+        yield r
+
+
+def admin(running: Running) -> Any:  # the generated stub's types describe the sync API; this one is grpc.aio's
+    return apb_grpc.ModelAdminStub(running.channel)
+
+
+async def status(running: Running) -> apb.ModelStatus:
+    reply = await admin(running).ListModels(apb.ListModelsRequest(), metadata=AUTH, timeout=5)
+    model: apb.ModelStatus = reply.models[0]
+    return model
+
+
+def corrupt(version_dir: Path) -> None:
+    data = bytearray((version_dir / "ranker.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (version_dir / "ranker.onnx").write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    ("metadata", "code"),
+    [
+        ((), grpc.StatusCode.UNAUTHENTICATED),
+        ((("authorization", "Bearer not-a-token"),), grpc.StatusCode.UNAUTHENTICATED),
+        ((("authorization", f"Basic {ADMIN}"),), grpc.StatusCode.UNAUTHENTICATED),
+        ((("authorization", f"Bearer {CLIENT}"),), grpc.StatusCode.PERMISSION_DENIED),
+    ],
+)
+async def test_admin_calls_need_the_admin_token(
+    served: Running, metadata: tuple[tuple[str, str], ...], code: grpc.StatusCode
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await admin(served).ActivateVersion(apb.ActivateVersionRequest(model="toy", version=1), metadata=metadata)
+    assert err.value.code() == code
+    assert (await status(served)).active_version == 2  # nothing changed
+
+
+async def test_without_a_configured_admin_token_every_admin_call_is_refused(repo: Path) -> None:
+    async with running_server(repo, "toy") as running:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await admin(running).ListModels(apb.ListModelsRequest(), metadata=AUTH, timeout=5)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "no admin token" in (err.value.details() or "")
+
+
+@pytest.mark.parametrize(
+    ("model", "version", "code"),
+    [
+        ("../toy", 1, grpc.StatusCode.INVALID_ARGUMENT),
+        ("toy/1", 1, grpc.StatusCode.INVALID_ARGUMENT),
+        ("..", 1, grpc.StatusCode.INVALID_ARGUMENT),
+        ("other", 1, grpc.StatusCode.NOT_FOUND),
+        ("toy", 0, grpc.StatusCode.INVALID_ARGUMENT),
+        ("toy", 99, grpc.StatusCode.NOT_FOUND),
+    ],
+)
+async def test_bad_model_names_and_versions(served: Running, model: str, version: int, code: grpc.StatusCode) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await admin(served).LoadVersion(apb.LoadVersionRequest(model=model, version=version), metadata=AUTH, timeout=5)
+    assert err.value.code() == code
+
+
+async def test_the_newest_version_serves_and_activate_pins_then_rollback_returns(served: Running) -> None:
+    first = await status(served)
+    assert first.active_version == 2 and first.pinned_version == 0 and list(first.available_versions) == [1, 2]
+    reply = await admin(served).ActivateVersion(apb.ActivateVersionRequest(model="toy", version=1), metadata=AUTH)
+    assert reply.model.active_version == 1 and reply.model.pinned_version == 1
+    assert (await served.stub.Recommend(request("u"), timeout=5)).model_version == "1"
+    states = {v.version: v.state for v in reply.model.versions}
+    assert states == {1: apb.VERSION_STATE_ACTIVE, 2: apb.VERSION_STATE_READY}
+    # The watcher keeps the pin even though version 2 is newer.
+    assert await served.app.manager.reconcile() == 1
+    back = await admin(served).Rollback(apb.RollbackRequest(model="toy"), metadata=AUTH)
+    assert back.model.active_version == 2 and back.model.pinned_version == 2
+    assert (await served.stub.Recommend(request("u"), timeout=5)).model_version == "2"
+
+
+async def test_unload_frees_a_ready_version_but_never_the_active_one(served: Running) -> None:
+    loaded = await admin(served).LoadVersion(apb.LoadVersionRequest(model="toy", version=1), metadata=AUTH)
+    assert loaded.status.state == apb.VERSION_STATE_READY and loaded.status.load_ms > 0
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await admin(served).UnloadVersion(apb.UnloadVersionRequest(model="toy", version=2), metadata=AUTH)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    reply = await admin(served).UnloadVersion(apb.UnloadVersionRequest(model="toy", version=1), metadata=AUTH)
+    assert [v.version for v in reply.model.versions] == [2]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await admin(served).Rollback(apb.RollbackRequest(model="toy"), metadata=AUTH)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # nothing was active before
+
+
+async def test_watcher_serves_new_versions_and_rejects_corrupt_and_partial_ones(repo: Path) -> None:
+    async with running_server(repo, "toy", admin_token=ADMIN, watch_interval_s=0.1) as running:
+        running.app.start_watcher()
+        health: Any = health_pb2_grpc.HealthStub(running.channel)
+        v3 = publish_toy(repo, model_name="toy", seed=3)
+        await wait_until(running, lambda s: s.active_version == 3)
+        v4 = publish_toy(repo, model_name="toy", seed=4)
+        corrupt(v4)
+        partial = repo / "toy" / "5"
+        partial.mkdir()
+        (partial / "item_ids.json").write_text("[]")
+        model = await wait_until(running, lambda s: any(v.version == 5 for v in s.versions))
+        states = {v.version: v for v in model.versions}
+        assert model.active_version == 3
+        assert states[4].state == apb.VERSION_STATE_FAILED and "ranker.onnx" in states[4].reason
+        assert states[5].state == apb.VERSION_STATE_FAILED and "manifest.json" in states[5].reason
+        reply = await health.Check(health_pb2.HealthCheckRequest(service="hyperrec.v1.Recommender"), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        assert (await running.stub.Recommend(request("u"), timeout=5)).model_version == "3"
+        assert v3.is_dir()
+
+
+async def test_removed_versions_are_forgotten_and_release_pin_returns_to_the_newest(served: Running) -> None:
+    import shutil
+
+    await admin(served).ActivateVersion(apb.ActivateVersionRequest(model="toy", version=1), metadata=AUTH)
+    published = publish_toy(served.app.manager.repo, model_name="toy", seed=3)
+    assert await served.app.manager.reconcile() == 1  # pinned
+    released = await admin(served).ReleasePin(apb.ReleasePinRequest(model="toy"), metadata=AUTH)
+    assert released.model.pinned_version == 0
+    assert await served.app.manager.reconcile() == int(published.name)
+    shutil.rmtree(served.app.manager.repo / "toy" / "2")
+    await served.app.manager.reconcile()
+    model = await status(served)
+    assert [v.version for v in model.versions] == [1, 3] and list(model.available_versions) == [1, 3]
+
+
+async def test_a_version_failing_then_fixed_is_tried_again(repo: Path) -> None:
+    async with running_server(repo, "toy", admin_token=ADMIN) as running:
+        bad = publish_toy(repo, model_name="toy", seed=3)
+        manifest = (bad / "manifest.json").read_text()
+        (bad / "manifest.json").write_text("{ not json")
+        assert await running.app.manager.reconcile() == 2
+        (bad / "manifest.json").write_text(manifest)  # the manifest changed: worth another try
+        assert await running.app.manager.reconcile() == 3
+
+
+async def test_policy_file_pins_a_version(repo: Path) -> None:
+    async with running_server(repo, "toy", admin_token=ADMIN) as running:
+        (repo / "toy" / "policy.json").write_text(json.dumps({"version": 1}))
+        assert await running.app.manager.reconcile() == 1
+        (repo / "toy" / "policy.json").write_text(json.dumps({"version": "latest?"}))  # broken: ignored
+        assert await running.app.manager.reconcile() == 2
+
+
+async def test_models_cli_lists_activates_and_rolls_back(served: Running, capsys: pytest.CaptureFixture[str]) -> None:
+    target = ["--target", f"127.0.0.1:{served.port}", "--token", ADMIN]
+    assert await asyncio.to_thread(main, ["models", "activate", *target, "--model", "toy", "--version", "1"]) == 0
+    assert "model toy: active 1, pinned 1" in capsys.readouterr().out
+    assert await asyncio.to_thread(main, ["models", "rollback", *target, "--model", "toy"]) == 0
+    assert await asyncio.to_thread(main, ["models", "list", *target]) == 0
+    out = capsys.readouterr().out
+    assert "model toy: active 2, pinned 2" in out and "ready" in out
+    bad = ["--target", f"127.0.0.1:{served.port}", "--token", "wrong-token"]
+    assert await asyncio.to_thread(main, ["models", "list", *bad]) == 1
+    assert "UNAUTHENTICATED" in capsys.readouterr().err
+
+
+async def wait_until(running: Running, done: object, timeout_s: float = 10.0) -> apb.ModelStatus:
+    """Poll ListModels until `done(status)` holds (a bounded wait, not a timing assertion)."""
+    assert callable(done)
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        model = await status(running)
+        if done(model):
+            return model
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not reached; last status {model}")
+        await asyncio.sleep(0.05)
