@@ -39,6 +39,7 @@ class VersionState(enum.Enum):
     LOADING = "loading"
     READY = "ready"  # loaded and warm, not serving
     ACTIVE = "active"
+    CANARY = "canary"  # serving a fixed share of users next to the active version
     FAILED = "failed"
 
 
@@ -69,22 +70,41 @@ def manifest_fingerprint(directory: Path) -> str:
         return ""
 
 
-def read_policy(model_dir: Path) -> int | None:
-    """The version `policy.json` pins ({"version": N}), or None for "newest". A broken file is logged and ignored."""
+@dataclass(frozen=True)
+class Policy:
+    """What `policy.json` asks for: a stable version (None: the newest usable), a canary and its share."""
+
+    stable: int | None = None
+    canary: int | None = None
+    canary_percent: float = 0.0
+
+
+def _version_field(value: object, name: str) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def read_policy(model_dir: Path) -> Policy:
+    """`policy.json`: {"version": N} pins N; {"labels": {"stable": N, "canary": M}, "canary_percent": P} serves N
+    and routes P % of users to M. Absent or broken (logged): the newest usable version, no canary."""
     path = model_dir / POLICY
     if not path.is_file():
-        return None
+        return Policy()
     try:
         data = json.loads(path.read_text())
-        version = data.get("version")
-        if version is None:
-            return None
-        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-            raise ValueError(f"version must be a positive integer, got {version!r}")
-        return version
-    except (OSError, ValueError, AttributeError) as exc:
+        labels = data.get("labels", {})
+        stable = _version_field(data.get("version"), "version") or _version_field(labels.get("stable"), "stable")
+        canary = _version_field(labels.get("canary"), "canary")
+        percent = float(data.get("canary_percent", 0.0))
+        if not 0.0 <= percent <= 100.0:
+            raise ValueError(f"canary_percent must be within 0-100, got {percent}")
+        return Policy(stable, canary, percent if canary is not None else 0.0)
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
         log.error("ignoring %s: %s", path, exc)
-        return None
+        return Policy()
 
 
 class ModelManager:
@@ -99,6 +119,8 @@ class ModelManager:
         self._bundles: dict[int, Bundle] = {}
         self._info: dict[int, VersionInfo] = {}
         self._active: int | None = None
+        self.canary: int | None = None
+        self.canary_percent = 0.0
         self._history: list[int] = []  # versions that were active before, most recent last
         self.pinned: int | None = None  # set by the admin API; overrides policy.json and "newest"
         self._lock = asyncio.Lock()
@@ -168,8 +190,10 @@ class ModelManager:
         if self._active == version and self._slot.active is bundle:
             return bundle
         previous = self._active
-        self._slot.swap(bundle)  # the one reference every new request reads
+        self._slot.swap(bundle)  # the one reference every new request reads (a promoted canary stops being one)
         self._active = version
+        if version == self.canary:
+            self.canary, self.canary_percent = None, 0.0
         self._info[version].state = VersionState.ACTIVE
         if previous is not None and previous != version:
             if previous in self._info and self._info[previous].state == VersionState.ACTIVE:
@@ -224,7 +248,7 @@ class ModelManager:
         """The version that should serve: the admin pin, else the policy pin, else the newest that has not failed.
         A pinned version that failed keeps the current one serving."""
         versions = list_versions(self.repo, self.model_name)
-        for pin in (self.pinned, read_policy(self.model_dir)):
+        for pin in (self.pinned, read_policy(self.model_dir).stable):
             if pin is not None and pin in versions:
                 return pin if self._usable(pin) else self._active
         for version in reversed(versions):
@@ -233,25 +257,50 @@ class ModelManager:
         return None
 
     async def reconcile(self) -> int | None:
-        """One pass of the watcher: forget removed versions, then move to the desired version. Returns the
-        active version. A version that fails is recorded and skipped; the next pass tries the next best."""
+        """One pass of the watcher: forget removed versions, move to the desired version, then apply the
+        policy's canary. Returns the active version. A version that fails is recorded and skipped; the next
+        pass tries the next best."""
         async with self._lock:
             on_disk = set(list_versions(self.repo, self.model_name))
-            for version in [v for v in self._info if v not in on_disk and v != self._active]:
+            for version in [v for v in self._info if v not in on_disk and v not in (self._active, self.canary)]:
                 self._bundles.pop(version, None)
                 del self._info[version]
                 log.info("model %s version %d removed from the repository", self.model_name, version)
             while True:
                 target = self.desired()
                 if target is None or target == self._active:
-                    if self._active is not None and self._active not in on_disk:
-                        log.warning("model %s: active version %d left the repository", self.model_name, self._active)
-                    return self._active
+                    break
                 try:
                     await self._activate(target)
-                    return self._active
+                    break
                 except BundleError:
                     continue  # marked FAILED with this fingerprint: desired() now skips it
+            if self._active is not None and self._active not in on_disk:
+                log.warning("model %s: active version %d left the repository", self.model_name, self._active)
+            await self._apply_canary(read_policy(self.model_dir), on_disk)
+            return self._active
+
+    async def _apply_canary(self, policy: Policy, on_disk: set[int]) -> None:
+        """Route the policy's share of users to its canary version (loaded first), or stop a canary."""
+        wanted = policy.canary
+        if wanted is not None and (wanted not in on_disk or wanted == self._active or not self._usable(wanted)):
+            wanted = None
+        bundle = None
+        if wanted is not None:
+            try:
+                bundle = await self._load(wanted)
+            except BundleError:
+                wanted = None
+        old = self._info.get(self.canary) if self.canary is not None and self.canary != wanted else None
+        if old is not None and old.state == VersionState.CANARY:
+            old.state = VersionState.READY
+        percent = policy.canary_percent if wanted is not None else 0.0
+        if (wanted, percent) != (self.canary, self.canary_percent):
+            log.info("model %s: canary %s for %.1f%% of users", self.model_name, wanted, percent)
+        self._slot.set_canary(bundle, percent)
+        self.canary, self.canary_percent = wanted, percent
+        if wanted is not None:
+            self._info[wanted].state = VersionState.CANARY
 
     async def watch(self, interval_s: float, stop: asyncio.Event) -> None:
         """Reconcile every `interval_s` until `stop` is set. Errors are logged, never fatal."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import zlib
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -49,19 +50,43 @@ class PipelineOptions:
     interest_events: int = 5
 
 
+def canary_bucket(user_id: str) -> float:
+    """A user's fixed place in [0, 100): users below the canary percentage get the canary version."""
+    return (zlib.crc32(user_id.encode("utf-8", "surrogatepass")) % 10_000) / 100.0
+
+
 class BundleSlot:
-    """Holds the one active bundle. Swapping replaces a single reference."""
+    """Holds the active bundle and an optional canary. Each change replaces a single reference (a tuple), so a
+    reader always sees one consistent routing."""
 
     def __init__(self) -> None:
-        self._active: Bundle | None = None
+        self._routes: tuple[Bundle | None, Bundle | None, float] = (None, None, 0.0)
 
     @property
     def active(self) -> Bundle | None:
-        return self._active
+        return self._routes[0]
+
+    @property
+    def canary(self) -> tuple[Bundle | None, float]:
+        return self._routes[1], self._routes[2]
 
     def swap(self, bundle: Bundle) -> Bundle | None:
-        previous, self._active = self._active, bundle
+        previous, canary, share = self._routes
+        if canary is bundle:  # promoted: no longer a canary
+            canary, share = None, 0.0
+        self._routes = (bundle, canary, share)
         return previous
+
+    def set_canary(self, bundle: Bundle | None, percent: float) -> None:
+        """Route `percent` of users (by a fixed hash of their id) to `bundle`; None or 0 routes nobody."""
+        self._routes = (self._routes[0], bundle, percent if bundle is not None else 0.0)
+
+    def for_user(self, user_id: str) -> Bundle | None:
+        """The bundle that answers this user: the canary for a fixed share of users, else the active one."""
+        active, canary, share = self._routes
+        if canary is not None and share > 0 and canary_bucket(user_id) < share:
+            return canary
+        return active
 
 
 def fold_in(
@@ -284,7 +309,7 @@ class Recommender:
         start = time.perf_counter()
         now = datetime.now(UTC)
         validate_request(req, self._options.limits, now)
-        bundle = self._slot.active
+        bundle = self._slot.for_user(req.user_id)
         if bundle is None:
             raise Unavailable("no model version is loaded yet")
         timings = StageTimings()

@@ -21,6 +21,7 @@ _STATE = {
     VersionState.READY: apb.VERSION_STATE_READY,
     VersionState.ACTIVE: apb.VERSION_STATE_ACTIVE,
     VersionState.FAILED: apb.VERSION_STATE_FAILED,
+    VersionState.CANARY: apb.VERSION_STATE_CANARY,
 }
 
 
@@ -37,6 +38,8 @@ def encode_model(manager: ModelManager) -> apb.ModelStatus:
         pinned_version=manager.pinned or 0,
         versions=[encode_version(info) for info in manager.status()],
         available_versions=list_versions(manager.repo, manager.model_name),
+        canary_version=manager.canary or 0,
+        canary_percent=manager.canary_percent,
     )
 
 

@@ -203,3 +203,27 @@ async def wait_until(running: Running, done: object, timeout_s: float = 10.0) ->
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"condition not reached; last status {model}")
         await asyncio.sleep(0.05)
+
+
+async def test_policy_canary_routes_a_fixed_share_of_users_and_can_be_withdrawn(served: Running) -> None:
+    policy = served.app.manager.model_dir / "policy.json"
+    policy.write_text(json.dumps({"labels": {"stable": 1, "canary": 2}, "canary_percent": 30}))
+    assert await served.app.manager.reconcile() == 1
+    users = [f"user-{n}" for n in range(300)]
+
+    async def versions() -> dict[str, str]:
+        replies = await asyncio.gather(*(served.stub.Recommend(request(u, k=3), timeout=5) for u in users))
+        return {u: r.model_version for u, r in zip(users, replies, strict=True)}
+
+    first, again = await versions(), await versions()
+    assert first == again  # a user always gets the same version
+    share = sum(1 for v in first.values() if v == "2") / len(users)
+    assert set(first.values()) == {"1", "2"} and 0.2 < share < 0.4
+    model = await status(served)
+    assert model.active_version == 1 and model.canary_version == 2 and model.canary_percent == 30
+    assert {v.version: v.state for v in model.versions}[2] == apb.VERSION_STATE_CANARY
+    policy.write_text(json.dumps({"labels": {"stable": 1}}))
+    await served.app.manager.reconcile()
+    assert set((await versions()).values()) == {"1"}
+    model = await status(served)
+    assert model.canary_version == 0 and {v.version: v.state for v in model.versions}[2] == apb.VERSION_STATE_READY

@@ -44,6 +44,8 @@ class _VersionStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_VersionS
     """Serving requests."""
     VERSION_STATE_FAILED: _VersionState.ValueType  # 4
     """Rejected: see `reason`. Tried again only when its manifest changes."""
+    VERSION_STATE_CANARY: _VersionState.ValueType  # 5
+    """Serving a fixed share of users (canary_percent, by a hash of the user id) next to the active version."""
 
 class VersionState(_VersionState, metaclass=_VersionStateEnumTypeWrapper):
     """The state of one model version on this server."""
@@ -58,6 +60,8 @@ VERSION_STATE_ACTIVE: VersionState.ValueType  # 3
 """Serving requests."""
 VERSION_STATE_FAILED: VersionState.ValueType  # 4
 """Rejected: see `reason`. Tried again only when its manifest changes."""
+VERSION_STATE_CANARY: VersionState.ValueType  # 5
+"""Serving a fixed share of users (canary_percent, by a hash of the user id) next to the active version."""
 Global___VersionState: _TypeAlias = VersionState  # noqa: Y015
 
 @_typing.final
@@ -109,12 +113,18 @@ class ModelStatus(_message.Message):
     PINNED_VERSION_FIELD_NUMBER: _builtins.int
     VERSIONS_FIELD_NUMBER: _builtins.int
     AVAILABLE_VERSIONS_FIELD_NUMBER: _builtins.int
+    CANARY_VERSION_FIELD_NUMBER: _builtins.int
+    CANARY_PERCENT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The model's name."""
     active_version: _builtins.int
     """The version serving requests; 0 when none."""
     pinned_version: _builtins.int
     """The version pinned by ActivateVersion or Rollback; 0 when the repository policy decides."""
+    canary_version: _builtins.int
+    """The canary version from policy.json; 0 when none."""
+    canary_percent: _builtins.float
+    """Percentage of users (0-100) the canary answers."""
     @_builtins.property
     def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___VersionStatus]:
         """Versions the server has tried, ascending."""
@@ -131,10 +141,12 @@ class ModelStatus(_message.Message):
         pinned_version: _builtins.int = ...,
         versions: _abc.Iterable[Global___VersionStatus] | None = ...,
         available_versions: _abc.Iterable[_builtins.int] | None = ...,
+        canary_version: _builtins.int = ...,
+        canary_percent: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_version", b"active_version", "available_versions", b"available_versions", "name", b"name", "pinned_version", b"pinned_version", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_version", b"active_version", "available_versions", b"available_versions", "canary_percent", b"canary_percent", "canary_version", b"canary_version", "name", b"name", "pinned_version", b"pinned_version", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
