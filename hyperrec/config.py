@@ -86,7 +86,20 @@ class ServerConfig:
     ort_intra_op_threads: int = field(default=1, metadata=_doc("ONNX Runtime intra-op threads per inference."))
     ort_inter_op_threads: int = field(default=1, metadata=_doc("ONNX Runtime inter-op threads."))
     faiss_threads: int = field(default=1, metadata=_doc("FAISS OpenMP threads per search."))
-    warmup_requests: int = field(default=32, metadata=_doc("Synthetic requests run through a bundle before serving."))
+    warmup_requests: int = field(
+        default=32,
+        metadata=_doc(
+            "Most warm-up requests run through a new version before it serves (recent real request shapes when "
+            "there are any); rounds stop earlier once their median latency settles."
+        ),
+    )
+    keep_previous_version: bool = field(
+        default=True,
+        metadata=_doc(
+            "Keep the version a swap replaced loaded (READY) for an instant rollback; false frees it, halving "
+            "steady memory at the cost of a reload on rollback."
+        ),
+    )
     watch_interval_s: float = field(
         default=5.0,
         metadata=_doc("How often the model repository is checked for new, removed or changed versions; 0: never."),

@@ -19,12 +19,14 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from hyperrec import metrics
 from hyperrec.bundle import MANIFEST, Bundle, list_versions
+from hyperrec.domain import RecommendRequest
 from hyperrec.errors import BundleError, FailedPrecondition, NotFound
 from hyperrec.names import check_name
 from hyperrec.pipeline import BundleSlot, warm_up
@@ -60,6 +62,7 @@ class LoadSettings:
     ranker: RankerOptions = field(default_factory=RankerOptions)
     warmup_requests: int = 32
     candidates: int = 500
+    keep_previous: bool = True  # keep the version swapped out loaded, for an instant rollback
 
 
 def manifest_fingerprint(directory: Path) -> str:
@@ -110,8 +113,17 @@ def read_policy(model_dir: Path) -> Policy:
 class ModelManager:
     """Owns the versions of one model and the slot the pipeline reads. One change at a time."""
 
-    def __init__(self, repo: Path, model_name: str, slot: BundleSlot, settings: LoadSettings, loader: Executor) -> None:
+    def __init__(
+        self,
+        repo: Path,
+        model_name: str,
+        slot: BundleSlot,
+        settings: LoadSettings,
+        loader: Executor,
+        recorded: Callable[[], Sequence[RecommendRequest]] = tuple,
+    ) -> None:
         self.repo = Path(repo)
+        self._recorded = recorded
         self.model_name = check_name(model_name)
         self._slot = slot
         self._settings = settings
@@ -163,7 +175,10 @@ class ModelManager:
             raise
         info.load_ms = (time.perf_counter() - started) * 1e3
         s = self._settings
-        info.warm_ms = await loop.run_in_executor(self._loader, warm_up, bundle, s.warmup_requests, s.candidates)
+        shapes = list(self._recorded())  # recent real requests, when the server has answered some
+        info.warm_ms = await loop.run_in_executor(
+            self._loader, warm_up, bundle, s.warmup_requests, s.candidates, shapes
+        )
         self._bundles[version] = bundle
         info.state = VersionState.READY
         metrics.MODEL_LOADS.labels(self.model_name, "loaded").inc()
@@ -199,6 +214,10 @@ class ModelManager:
             if previous in self._info and self._info[previous].state == VersionState.ACTIVE:
                 self._info[previous].state = VersionState.READY
             self._history = [v for v in self._history if v != previous] + [previous]
+            if not self._settings.keep_previous and previous != self.canary:
+                # Freed once the requests still holding it finish; a rollback then loads it again.
+                self._bundles.pop(previous, None)
+                self._info.pop(previous, None)
         metrics.ACTIVE_VERSION.labels(self.model_name).set(version)
         log.info("model %s: version %d active (was %s)", self.model_name, version, previous)
         return bundle

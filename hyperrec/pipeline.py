@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import zlib
+from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 import numpy as np
@@ -280,6 +283,7 @@ class Recommender:
         self._options = options
         self._executor = executor
         self._breaker = breaker or CircuitBreaker()
+        self.recent_requests: deque[RecommendRequest] = deque(maxlen=64)  # shapes for warming up new versions
 
     @property
     def options(self) -> PipelineOptions:
@@ -326,6 +330,7 @@ class Recommender:
         if uvec is None:
             items = cold_start_items(bundle, req, now)
         else:
+            self.recent_requests.append(req)
             if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlineExceeded("deadline passed before retrieval")
             pool = segment_candidates(bundle, uvec, req) if strategy == Strategy.INTERESTS else None
@@ -354,19 +359,41 @@ class Recommender:
         )
 
 
-def warm_up(bundle: Bundle, rounds: int, candidates: int, seed: int = 0) -> float:
-    """Run the index and the ranker on synthetic requests until they are warm.
+WARM_ROUND = 8  # warm-up requests per round; rounds continue until their median latency settles
 
-    Returns the median latency in ms of the last rounds, for the log.
+
+def warm_up(
+    bundle: Bundle,
+    requests: int,
+    candidates: int,
+    recorded: Sequence[RecommendRequest] = (),
+    seed: int = 0,
+) -> float:
+    """Run the index and the ranker on the served code path until latency settles, then return the settled
+    median in ms (for the log).
+
+    Requests are the `recorded` recent real ones (their k, context and exclusions) when there are any, else a
+    synthetic one; the user vectors are near random items of `bundle`. Rounds of WARM_ROUND requests run until a
+    round's median is within 10 % of the previous round's, or `requests` have run.
     """
     rng = np.random.default_rng(seed)
     now = datetime.now(UTC)
-    request = RecommendRequest(user_id="warm-up", k=min(10, bundle.index.size))
-    latencies: list[float] = []
-    for _ in range(max(1, rounds)):
-        base = bundle.item_embeddings[rng.integers(0, bundle.index.size)]
-        uvec = (base + rng.normal(0, 0.1, base.shape)).astype(np.float32)
-        t = time.perf_counter()
-        rank_candidates(bundle, uvec, request, now, candidates, None)  # the served retrieval + ranking path
-        latencies.append((time.perf_counter() - t) * 1e3)
-    return float(np.median(latencies[len(latencies) // 2 :]))
+    shapes = list(recorded) or [RecommendRequest(user_id="warm-up", k=min(10, bundle.index.size))]
+    previous, ran = math.inf, 0
+    median = 0.0
+    while ran < max(1, requests):
+        latencies = []
+        for _ in range(min(WARM_ROUND, max(1, requests) - ran)):
+            request = shapes[int(rng.integers(0, len(shapes)))]
+            request = replace(request, k=min(request.k, bundle.index.size))
+            base = bundle.item_embeddings[rng.integers(0, bundle.index.size)]
+            uvec = (base + rng.normal(0, 0.1, base.shape)).astype(np.float32)
+            t = time.perf_counter()
+            rank_candidates(bundle, uvec, request, now, candidates, None)
+            latencies.append((time.perf_counter() - t) * 1e3)
+            ran += 1
+        median = float(np.median(latencies))
+        if math.isfinite(previous) and abs(median - previous) <= 0.1 * previous:
+            break
+        previous = median
+    return median

@@ -192,8 +192,10 @@ def create_server(config: ServerConfig, profile_store: ProfileStore | None = Non
         RankerOptions(config.ort_intra_op_threads, config.ort_inter_op_threads),
         config.warmup_requests,
         config.candidates,
+        config.keep_previous_version,
     )
-    manager = ModelManager(config.model_repo, config.model_name, slot, load_settings, loader)
+    recorded = pipeline.recent_requests
+    manager = ModelManager(config.model_repo, config.model_name, slot, load_settings, loader, lambda: list(recorded))
     auth = TokenAuth(config.admin_token, TokenAuth.parse_clients(config.client_tokens))
     server = grpc.aio.server()
     add_recommender(RecommenderServicer(pipeline), server)

@@ -227,3 +227,34 @@ async def test_policy_canary_routes_a_fixed_share_of_users_and_can_be_withdrawn(
     assert set((await versions()).values()) == {"1"}
     model = await status(served)
     assert model.canary_version == 0 and {v.version: v.state for v in model.versions}[2] == apb.VERSION_STATE_READY
+
+
+async def test_without_keeping_previous_versions_a_swap_frees_the_old_one(repo: Path) -> None:
+    async with running_server(repo, "toy", admin_token=ADMIN, keep_previous_version=False) as running:
+        reply = await admin(running).ActivateVersion(apb.ActivateVersionRequest(model="toy", version=1), metadata=AUTH)
+        assert [v.version for v in reply.model.versions] == [1]
+        back = await admin(running).Rollback(apb.RollbackRequest(model="toy"), metadata=AUTH)  # loads 2 again
+        assert back.model.active_version == 2 and [v.version for v in back.model.versions] == [2]
+
+
+def test_warm_up_replays_recorded_request_shapes_until_latency_settles(
+    repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hyperrec import pipeline
+    from hyperrec.bundle import Bundle
+    from hyperrec.domain import Context, DeviceType, RecommendRequest
+
+    bundle = Bundle.load(repo / "toy" / "1")
+    seen: list[RecommendRequest] = []
+    real = pipeline.rank_candidates
+
+    def counting(b: Bundle, uvec: Any, req: RecommendRequest, *args: Any) -> Any:
+        seen.append(req)
+        return real(b, uvec, req, *args)
+
+    monkeypatch.setattr(pipeline, "rank_candidates", counting)
+    shape = RecommendRequest("someone", k=7, context=Context(device=DeviceType.TV), exclude=("item-00001",))
+    settled = pipeline.warm_up(bundle, 64, 50, recorded=[shape])
+    assert settled > 0
+    assert 16 <= len(seen) <= 64 and len(seen) % pipeline.WARM_ROUND == 0  # whole rounds, stopped once settled
+    assert all(r.k == 7 and r.context.device == DeviceType.TV and r.exclude == ("item-00001",) for r in seen)
