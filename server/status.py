@@ -12,6 +12,7 @@ import logging
 import grpc
 
 from hyperrec.errors import (
+    BundleError,
     DeadlineExceeded,
     FailedPrecondition,
     HyperrecError,
@@ -29,6 +30,7 @@ _CODES: tuple[tuple[type[HyperrecError], grpc.StatusCode], ...] = (
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (BundleError, grpc.StatusCode.FAILED_PRECONDITION),  # a model version that cannot load: the reason is the answer
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),

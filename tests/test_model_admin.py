@@ -258,3 +258,13 @@ def test_warm_up_replays_recorded_request_shapes_until_latency_settles(
     assert settled > 0
     assert 16 <= len(seen) <= 64 and len(seen) % pipeline.WARM_ROUND == 0  # whole rounds, stopped once settled
     assert all(r.k == 7 and r.context.device == DeviceType.TV and r.exclude == ("item-00001",) for r in seen)
+
+
+async def test_activating_a_corrupt_version_is_refused_with_its_reason(served: Running) -> None:
+    corrupt(publish_toy(served.app.manager.repo, model_name="toy", seed=3))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await admin(served).ActivateVersion(apb.ActivateVersionRequest(model="toy", version=3), metadata=AUTH)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "ranker.onnx" in (err.value.details() or "") and "checksum" in (err.value.details() or "")
+    model = await status(served)
+    assert model.active_version == 2 and model.pinned_version == 0

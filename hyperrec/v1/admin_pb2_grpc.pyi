@@ -9,7 +9,8 @@ Every call needs the admin token as call metadata `authorization: Bearer <token>
   PERMISSION_DENIED  a valid token without the admin role (a client token).
   INVALID_ARGUMENT   a model name with path separators, "..", or other characters outside [A-Za-z0-9._-].
   NOT_FOUND          another model than the one this server serves, or a version that does not exist.
-  FAILED_PRECONDITION the request cannot apply now (unload the active version; nothing to roll back to).
+  FAILED_PRECONDITION the request cannot apply now (unload the active version; nothing to roll back to;
+                    activate a version that fails validation: the message names the file and the problem).
 """
 
 from collections import abc as _abc
