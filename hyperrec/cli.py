@@ -264,6 +264,53 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    """Run load against a server, write results (JSON, HTML, PNG), print the verdict; 1 on an SLO breach."""
+    try:
+        from loadtest import report, slo
+        from loadtest.runner import LoadSettings, run, write_json
+        from loadtest.scenario import ScenarioError, load_scenario, load_users
+    except ImportError as exc:
+        print(f"hyperrec loadtest needs the loadtest extra (pip install 'hyperrec[loadtest]'): {exc}", file=sys.stderr)
+        return 2
+    try:
+        objectives = slo.load_slo(args.slo) if args.slo else None
+        settings = LoadSettings(
+            target=args.target,
+            rate=args.rate,
+            concurrency=args.concurrency,
+            arrival=args.arrival,
+            duration_s=args.duration,
+            warmup_s=args.warmup,
+            workers=args.workers,
+            deadline_s=args.deadline_ms / 1e3,
+            seed=args.seed,
+            token=args.token,
+            scenario=load_scenario(args.scenario),
+            users=tuple(load_users(args.users, args.user_count)),
+        )
+        settings.check()
+    except (ValueError, ScenarioError, OSError) as exc:
+        print(f"hyperrec loadtest: {exc}", file=sys.stderr)
+        return 2
+    result = run(settings)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json(result, args.out / "result.json")
+    checks = slo.evaluate(result, objectives) if objectives is not None else None
+    files = report.write_report(result, checks, args.out)
+    latency = result.to_json(with_histograms=False)["latency_ms"]
+    print(
+        f"offered {result.offered_rate:,.1f}/s, achieved {result.achieved_rate:,.1f}/s, "
+        f"errors {result.error_rate:.2%} ({', '.join(f'{k} {v}' for k, v in sorted(result.status_counts.items()))})"
+    )
+    print("latency ms: " + ", ".join(f"{name} {value:.2f}" for name, value in latency.items()))
+    print(f"results: {args.out / 'result.json'}, report: {files['report.html']}")
+    if checks is None:
+        return 0
+    print(slo.verdict_table(checks))
+    return 0 if slo.passed(checks) else 1
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from hyperrec.demo import run_demo
 
@@ -395,6 +442,25 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("load", "activate"):
             cmd.add_argument("--version", type=int, required=True, help="version number")
         cmd.set_defaults(func=cmd_models)
+
+    lt = sub.add_parser("loadtest", help="send open- or closed-loop load to a server and judge it against an SLO")
+    lt.add_argument("--target", default="localhost:50051", help="server address host:port")
+    load_kind = lt.add_mutually_exclusive_group(required=True)
+    load_kind.add_argument("--rate", type=float, help="open loop: requests per second (all workers together)")
+    load_kind.add_argument("--concurrency", type=int, help="closed loop: callers each waiting for their answer")
+    lt.add_argument("--arrival", choices=("constant", "poisson"), default="constant", help="open-loop arrivals")
+    lt.add_argument("--duration", type=float, default=30.0, help="measured seconds (after the warm-up)")
+    lt.add_argument("--warmup", type=float, default=5.0, help="seconds of load before measuring")
+    lt.add_argument("--workers", type=int, default=1, help="client processes")
+    lt.add_argument("--deadline-ms", type=float, default=1000.0, help="deadline of every call")
+    lt.add_argument("--scenario", type=Path, help="YAML: k, exclusions, contexts, unknown-user share, Zipf skew")
+    lt.add_argument("--users", type=Path, help="known user ids: a profile snapshot (.npz) or one id per line")
+    lt.add_argument("--user-count", type=int, default=1000, help="without --users: ids u00000.. of this many")
+    lt.add_argument("--slo", type=Path, help="YAML SLO: latency percentiles, error rate, achieved rate")
+    lt.add_argument("--out", type=Path, default=Path("loadtest-results"), help="directory for JSON, HTML and PNGs")
+    lt.add_argument("--token", help="bearer token sent with every call (servers with auth)")
+    lt.add_argument("--seed", type=int, default=0)
+    lt.set_defaults(func=cmd_loadtest)
 
     config = sub.add_parser("config", help="print every configuration field as a markdown table")
     config.set_defaults(func=cmd_config)

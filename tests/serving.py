@@ -38,6 +38,9 @@ async def running_server(
 ) -> AsyncIterator[Running]:
     """A started server (model loaded unless load=False) and a stub on a real channel."""
     settings: dict[str, Any] = {"port": 0, "model_repo": repo, "model_name": model, "warmup_requests": 2}
+    if "redis_url" in overrides:
+        # A busy test machine must not turn answers DEGRADED or writes UNAVAILABLE; tests of timeouts set their own.
+        settings.update(redis_read_timeout_ms=2000, profile_budget_ms=2000)
     settings.update(overrides)
     config = load_config(env={}, **settings)
     app, port = create_server(config, profile_store=store)

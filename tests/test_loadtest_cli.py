@@ -1,0 +1,48 @@
+"""`hyperrec loadtest` end to end against a test server: results, report and the exit codes of a verdict."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from hyperrec.cli import main
+from tests.helpers import publish_toy
+from tests.serving import running_server
+
+
+async def test_loadtest_command_reports_and_exits_by_the_slo_verdict(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    publish_toy(tmp_path / "repo", model_name="toy")
+    generous, strict = tmp_path / "generous.yaml", tmp_path / "strict.yaml"
+    generous.write_text("latency_ms: {p50: 2000, p99: 5000}\nmax_error_rate: 0.01\nmin_achieved_ratio: 0.5\n")
+    strict.write_text("latency_ms: {p50: 0.001}\nmax_error_rate: 0.0\n")
+    scenario = tmp_path / "scenario.yaml"
+    scenario.write_text("k: 5\nunknown_user_share: 0.5\ncontexts:\n  - {device: mobile, weight: 1}\n")
+    async with running_server(tmp_path / "repo", "toy") as running:
+        base = ["loadtest", "--target", f"127.0.0.1:{running.port}", "--rate", "80", "--duration", "1"]
+        base += ["--warmup", "0.2", "--scenario", str(scenario)]
+        passed = await asyncio.to_thread(main, [*base, "--slo", str(generous), "--out", str(tmp_path / "ok")])
+        out = capsys.readouterr().out
+        breached = await asyncio.to_thread(main, [*base, "--slo", str(strict), "--out", str(tmp_path / "bad")])
+        out_bad = capsys.readouterr().out
+    assert passed == 0 and "SLO met" in out and "achieved" in out
+    assert breached == 1 and "SLO breached" in out_bad
+    result = json.loads((tmp_path / "ok" / "result.json").read_text())
+    assert result["offered"] == 80 and result["status_counts"] == {"OK": 80}
+    assert result["settings"]["scenario"]["k"] == 5 and result["latency_ms"]["p99"] > 0
+    html = (tmp_path / "ok" / "report.html").read_text()
+    assert "SLO met" in html and html.count("data:image/png;base64,") == 3
+    for png in ("latency_over_time.png", "latency_histogram.png", "achieved_rate.png"):
+        assert (tmp_path / "bad" / png).read_bytes().startswith(b"\x89PNG")
+
+
+def test_loadtest_usage_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad_slo = tmp_path / "bad.yaml"
+    bad_slo.write_text("latency_ms: {p42: 1}\n")
+    assert main(["loadtest", "--rate", "10", "--slo", str(bad_slo)]) == 2
+    assert "p42" in capsys.readouterr().err
+    assert main(["loadtest", "--rate", "-5"]) == 2
