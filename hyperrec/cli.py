@@ -275,9 +275,12 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
         return 2
     try:
         objectives = slo.load_slo(args.slo) if args.slo else None
+        rates = [float(r) for r in args.rates.split(",")] if args.rates else None
+        if rates is not None and (objectives is None or not rates or min(rates) <= 0):
+            raise ValueError("--rates needs positive rates and an --slo to judge each step by")
         settings = LoadSettings(
             target=args.target,
-            rate=args.rate,
+            rate=args.rate if rates is None else rates[0],
             concurrency=args.concurrency,
             arrival=args.arrival,
             duration_s=args.duration,
@@ -293,8 +296,21 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     except (ValueError, ScenarioError, OSError) as exc:
         print(f"hyperrec loadtest: {exc}", file=sys.stderr)
         return 2
-    result = run(settings)
     args.out.mkdir(parents=True, exist_ok=True)
+    if rates is not None:
+        import json
+
+        from loadtest.capacity import capacity_table, search
+
+        assert objectives is not None
+        capacity, steps = search(settings, rates, objectives)
+        for step in steps:
+            write_json(step.result, args.out / f"step-{step.rate:g}.json")
+        summary = {"capacity": capacity, "steps": [step.to_json() for step in steps]}
+        (args.out / "capacity.json").write_text(json.dumps(summary, indent=1))
+        print(capacity_table(capacity, steps))
+        return 0 if capacity is not None else 1
+    result = run(settings)
     write_json(result, args.out / "result.json")
     checks = slo.evaluate(result, objectives) if objectives is not None else None
     files = report.write_report(result, checks, args.out)
@@ -448,6 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     load_kind = lt.add_mutually_exclusive_group(required=True)
     load_kind.add_argument("--rate", type=float, help="open loop: requests per second (all workers together)")
     load_kind.add_argument("--concurrency", type=int, help="closed loop: callers each waiting for their answer")
+    load_kind.add_argument(
+        "--rates", help="capacity search: comma-separated open-loop rates, run in rising order until one breaches --slo"
+    )
     lt.add_argument("--arrival", choices=("constant", "poisson"), default="constant", help="open-loop arrivals")
     lt.add_argument("--duration", type=float, default=30.0, help="measured seconds (after the warm-up)")
     lt.add_argument("--warmup", type=float, default=5.0, help="seconds of load before measuring")

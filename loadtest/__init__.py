@@ -1,5 +1,6 @@
-"""Load tester for latency SLOs (open-loop load, HDR percentiles, SLO verdicts).
+"""The SLO load tester behind `hyperrec loadtest` (see docs/loadtest.md).
 
-Not built yet: tracked by its own issue. `scripts/latency_probe.py` is the
-interim sequential latency probe.
+results.py holds what a run measured (HDR histograms, statuses, timeline); runner.py sends open- or closed-loop
+load from worker processes; scenario.py draws users, contexts and exclusions; slo.py judges a result; report.py
+writes the HTML page and plots; capacity.py searches the highest rate meeting an SLO.
 """

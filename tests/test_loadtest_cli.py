@@ -46,3 +46,39 @@ def test_loadtest_usage_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixt
     assert main(["loadtest", "--rate", "10", "--slo", str(bad_slo)]) == 2
     assert "p42" in capsys.readouterr().err
     assert main(["loadtest", "--rate", "-5"]) == 2
+
+
+def test_capacity_search_stops_at_the_first_breach_and_reports_the_last_passing_rate() -> None:
+    from loadtest.capacity import capacity_table, search
+    from loadtest.results import RunResult
+    from loadtest.runner import LoadSettings
+    from loadtest.slo import parse_slo
+
+    def fake_run(settings: LoadSettings) -> RunResult:
+        """Latency grows with the rate: 1 ms per 100 requests/s."""
+        assert settings.rate is not None
+        result = RunResult({}, 1.0)
+        for _ in range(int(settings.rate)):
+            result.scheduled(0)
+            result.add(0, settings.rate / 100 / 1e3, "OK")
+        return result
+
+    objectives = parse_slo({"latency_ms": {"p99": 5}}, "inline")
+    capacity, steps = search(LoadSettings(target="x", rate=1.0), [800, 200, 400, 1000], objectives, fake_run)
+    assert capacity == 400 and [s.rate for s in steps] == [200, 400, 800]  # 1000 never run
+    assert [s.passed for s in steps] == [True, True, False]
+    assert "capacity: 400/s meets the SLO" in capacity_table(capacity, steps)
+
+
+async def test_loadtest_capacity_search_against_a_server(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    publish_toy(tmp_path / "repo", model_name="toy")
+    generous = tmp_path / "slo.yaml"
+    generous.write_text("latency_ms: {p99: 5000}\n")
+    async with running_server(tmp_path / "repo", "toy") as running:
+        args = ["loadtest", "--target", f"127.0.0.1:{running.port}", "--rates", "40,80", "--duration", "0.5"]
+        args += ["--warmup", "0.1", "--slo", str(generous), "--out", str(tmp_path / "cap")]
+        assert await asyncio.to_thread(main, args) == 0
+    assert "capacity: 80/s meets the SLO" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "cap" / "capacity.json").read_text())
+    assert summary["capacity"] == 80 and [s["rate"] for s in summary["steps"]] == [40, 80]
+    assert (tmp_path / "cap" / "step-80.json").is_file()
