@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PROTO_SRC := proto/hyperrec/v1/recommender.proto proto/hyperrec/v1/profiles.proto proto/hyperrec/v1/admin.proto
 GEN_DIR := hyperrec/v1
 
-.PHONY: demo test install lint proto proto-check buf-lint pytest dockerfile-lint clean
+.PHONY: demo test bench install lint proto proto-check buf-lint pytest dockerfile-lint clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "hyperrec needs Python 3.11 or newer")'
@@ -24,6 +24,10 @@ demo: $(STAMP)
 
 ## test: lint, check generated code, run the whole test suite (needs redis-server on PATH)
 test: $(STAMP) lint proto-check pytest
+
+## bench: the server against its in-process and gRPC echo floors at 1M items, then a capacity search (minutes)
+bench: $(STAMP)
+	$(BIN)/python -m loadtest.bench --out benchmarks/results
 
 pytest: $(STAMP)
 	$(BIN)/pytest

@@ -1,0 +1,251 @@
+"""`make bench`: the server against its floors, measured in one run on this machine.
+
+1. A synthetic bundle (`hyperrec synth-bundle`: 1M items at 64 dimensions by default) and matching profiles,
+   cached under --repo between runs.
+2. The in-process floor: the same pipeline, bundle and profiles called directly, without gRPC.
+3. The gRPC echo floor: a server that returns the request's bytes, called the same way: what gRPC alone costs.
+4. The server (`hyperrec serve` with its own redis-server when one is on PATH) under the load tester: a low-rate
+   open-loop run (p50 against the floors), then a capacity search at rising rates against the SLO
+   (p99 <= 10 ms, error rate <= 0.1 %).
+
+Results go to `<out>/bench.json` and a markdown table is printed for docs/benchmarks.md. Numbers are only
+comparable within one run: the machine is shared and noisy.
+
+    python -m loadtest.bench --items 1000000 --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from hyperrec.bundle import Bundle, list_versions, resolve_version
+from hyperrec.domain import Context, DeviceType, RecommendRequest, RequestLimits
+from hyperrec.pipeline import BundleSlot, PipelineOptions, Recommender
+from hyperrec.profiles import ProfileStore
+from hyperrec.profiles.keys import Pseudonymizer
+from hyperrec.profiles.memory import InMemoryProfileStore
+from hyperrec.profiles.redis_store import RedisProfileStore, RedisStoreOptions
+from hyperrec.profiles.snapshot import load_profiles, save_profiles
+from hyperrec.ranker import RankerOptions
+from hyperrec.v1 import recommender_pb2 as pb
+from index.ann import set_threads
+from loadtest.capacity import capacity_table, search
+from loadtest.runner import LoadSettings, run
+from loadtest.scenario import Scenario
+from loadtest.slo import parse_slo
+
+SLO = {"latency_ms": {"p99": 10.0}, "max_error_rate": 0.001}
+ECHO_METHOD = "/hyperrec.bench.Echo/Echo"
+
+
+def percentiles(ms: list[float]) -> dict[str, float]:
+    arr = np.asarray(ms)
+    return {f"p{p}": float(np.percentile(arr, p)) for p in (50, 90, 99)} | {"max": float(arr.max())}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_serving(target: str, timeout_s: float = 600) -> None:
+    with grpc.insecure_channel(target) as channel:
+        stub: Any = health_pb2_grpc.HealthStub(channel)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise RuntimeError(f"{target} did not become SERVING")
+
+
+def ensure_bundle(repo: Path, items: int, dim: int, users: int) -> tuple[str, Path]:
+    """The cached synthetic bundle for this size, built when missing; returns (model, profiles path)."""
+    model = f"bench-{items}x{dim}"
+    profiles = repo / f"{model}-profiles.npz"
+    if not list_versions(repo, model) or not profiles.is_file():
+        from training.synth_bundle import make_synth_bundle
+
+        started = time.perf_counter()
+        result = make_synth_bundle(repo, model, items, dim, users)
+        save_profiles(profiles, result.profiles)
+        print(f"built {result.version_dir} in {time.perf_counter() - started:.0f} s", flush=True)
+    return model, profiles
+
+
+async def in_process_floor(
+    bundle: Bundle, profiles: Path, calls: int, k: int, redis_url: str | None, secret: bytes
+) -> list[float]:
+    """The pipeline alone: same bundle, profiles and profile store, called one request at a time in this process."""
+    store: ProfileStore = InMemoryProfileStore(Pseudonymizer(secret))
+    if redis_url is not None:
+        store = RedisProfileStore(RedisStoreOptions(redis_url), Pseudonymizer(secret))
+    await store.put_many(load_profiles(profiles))
+    users = list(load_profiles(profiles))
+    slot = BundleSlot()
+    slot.swap(bundle)
+    pipeline = Recommender(store, slot, PipelineOptions(500, RequestLimits()), ThreadPoolExecutor(2))
+    rng = np.random.default_rng(1)
+    out = []
+    for i in range(calls + calls // 10):
+        user = users[int(rng.integers(len(users)))]
+        req = RecommendRequest(user, k=k, context=Context(device=DeviceType(int(rng.integers(1, 5)))))
+        started = time.perf_counter()
+        await pipeline.recommend(req)
+        if i >= calls // 10:
+            out.append((time.perf_counter() - started) * 1e3)
+    await store.close()
+    return out
+
+
+def echo_server(port: int) -> None:
+    """Serve ECHO_METHOD (bytes in, the same bytes out) until killed: the gRPC floor's server."""
+
+    async def serve() -> None:
+        async def echo(request: bytes, _: Any) -> bytes:
+            return request
+
+        server = grpc.aio.server()
+        handler = grpc.method_handlers_generic_handler(
+            "hyperrec.bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)}
+        )
+        server.add_generic_rpc_handlers((handler,))
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
+
+
+def echo_floor(calls: int, k: int) -> list[float]:
+    """A RecommendRequest-sized round trip through gRPC to a server that does nothing: what gRPC costs here."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", f"from loadtest.bench import echo_server; echo_server({port})"])
+    payload = pb.RecommendRequest(
+        user_id="u00001", k=k, context=pb.Context(device_type=pb.DEVICE_TYPE_MOBILE)
+    ).SerializeToString()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=30)
+            call: Any = channel.unary_unary(ECHO_METHOD)
+            out = []
+            for i in range(calls + calls // 10):
+                started = time.perf_counter()
+                call(payload, timeout=5)
+                if i >= calls // 10:
+                    out.append((time.perf_counter() - started) * 1e3)
+            return out
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--items", type=int, default=1_000_000)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--users", type=int, default=1000)
+    parser.add_argument("--repo", type=Path, default=Path(tempfile.gettempdir()) / "hyperrec-bench")
+    parser.add_argument("--rates", default="250,500,750,1000,1250,1500,2000")
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--calls", type=int, default=500, help="sequential calls per floor")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    k = 20
+    model, profiles = ensure_bundle(args.repo, args.items, args.dim, args.users)
+
+    redis_proc, redis_url = None, None
+    secret = os.urandom(16).hex()
+    if shutil.which("redis-server"):
+        redis_port = free_port()
+        redis_proc = subprocess.Popen(
+            ["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL
+        )
+        redis_url = f"redis://127.0.0.1:{redis_port}/0"
+        time.sleep(0.5)
+    set_threads(1)
+    bundle = Bundle.load(resolve_version(args.repo, model), RankerOptions())
+    floor_ms = asyncio.run(in_process_floor(bundle, profiles, args.calls, k, redis_url, secret.encode()))
+    floor = percentiles(floor_ms)
+    del bundle
+    echo = percentiles(echo_floor(args.calls, k))
+    print(f"in-process floor {floor}\ngRPC echo floor {echo}", flush=True)
+
+    port = free_port()
+    env = dict(os.environ)
+    cmd = [sys.executable, "-m", "hyperrec.cli", "serve", "--port", str(port), "--model-repo", str(args.repo)]
+    cmd += ["--model-name", model, "--seed-profiles", str(profiles), "--log-level", "WARNING"]
+    if redis_url is not None:
+        cmd += ["--redis-url", redis_url]
+        env["HYPERREC_PROFILE_SECRET"] = secret
+    server = subprocess.Popen(cmd, env=env)
+    target = f"127.0.0.1:{port}"
+    try:
+        wait_serving(target)
+        users = tuple(load_profiles(profiles))
+        scenario = Scenario(k=k, unknown_user_share=0.0)
+        base = LoadSettings(target, rate=50.0, duration_s=args.duration, warmup_s=3.0, scenario=scenario, users=users)
+        low = run(base)
+        low_ms = low.to_json(with_histograms=False)["latency_ms"]
+        rates = [float(r) for r in args.rates.split(",")]
+        capacity, steps = search(base, rates, parse_slo(SLO, "make bench"))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        if redis_proc is not None:
+            redis_proc.terminate()
+            redis_proc.wait(timeout=10)
+
+    result = {
+        "items": args.items,
+        "dim": args.dim,
+        "k": k,
+        "candidates": 500,
+        "profile_store": "redis" if redis_proc is not None else "in-process",
+        "in_process_floor_ms": floor,
+        "grpc_echo_floor_ms": echo,
+        "low_load": {"rate": 50.0, "latency_ms": low_ms, "status_counts": low.status_counts},
+        "ratio_p50_to_floor": low_ms["p50"] / floor["p50"],
+        "capacity_per_s": capacity,
+        "steps": [step.to_json() for step in steps],
+        "slo": SLO,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench.json").write_text(json.dumps(result, indent=1))
+    print(capacity_table(capacity, steps))
+    print(
+        f"\n| measure | p50 ms | p99 ms |\n|---|---|---|\n"
+        f"| in-process floor | {floor['p50']:.2f} | {floor['p99']:.2f} |\n"
+        f"| gRPC echo floor | {echo['p50']:.2f} | {echo['p99']:.2f} |\n"
+        f"| server at 50/s (open loop) | {low_ms['p50']:.2f} | {low_ms['p99']:.2f} |\n\n"
+        f"p50 ratio server / in-process floor: {result['ratio_p50_to_floor']:.2f}; "
+        f"capacity at p99 <= 10 ms: {capacity or 'none'}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
