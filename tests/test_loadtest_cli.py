@@ -82,3 +82,18 @@ async def test_loadtest_capacity_search_against_a_server(tmp_path: Path, capsys:
     summary = json.loads((tmp_path / "cap" / "capacity.json").read_text())
     assert summary["capacity"] == 80 and [s["rate"] for s in summary["steps"]] == [40, 80]
     assert (tmp_path / "cap" / "step-80.json").is_file()
+
+
+def test_bench_runs_end_to_end_on_a_tiny_catalogue(tmp_path: Path) -> None:
+    """`make bench` on 3,000 items: every stage runs and bench.json holds the floors, the ratio and the steps."""
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "loadtest.bench", "--items", "3000", "--users", "50", "--rates", "50"]
+    args += ["--duration", "1", "--calls", "20", "--repo", str(tmp_path / "repo"), "--out", str(tmp_path / "out")]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    bench = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert bench["items"] == 3000 and bench["in_process_floor_ms"]["p50"] > 0 and bench["grpc_echo_floor_ms"]["p50"] > 0
+    assert bench["low_load"]["status_counts"] == {"OK": 50} and bench["ratio_p50_to_floor"] > 0
+    assert [step["rate"] for step in bench["steps"]] == [50.0] and "capacity" in done.stdout
