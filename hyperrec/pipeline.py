@@ -243,6 +243,8 @@ def rank_candidates(
     `candidate_rows` replaces the ANN search with a given candidate set (a segment's popular items), scored
     by inner product like retrieved ones. Returns the top-k items and the retrieval and ranking times in ms.
     """
+    if deadline is not None and time.monotonic() >= deadline:  # it expired while queued for a compute thread
+        raise DeadlineExceeded("deadline passed while waiting for a compute thread; nothing was computed")
     t0 = time.perf_counter()
     excluded_rows = {bundle.row_of[i] for i in req.exclude if i in bundle.row_of}
     if candidate_rows is None:

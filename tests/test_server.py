@@ -342,3 +342,21 @@ async def test_deadline_passing_inside_the_pipeline_is_deadline_exceeded(served:
     with pytest.raises(DeadlineExceeded) as err:
         await pipeline.recommend(RecommendRequest("alice", 5, request_id="r1"), deadline=time.monotonic() - 1)
     assert status_for(err.value, "r1")[0] == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_a_request_that_expired_while_queued_computes_nothing(
+    toy_bundle: Bundle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under overload, work waits for a compute thread; once its deadline has passed it must not use the index."""
+    import time
+
+    from hyperrec.domain import RecommendRequest
+    from hyperrec.errors import DeadlineExceeded
+    from hyperrec.pipeline import rank_candidates
+
+    searched: list[int] = []
+    monkeypatch.setattr(toy_bundle.index, "search_excluding", lambda *a: searched.append(1))
+    uvec = toy_bundle.item_embeddings[0]
+    with pytest.raises(DeadlineExceeded, match="waiting for a compute thread"):
+        rank_candidates(toy_bundle, uvec, RecommendRequest("u", 5), datetime.now(UTC), 50, time.monotonic() - 0.1)
+    assert searched == []
