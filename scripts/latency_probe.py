@@ -21,11 +21,9 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hyperrec.bundle import Bundle, resolve_version
 from hyperrec.domain import Context, DeviceType, RecommendRequest, RequestLimits
@@ -37,6 +35,7 @@ from hyperrec.ranker import RankerOptions
 from hyperrec.v1 import recommender_pb2 as pb
 from hyperrec.v1 import recommender_pb2_grpc as pb_grpc
 from index.ann import set_threads
+from loadtest.bench import free_port, wait_serving
 
 
 def percentiles(ms: list[float]) -> dict[str, float]:
@@ -48,29 +47,6 @@ def percentiles(ms: list[float]) -> dict[str, float]:
         "max_ms": float(arr.max()),
         "mean_ms": float(arr.mean()),
     }
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_serving(target: str, timeout: float = 120) -> None:
-    with grpc.insecure_channel(target) as ch:
-        stub: Any = health_pb2_grpc.HealthStub(ch)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    raise RuntimeError("server did not become SERVING")
 
 
 def server_run(target: str, users: list[str], calls: int, k: int, warmup: int) -> tuple[list[float], list[float]]:
