@@ -268,6 +268,7 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     """Run load against a server, write results (JSON, HTML, PNG), print the verdict; 1 on an SLO breach."""
     try:
         from loadtest import report, slo
+        from loadtest.actions import parse_action
         from loadtest.runner import LoadSettings, run, write_json
         from loadtest.scenario import ScenarioError, load_scenario, load_users
     except ImportError as exc:
@@ -291,6 +292,7 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
             token=args.token,
             scenario=load_scenario(args.scenario),
             users=tuple(load_users(args.users, args.user_count)),
+            actions=tuple(parse_action(a) for a in args.at),
         )
         settings.check()
     except (ValueError, ScenarioError, OSError) as exc:
@@ -320,6 +322,10 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
         f"errors {result.error_rate:.2%} ({', '.join(f'{k} {v}' for k, v in sorted(result.status_counts.items()))})"
     )
     print("latency ms: " + ", ".join(f"{name} {value:.2f}" for name, value in latency.items()))
+    if result.versions:
+        print("answers by model version: " + ", ".join(f"{v}: {n}" for v, n in sorted(result.versions.items())))
+    for event in sorted(result.events, key=lambda e: float(e["t"])):
+        print(f"at {float(event['t']):.1f} s: {event['label']} ({'ok' if event.get('ok') else 'FAILED'})")
     print(f"results: {args.out / 'result.json'}, report: {files['report.html']}")
     if checks is None:
         return 0
@@ -477,7 +483,14 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--user-count", type=int, default=1000, help="without --users: ids u00000.. of this many")
     lt.add_argument("--slo", type=Path, help="YAML SLO: latency percentiles, error rate, achieved rate")
     lt.add_argument("--out", type=Path, default=Path("loadtest-results"), help="directory for JSON, HTML and PNGs")
-    lt.add_argument("--token", help="bearer token sent with every call (servers with auth)")
+    lt.add_argument("--token", help="bearer token sent with every call and with admin actions")
+    lt.add_argument(
+        "--at",
+        action="append",
+        default=[],
+        metavar="SECONDS:KIND:ARGS",
+        help="mid-run action marked on the timeline: S:activate:MODEL:VERSION, S:rollback:MODEL or S:command:CMD",
+    )
     lt.add_argument("--seed", type=int, default=0)
     lt.set_defaults(func=cmd_loadtest)
 

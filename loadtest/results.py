@@ -77,10 +77,13 @@ class RunResult:
     status_counts: dict[str, int] = field(default_factory=dict)
     timeline: dict[int, Second] = field(default_factory=dict)
     events: list[dict[str, Any]] = field(default_factory=list)  # {"t": seconds, "label": text}
+    versions: dict[str, int] = field(default_factory=dict)  # OK answers per model version that answered
 
-    def add(self, second: int, latency_s: float, status: str) -> None:
+    def add(self, second: int, latency_s: float, status: str, version: str = "") -> None:
         """Count one answered request scheduled in `second` (seconds since the end of the warm-up)."""
         self.completed += 1
+        if version:
+            self.versions[version] = self.versions.get(version, 0) + 1
         self.status_counts[status] = self.status_counts.get(status, 0) + 1
         slot = self.timeline.setdefault(second, Second())
         if status == "OK":
@@ -107,6 +110,8 @@ class RunResult:
             mine.errors += theirs.errors
             mine.histogram.add(theirs.histogram)
         self.events.extend(other.events)
+        for version, count in other.versions.items():
+            self.versions[version] = self.versions.get(version, 0) + count
 
     @property
     def errors(self) -> int:
@@ -136,6 +141,7 @@ class RunResult:
             "error_rate": self.error_rate,
             "latency_ms": summary_ms(self.histogram),
             "status_counts": dict(sorted(self.status_counts.items())),
+            "model_versions": dict(sorted(self.versions.items())),
             "timeline": [
                 {"t": t, "sent": s.sent, "ok": s.ok, "errors": s.errors, "latency_ms": summary_ms(s.histogram, False)}
                 | ({"histogram": encode(s.histogram)} if with_histograms else {})
@@ -161,6 +167,7 @@ class RunResult:
             decode_into(second.histogram, row.get("histogram", ""))
             result.timeline[int(row["t"])] = second
         result.events = [dict(e) for e in data.get("events", [])]
+        result.versions = {str(k): int(v) for k, v in data.get("model_versions", {}).items()}
         return result
 
 

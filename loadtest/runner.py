@@ -13,7 +13,7 @@ import asyncio
 import multiprocessing
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import numpy as np
 
 from hyperrec.v1 import recommender_pb2 as pb
 from hyperrec.v1 import recommender_pb2_grpc as pb_grpc
+from loadtest.actions import Action, ActionRunner
 from loadtest.results import RunResult, merged
 from loadtest.scenario import RequestSource, Scenario
 
@@ -42,6 +43,8 @@ class LoadSettings:
     token: str | None = None
     scenario: Scenario = field(default_factory=Scenario)
     users: tuple[str, ...] = ()
+    actions: tuple[Action, ...] = ()  # model swaps, commands: run by the parent at their times, marked as events
+    start_at: float | None = None  # unix time all workers start at (set by `run`)
 
     def check(self) -> None:
         if (self.rate is None) == (self.concurrency is None):
@@ -59,7 +62,9 @@ class LoadSettings:
         """The settings as reported in the results (without the token and the user list)."""
         out = asdict(self)
         out.pop("token")
+        out.pop("start_at")
         out["users"] = len(self.users)
+        out["actions"] = [f"{a.at_s:g}s: {a.label}" for a in self.actions]
         out["mode"] = "open" if self.rate is not None else "closed"
         return out
 
@@ -80,12 +85,13 @@ def schedule(rate: float, duration_s: float, arrival: str, rng: np.random.Genera
 
 async def _call(
     stub: Any, request: pb.RecommendRequest, settings: LoadSettings, metadata: Sequence[tuple[str, str]]
-) -> str:
+) -> tuple[str, str]:
+    """(status code name, model version that answered, "" on errors)."""
     try:
-        await stub.Recommend(request, timeout=settings.deadline_s, metadata=metadata)
-        return "OK"
+        reply = await stub.Recommend(request, timeout=settings.deadline_s, metadata=metadata)
+        return "OK", str(reply.model_version)
     except grpc.aio.AioRpcError as exc:
-        return str(exc.code().name)
+        return str(exc.code().name), ""
 
 
 def _metadata(settings: LoadSettings) -> list[tuple[str, str]]:
@@ -102,7 +108,7 @@ async def run_worker(settings: LoadSettings, worker: int) -> RunResult:
     async with grpc.aio.insecure_channel(settings.target) as channel:
         stub: Any = pb_grpc.RecommenderStub(channel)
         await channel.channel_ready()
-        start = time.perf_counter() + 0.05
+        start = time.perf_counter() + (0.05 if settings.start_at is None else max(0.0, settings.start_at - time.time()))
         if settings.rate is not None:
             await _open_loop(stub, settings, worker, source, result, start, total_s, metadata)
         else:
@@ -127,9 +133,9 @@ async def _open_loop(
     in_flight: set[asyncio.Task[None]] = set()
 
     async def send(request: pb.RecommendRequest, scheduled: float, measured: bool, second: int) -> None:
-        status = await _call(stub, request, settings, metadata)
+        status, version = await _call(stub, request, settings, metadata)
         if measured:
-            result.add(second, time.perf_counter() - scheduled, status)
+            result.add(second, time.perf_counter() - scheduled, status, version)
 
     for offset in offsets:
         scheduled = start + float(offset)
@@ -172,9 +178,9 @@ async def _closed_loop(
             second = int(offset - settings.warmup_s)
             if measured:
                 result.scheduled(second)
-            status = await _call(stub, source.next(), settings, metadata)
+            status, version = await _call(stub, source.next(), settings, metadata)
             if measured:
-                result.add(second, time.perf_counter() - sent, status)
+                result.add(second, time.perf_counter() - sent, status, version)
 
     await asyncio.sleep(max(0.0, start - time.perf_counter()))
     await asyncio.gather(*(caller() for _ in range(callers)))
@@ -186,14 +192,22 @@ def _worker_main(settings: LoadSettings, worker: int) -> dict[str, Any]:
 
 
 def run(settings: LoadSettings) -> RunResult:
-    """The whole run: one worker in this process, or `workers` processes whose results are merged."""
+    """The whole run: one worker in this process, or `workers` processes whose results are merged. Actions run
+    on a thread of this process at their times after the warm-up, and come back as the result's events."""
     settings.check()
+    lead_s = 0.5 if settings.workers == 1 else 3.0  # time for workers to start and connect
+    settings = replace(settings, start_at=time.time() + lead_s)
+    actions = ActionRunner(settings.actions, settings.target, settings.token)
+    actions.start(time.perf_counter() + lead_s + settings.warmup_s)
     if settings.workers == 1:
-        return asyncio.run(run_worker(settings, 0))
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(settings.workers) as pool:
-        parts = pool.starmap(_worker_main, [(settings, w) for w in range(settings.workers)])
-    return merged(RunResult.from_json(p) for p in parts)
+        result = asyncio.run(run_worker(settings, 0))
+    else:
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(settings.workers) as pool:
+            parts = pool.starmap(_worker_main, [(settings, w) for w in range(settings.workers)])
+        result = merged(RunResult.from_json(p) for p in parts)
+    result.events.extend(actions.join())
+    return result
 
 
 def write_json(result: RunResult, path: Path) -> None:

@@ -97,3 +97,34 @@ def test_bench_runs_end_to_end_on_a_tiny_catalogue(tmp_path: Path) -> None:
     assert bench["items"] == 3000 and bench["in_process_floor_ms"]["p50"] > 0 and bench["grpc_echo_floor_ms"]["p50"] > 0
     assert bench["low_load"]["status_counts"] == {"OK": 50} and bench["ratio_p50_to_floor"] > 0
     assert [step["rate"] for step in bench["steps"]] == [50.0] and "capacity" in done.stdout
+
+
+async def test_a_model_swap_and_a_command_mid_run_are_marked_on_the_timeline(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repo = tmp_path / "repo"
+    publish_toy(repo, model_name="toy", seed=1)
+    publish_toy(repo, model_name="toy", seed=2)
+    marker = tmp_path / "ran"
+    token = "admin-token-0123456789"
+    async with running_server(repo, "toy", admin_token=token) as running:
+        args = ["loadtest", "--target", f"127.0.0.1:{running.port}", "--rate", "100", "--duration", "1.5"]
+        args += ["--warmup", "0.2", "--token", token, "--out", str(tmp_path / "out")]
+        args += ["--at", "0.6:activate:toy:1", "--at", f"0.3:command:touch {marker}"]
+        assert await asyncio.to_thread(main, args) == 0
+    out = capsys.readouterr().out
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    labels = {e["label"]: e for e in result["events"]}
+    assert labels["activate toy v1"]["ok"] and labels["activate toy v1"]["detail"] == "active version 1"
+    assert labels[f"command: touch {marker}"]["ok"] and marker.exists()
+    assert 0.5 <= labels["activate toy v1"]["t"] < 1.2
+    assert set(result["model_versions"]) == {"1", "2"}  # answers before and after the swap
+    assert result["status_counts"] == {"OK": 150}  # the swap dropped nothing
+    assert "activate toy v1" in (tmp_path / "out" / "report.html").read_text()
+    assert "activate toy v1 (ok)" in out and "answers by model version: 1:" in out
+
+
+def test_bad_actions_are_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["loadtest", "--rate", "10", "--at", "5:explode:now"]) == 2
+    assert "KIND one of activate, rollback, command" in capsys.readouterr().err
+    assert main(["loadtest", "--rate", "10", "--at", "5:activate:toy"]) == 2
