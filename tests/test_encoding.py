@@ -144,18 +144,24 @@ def test_keys_carry_a_keyed_hash_never_the_user_id() -> None:
         Pseudonymizer(b"short")
 
 
+# Strings as they can arrive: protobuf strings are valid UTF-8, so never lone surrogates.
+WIRE_TEXT = st.characters(codec="utf-8")
+
+
 @settings(max_examples=100)
 @given(
     vector=st.lists(st.floats(width=32, allow_nan=False), min_size=1, max_size=64) | st.none(),
-    recent=st.lists(st.tuples(st.text(min_size=1, max_size=20), st.floats(min_value=0, max_value=1e6)), max_size=10),
+    recent=st.lists(
+        st.tuples(st.text(WIRE_TEXT, min_size=1, max_size=20), st.floats(min_value=0, max_value=1e6)), max_size=10
+    ),
     updated=st.floats(min_value=0, max_value=4e9),
     categories=st.dictionaries(
-        st.text(min_size=1, max_size=12),
+        st.text(WIRE_TEXT, min_size=1, max_size=12),
         st.builds(CategoryAffinity, st.floats(min_value=0, max_value=1e9), st.floats(min_value=0, max_value=4e9)),
         max_size=5,
     ),
     counts=st.dictionaries(st.sampled_from(["view", "click", "purchase"]), st.integers(1, 10**9)),
-    interests=st.lists(st.text(alphabet=st.characters(exclude_characters="\x1f"), min_size=1), max_size=4),
+    interests=st.lists(st.text(st.characters(codec="utf-8", exclude_characters="\x1f"), min_size=1), max_size=4),
 )
 def test_profile_encoding_round_trips(
     vector: list[float] | None,
