@@ -12,9 +12,17 @@ machine itself is a dozen lines.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+class CircuitOpen(Exception):
+    """The breaker is open: the call was not made."""
 
 
 class BreakerState(enum.IntEnum):
@@ -32,6 +40,7 @@ class CircuitBreaker:
         open_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         on_change: Callable[[BreakerState], None] | None = None,
+        failures: tuple[type[BaseException], ...] = (Exception,),
     ) -> None:
         if failure_threshold < 1 or open_s <= 0:
             raise ValueError("failure_threshold must be >= 1 and open_s > 0")
@@ -39,6 +48,7 @@ class CircuitBreaker:
         self._open_s = open_s
         self._clock = clock
         self._on_change = on_change
+        self._failure_types = failures
         self._failures = 0
         self._state = BreakerState.CLOSED
         self._opened_at = 0.0
@@ -82,3 +92,23 @@ class CircuitBreaker:
     def abandoned(self) -> None:
         """An allowed call ended without an answer for reasons of its own (its caller's deadline)."""
         self._probing = False
+
+    async def call(self, make: Callable[[], Awaitable[T]]) -> T:
+        """Make and await one call through the breaker.
+
+        CircuitOpen at once while the breaker refuses calls (the call is never made). An exception of the
+        `failures` types counts as a failure; a cancellation (the caller's deadline) or any other exception as
+        neither; an answer as a success. Exceptions propagate.
+        """
+        if not self.allow():
+            raise CircuitOpen("circuit open")
+        try:
+            result = await make()
+        except self._failure_types:
+            self.failure()
+            raise
+        except (asyncio.CancelledError, Exception):
+            self.abandoned()
+            raise
+        self.success()
+        return result

@@ -196,23 +196,15 @@ class Categories:
     of_item: tuple[tuple[str, ...], ...]  # by bundle row
     centroids: np.ndarray  # float32 [len(names), embedding_dim]
     columns: np.ndarray  # int64 [items, most categories of an item]: each item's category indexes, -1 padding
-
-    @property
-    def index(self) -> dict[str, int]:
-        return {name: i for i, name in enumerate(self.names)}
-
-    @property
-    def known(self) -> frozenset[str]:
-        return frozenset(self.names)
+    index: Mapping[str, int]  # name -> position in `names` (built once: requests look it up)
 
     def centroid_of(self, names: Sequence[str]) -> np.ndarray | None:
         """Mean of the named categories' centroids (unknown names ignored); None when none is known."""
-        rows = [self.names.index(n) for n in names if n in self.names]
+        rows = [self.index[n] for n in names if n in self.index]
         return None if not rows else np.asarray(self.centroids[rows].mean(axis=0), dtype=np.float32)
 
     def to_json(self) -> dict[str, Any]:
-        index = {name: i for i, name in enumerate(self.names)}
-        return {"names": list(self.names), "items": [[index[c] for c in cats] for cats in self.of_item]}
+        return {"names": list(self.names), "items": [[self.index[c] for c in cats] for cats in self.of_item]}
 
     @staticmethod
     def build(of_item: Sequence[Sequence[str]], embeddings: np.ndarray) -> Categories:
@@ -228,7 +220,7 @@ class Categories:
         columns = np.full((len(of_item), max((len(c) for c in of_item), default=0) or 1), -1, dtype=np.int64)
         for row, cats in enumerate(of_item):
             columns[row, : len(cats)] = [index[c] for c in cats]
-        return Categories(names, tuple(tuple(cats) for cats in of_item), centroids, columns)
+        return Categories(names, tuple(tuple(cats) for cats in of_item), centroids, columns, index)
 
     @staticmethod
     def from_json(data: Any, embeddings: np.ndarray) -> Categories:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import enum
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
@@ -253,7 +253,7 @@ def validate_event(event: Event, now: datetime) -> None:
         raise InvalidArgument(field_name, exc.reason) from None
 
 
-def validate_interests(categories: tuple[str, ...], known: frozenset[str] | None) -> None:
+def validate_interests(categories: tuple[str, ...], known: Collection[str] | None) -> None:
     """Declared interests: at most MAX_INTERESTS distinct names, each in the active model's vocabulary."""
     if len(categories) > MAX_INTERESTS:
         raise InvalidArgument("categories", f"at most {MAX_INTERESTS} entries, got {len(categories)}")

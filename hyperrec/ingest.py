@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TypeVar
 
 from hyperrec import metrics
 from hyperrec.behaviour import engagement_weight
-from hyperrec.breaker import CircuitBreaker
+from hyperrec.breaker import CircuitBreaker, CircuitOpen
 from hyperrec.bundle import Bundle
 from hyperrec.domain import Event, validate_event, validate_interests, validate_user_id
-from hyperrec.errors import FailedPrecondition, InvalidArgument, ProfileStoreError, Unavailable
+from hyperrec.errors import FailedPrecondition, InvalidArgument, Unavailable
 from hyperrec.pipeline import BundleSlot, fold_recent
 from hyperrec.profiles import ProfileStore
 from hyperrec.profiles.model import StoredEvent
@@ -67,22 +67,12 @@ class ProfileService:
         self._breaker = breaker
         self._max_events = max_events
 
-    async def _guarded(self, call: Awaitable[T]) -> T:
-        """Run a store call through the circuit breaker: refused at once while it is open."""
-        if not self._breaker.allow():
-            if asyncio.iscoroutine(call):
-                call.close()
-            raise Unavailable("the profile store is unavailable (circuit open); retry later")
+    async def _guarded(self, make: Callable[[], Awaitable[T]]) -> T:
+        """Run a store call through the circuit breaker: refused at once (UNAVAILABLE) while it is open."""
         try:
-            result = await call
-        except ProfileStoreError:
-            self._breaker.failure()
-            raise
-        except asyncio.CancelledError:
-            self._breaker.abandoned()
-            raise
-        self._breaker.success()
-        return result
+            return await self._breaker.call(make)
+        except CircuitOpen:
+            raise Unavailable("the profile store is unavailable (circuit open); retry later") from None
 
     async def record_events(self, events: Sequence[Event | InvalidArgument]) -> IngestResult:
         """Store the valid events; entries that are already an InvalidArgument (they failed to decode)
@@ -121,7 +111,7 @@ class ProfileService:
         self, user_id: str, events: list[StoredEvent], bundle: Bundle | None
     ) -> tuple[int, int, int]:
         """(accepted, duplicates, dropped for lack of consent) for one user's events."""
-        outcome = await self._guarded(self._store.record(user_id, events))
+        outcome = await self._guarded(lambda: self._store.record(user_id, events))
         if outcome.opted_out:
             return 0, 0, len(events)
         accepted = sum(outcome.fresh)
@@ -129,18 +119,18 @@ class ProfileService:
             vector = fold_recent(bundle, outcome.profile)
             if vector is not None:
                 space = bundle.manifest.embedding_space
-                await self._guarded(self._store.set_vector(user_id, vector, space, outcome.seq))
+                await self._guarded(lambda: self._store.set_vector(user_id, vector, space, outcome.seq))
         return accepted, len(events) - accepted, 0
 
     async def set_consent(self, user_id: str, personalization: bool) -> bool:
         validate_user_id(user_id)
-        deleted = await self._guarded(self._store.set_consent(user_id, personalization))
+        deleted = await self._guarded(lambda: self._store.set_consent(user_id, personalization))
         metrics.PRIVACY_ACTIONS.labels("opt_in" if personalization else "opt_out").inc()
         return deleted
 
     async def forget(self, user_id: str) -> tuple[str, ...]:
         validate_user_id(user_id)
-        deleted = await self._guarded(self._store.forget(user_id))
+        deleted = await self._guarded(lambda: self._store.forget(user_id))
         metrics.PRIVACY_ACTIONS.labels("forget").inc()
         log.info("erased a user's data: %s", ", ".join(deleted) or "nothing was stored")
         return deleted
@@ -153,7 +143,7 @@ class ProfileService:
         if categories and bundle.categories is None:
             raise FailedPrecondition(f"model {bundle.model_name} version {bundle.version} has no item categories")
         interests = tuple(categories)
-        validate_interests(interests, None if bundle.categories is None else bundle.categories.known)
-        if not await self._guarded(self._store.set_interests(user_id, interests)):
+        validate_interests(interests, None if bundle.categories is None else bundle.categories.index)
+        if not await self._guarded(lambda: self._store.set_interests(user_id, interests)):
             raise FailedPrecondition("the user opted out of personalization; interests are not stored")
         return interests

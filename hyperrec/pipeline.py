@@ -23,7 +23,7 @@ import numpy as np
 
 from hyperrec import metrics
 from hyperrec.behaviour import affinity_arrays, behaviour_raw
-from hyperrec.breaker import CircuitBreaker
+from hyperrec.breaker import CircuitBreaker, CircuitOpen
 from hyperrec.bundle import Bundle
 from hyperrec.domain import (
     Recommendation,
@@ -40,7 +40,12 @@ from hyperrec.profiles import Profile, ProfileStore
 
 log = logging.getLogger(__name__)
 
-FOLD_IN_DECAY = 0.9  # weight of the i-th most recent item is 0.9**i
+FOLD_IN_DECAY = 0.9
+# What counts against the profile store's circuit breaker: its failures and running past the time budget.
+STORE_FAILURES: tuple[type[Exception], ...] = (
+    ProfileStoreError,
+    TimeoutError,
+)  # weight of the i-th most recent item is 0.9**i
 
 
 @dataclass(frozen=True)
@@ -68,10 +73,6 @@ class BundleSlot:
     @property
     def active(self) -> Bundle | None:
         return self._routes[0]
-
-    @property
-    def canary(self) -> tuple[Bundle | None, float]:
-        return self._routes[1], self._routes[2]
 
     def swap(self, bundle: Bundle) -> Bundle | None:
         previous, canary, share = self._routes
@@ -284,7 +285,7 @@ class Recommender:
         self._slot = slot
         self._options = options
         self._executor = executor
-        self._breaker = breaker or CircuitBreaker()
+        self._breaker = breaker or CircuitBreaker(failures=STORE_FAILURES)
         self.recent_requests: deque[RecommendRequest] = deque(maxlen=64)  # shapes for warming up new versions
 
     @property
@@ -293,21 +294,17 @@ class Recommender:
 
     async def _profile(self, user_id: str) -> tuple[Profile | None, bool]:
         """(profile, degraded). A failing, slow or circuit-broken store degrades instead of failing the call."""
-        if not self._breaker.allow():
+        budget = self._options.profile_budget_s
+        try:
+            profile = await self._breaker.call(lambda: asyncio.wait_for(self._store.get(user_id), budget))
+        except CircuitOpen:
             metrics.PROFILE_DEGRADED.labels("circuit_open").inc()
             return None, True
-        try:
-            profile = await asyncio.wait_for(self._store.get(user_id), self._options.profile_budget_s)
-        except asyncio.CancelledError:  # the caller's deadline, not the store's fault
-            self._breaker.abandoned()
-            raise
-        except (ProfileStoreError, TimeoutError) as exc:
-            self._breaker.failure()
+        except STORE_FAILURES as exc:
             reason = "timeout" if isinstance(exc, TimeoutError) else "error"
             log.warning("profile read degraded (%s): %s", reason, exc or "no answer within the profile budget")
             metrics.PROFILE_DEGRADED.labels(reason).inc()
             return None, True
-        self._breaker.success()
         return profile, False
 
     async def recommend(self, req: RecommendRequest, deadline: float | None = None) -> Recommendation:

@@ -28,7 +28,7 @@ from hyperrec.domain import RequestLimits
 from hyperrec.errors import ConfigError, NotFound, ProfileStoreError
 from hyperrec.ingest import ProfileService
 from hyperrec.models import LoadSettings, ModelManager
-from hyperrec.pipeline import BundleSlot, PipelineOptions, Recommender
+from hyperrec.pipeline import STORE_FAILURES, BundleSlot, PipelineOptions, Recommender
 from hyperrec.profiles import ProfileStore
 from hyperrec.profiles.keys import Pseudonymizer
 from hyperrec.profiles.memory import InMemoryProfileStore
@@ -181,7 +181,10 @@ def create_server(config: ServerConfig, profile_store: ProfileStore | None = Non
         interest_events=config.interest_events,
     )
     breaker = CircuitBreaker(
-        config.breaker_failures, config.breaker_open_s, on_change=lambda state: metrics.BREAKER_STATE.set(state)
+        config.breaker_failures,
+        config.breaker_open_s,
+        on_change=lambda state: metrics.BREAKER_STATE.set(state),
+        failures=STORE_FAILURES,
     )
     metrics.BREAKER_STATE.set(breaker.state)
     pipeline = Recommender(store, slot, options, executor, breaker)

@@ -442,3 +442,37 @@ async def test_redis_slower_than_the_budget_degrades_with_reason_timeout(toy_rep
 
         reply = await running.stub.Recommend(request(user, k=5), timeout=5)
         assert reply.strategy == pb.STRATEGY_PERSONALIZED and reply.items[0].item_id == bundle.item_ids[21]
+
+
+async def test_breaker_call_counts_store_failures_refuses_while_open_and_frees_the_probe_on_other_errors() -> None:
+    from hyperrec.breaker import CircuitOpen
+    from hyperrec.errors import ProfileStoreError
+
+    now = [0.0]
+    breaker = CircuitBreaker(failure_threshold=2, open_s=1.0, clock=lambda: now[0], failures=(ProfileStoreError,))
+    made: list[str] = []
+
+    async def failing() -> str:
+        made.append("failing")
+        raise ProfileStoreError("down")
+
+    async def buggy() -> str:
+        made.append("buggy")
+        raise KeyError("a bug, not the store")
+
+    async def fine() -> str:
+        made.append("fine")
+        return "answer"
+
+    for _ in range(2):
+        with pytest.raises(ProfileStoreError):
+            await breaker.call(failing)
+    assert state(breaker) == BreakerState.OPEN
+    with pytest.raises(CircuitOpen):
+        await breaker.call(fine)
+    assert made == ["failing", "failing"]  # refused calls are never made
+    now[0] = 1.5
+    with pytest.raises(KeyError):
+        await breaker.call(buggy)  # the probe: not the store's fault, so the probe slot is freed
+    assert state(breaker) == BreakerState.HALF_OPEN
+    assert await breaker.call(fine) == "answer" and state(breaker) == BreakerState.CLOSED
