@@ -63,6 +63,7 @@ class LoadSettings:
     warmup_requests: int = 32
     candidates: int = 500
     keep_previous: bool = True  # keep the version swapped out loaded, for an instant rollback
+    affinity_half_life_s: float | None = None  # the profiles' half-life, which behaviour features must match
 
 
 def manifest_fingerprint(directory: Path) -> str:
@@ -181,6 +182,7 @@ class ModelManager:
         )
         self._bundles[version] = bundle
         info.state = VersionState.READY
+        self._warn_on_half_life(bundle)
         metrics.MODEL_LOADS.labels(self.model_name, "loaded").inc()
         log.info(
             "model %s version %d ready (%d items, index %s, ranker on %s); loaded in %.0f ms, warm %.2f ms",
@@ -193,6 +195,18 @@ class ModelManager:
             info.warm_ms,
         )
         return bundle
+
+    def _warn_on_half_life(self, bundle: Bundle) -> None:
+        trained, served = bundle.feature_spec.affinity_half_life_s, self._settings.affinity_half_life_s
+        if trained and served is not None and abs(trained - served) > 1e-6:
+            log.warning(
+                "model %s version %s was trained with an affinity half-life of %.2f days, profiles use %.2f: "
+                "behaviour features will differ from training",
+                bundle.model_name,
+                bundle.version,
+                trained / 86_400.0,
+                served / 86_400.0,
+            )
 
     async def load(self, version: int) -> VersionInfo:
         """Load and warm a version without serving it (admin "load")."""

@@ -116,16 +116,6 @@ class HyperrecServer:
             raise NotFound(f"model {manager.model_name!r} has {problem} in {manager.repo}")
         bundle = self.slot.active
         assert bundle is not None
-        trained_half_life = bundle.feature_spec.affinity_half_life_s
-        if trained_half_life and abs(trained_half_life - self.config.affinity_half_life_days * 86_400.0) > 1e-6:
-            log.warning(
-                "model %s version %s was trained with an affinity half-life of %.2f days, profiles use %.2f: "
-                "behaviour features will differ from training",
-                bundle.model_name,
-                bundle.version,
-                trained_half_life / 86_400.0,
-                self.config.affinity_half_life_days,
-            )
         await self.set_serving(True)
         return bundle
 
@@ -196,6 +186,7 @@ def create_server(config: ServerConfig, profile_store: ProfileStore | None = Non
         config.warmup_requests,
         config.candidates,
         config.keep_previous_version,
+        config.affinity_half_life_days * 86_400.0,
     )
     recorded = pipeline.recent_requests
     manager = ModelManager(config.model_repo, config.model_name, slot, load_settings, loader, lambda: list(recorded))
