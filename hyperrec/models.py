@@ -277,11 +277,10 @@ class ModelManager:
             return True
         return info.fingerprint != manifest_fingerprint(self._directory(version))
 
-    def desired(self) -> int | None:
-        """The version that should serve: the admin pin, else the policy pin, else the newest that has not failed.
-        A pinned version that failed keeps the current one serving."""
-        versions = list_versions(self.repo, self.model_name)
-        for pin in (self.pinned, read_policy(self.model_dir).stable):
+    def desired(self, policy: Policy, versions: Sequence[int]) -> int | None:
+        """The version that should serve among `versions` (ascending): the admin pin, else the policy pin, else
+        the newest that has not failed. A pinned version that failed keeps the current one serving."""
+        for pin in (self.pinned, policy.stable):
             if pin is not None and pin in versions:
                 return pin if self._usable(pin) else self._active
         for version in reversed(versions):
@@ -294,13 +293,15 @@ class ModelManager:
         policy's canary. Returns the active version. A version that fails is recorded and skipped; the next
         pass tries the next best."""
         async with self._lock:
-            on_disk = set(list_versions(self.repo, self.model_name))
+            versions = list_versions(self.repo, self.model_name)  # one look at the folder and the policy per pass
+            policy = read_policy(self.model_dir)
+            on_disk = set(versions)
             for version in [v for v in self._info if v not in on_disk and v not in (self._active, self.canary)]:
                 self._bundles.pop(version, None)
                 del self._info[version]
                 log.info("model %s version %d removed from the repository", self.model_name, version)
             while True:
-                target = self.desired()
+                target = self.desired(policy, versions)
                 if target is None or target == self._active:
                     break
                 try:
@@ -310,7 +311,7 @@ class ModelManager:
                     continue  # marked FAILED with this fingerprint: desired() now skips it
             if self._active is not None and self._active not in on_disk:
                 log.warning("model %s: active version %d left the repository", self.model_name, self._active)
-            await self._apply_canary(read_policy(self.model_dir), on_disk)
+            await self._apply_canary(policy, on_disk)
             return self._active
 
     async def _apply_canary(self, policy: Policy, on_disk: set[int]) -> None:
