@@ -427,6 +427,11 @@ class Bundle:
     def feature_spec(self) -> FeatureSpec:
         return self.manifest.feature_spec
 
+    def categories_of(self, item_id: str) -> tuple[str, ...]:
+        """The item's categories; none for an item the bundle lacks, or a bundle without categories."""
+        row = self.row_of.get(item_id)
+        return () if self.categories is None or row is None else self.categories.of_item[row]
+
     @classmethod
     def load(cls, directory: Path, options: RankerOptions | None = None) -> Bundle:
         """Read and validate every file; raise BundleError naming the first problem."""

@@ -48,11 +48,7 @@ class IngestResult:
 
 def stored_event(event: Event, now: datetime, bundle: Bundle | None) -> StoredEvent:
     """A valid event as the stores take it: engagement weight, unix time, the item's categories (when known)."""
-    categories: tuple[str, ...] = ()
-    if bundle is not None and bundle.categories is not None:
-        row = bundle.row_of.get(event.item_id)
-        if row is not None:
-            categories = bundle.categories.of_item[row]
+    categories = () if bundle is None else bundle.categories_of(event.item_id)
     at = (event.event_time or now).timestamp()
     weight = engagement_weight(event.event_type, event.value)
     return StoredEvent(event.event_id, event.item_id, event.event_type, weight, at, categories)

@@ -34,10 +34,8 @@ def stored_events(log: Interactions, rows: np.ndarray, bundle: Bundle, weights: 
         item_id = log.catalog.item_ids[log.item[row]]
         kind = EVENT_TYPE_OF_CODE[log.event_type[row]]
         weight = float(weights[row])
-        bundle_row = bundle.row_of.get(item_id)
-        categories = () if bundle.categories is None or bundle_row is None else bundle.categories.of_item[bundle_row]
         at = float(log.timestamp[row])
-        out.append(StoredEvent(f"backfill:{row}", item_id, kind, weight, at, categories))
+        out.append(StoredEvent(f"backfill:{row}", item_id, kind, weight, at, bundle.categories_of(item_id)))
     return out
 
 

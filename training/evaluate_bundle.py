@@ -62,9 +62,7 @@ def evaluate_bundle(
     behaviour = None
     spec = bundle.feature_spec
     if spec.behaviour_features and bundle.categories is not None:
-        cats = bundle.categories
-        of_item = [cats.of_item[bundle.row_of[i]] if i in bundle.row_of else () for i in data.catalog.item_ids]
-        columns = category_columns(of_item)
+        columns = category_columns([bundle.categories_of(i) for i in data.catalog.item_ids])
         behaviour = BehaviourFeatures(columns, spec.affinity_half_life_s, spec.behaviour_stats)
     candidates = cfg.ranker.candidates
     ours: list[Recommender] = [
