@@ -7,13 +7,13 @@ STAMP := $(VENV)/.installed
 PROTO_SRC := proto/hyperrec/v1/recommender.proto proto/hyperrec/v1/profiles.proto proto/hyperrec/v1/admin.proto
 GEN_DIR := hyperrec/v1
 
-.PHONY: demo test bench install lint proto proto-check buf-lint pytest dockerfile-lint clean
+.PHONY: demo test bench install lint proto proto-check buf-lint pytest dockerfile-lint k8s-lint clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "hyperrec needs Python 3.11 or newer")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip setuptools wheel
-	$(BIN)/pip install -q -e '.[train,loadtest,dev]'
+	$(BIN)/pip install -q -e '.[train,loadtest,tracing,dev]'
 	@touch $@
 
 install: $(STAMP)
@@ -32,7 +32,7 @@ bench: $(STAMP)
 pytest: $(STAMP)
 	$(BIN)/pytest
 
-lint: $(STAMP) buf-lint dockerfile-lint
+lint: $(STAMP) buf-lint dockerfile-lint k8s-lint
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
@@ -42,6 +42,19 @@ buf-lint: $(STAMP)
 
 dockerfile-lint: $(STAMP)
 	$(BIN)/hadolint Dockerfile
+
+## k8s-lint: validate the Kubernetes manifests offline against the schemas kubernetes-validate bundles, strictly
+## (unknown fields are errors). A manifest whose kind has no schema only warns there, so any WARN fails here too;
+## kustomization.yaml (not a cluster resource) is skipped. `make k8s-lint K8S_DIR=dir` checks another folder.
+K8S_VERSION := 1.33.0
+K8S_DIR := deploy/k8s
+k8s-lint: $(STAMP)
+	@files="$(filter-out %/kustomization.yaml,$(wildcard $(K8S_DIR)/*.yaml))"; \
+	[ -n "$$files" ] || { echo "k8s-lint: no manifests in $(K8S_DIR)"; exit 1; }; \
+	out=$$($(BIN)/kubernetes-validate --strict --quiet -k $(K8S_VERSION) $$files 2>&1); rc=$$?; \
+	[ -z "$$out" ] || echo "$$out"; \
+	if [ $$rc -ne 0 ] || grep -q '^WARN' <<< "$$out"; then echo "k8s-lint: failed"; exit 1; fi; \
+	echo "k8s-lint: $$(wc -w <<< "$$files") manifests valid against Kubernetes $(K8S_VERSION)"
 
 ## proto: regenerate Python stubs and .pyi type stubs from the contract
 proto: $(STAMP)

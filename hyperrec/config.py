@@ -120,16 +120,46 @@ class ServerConfig:
     admin_token: str | None = field(
         default=None,
         metadata=_doc(
-            "Bearer token (>= 16 bytes) the ModelAdmin service requires; unset refuses every admin call. "
-            "Best passed as HYPERREC_ADMIN_TOKEN."
+            "Bearer token (>= 16 bytes) with the admin scope, the one the ModelAdmin service requires (the same as "
+            "`admin:<token>` in auth_tokens); with no admin token every admin call is refused. Best passed as "
+            "HYPERREC_ADMIN_TOKEN."
         ),
     )
-    client_tokens: str | None = field(
+    auth_tokens: str | None = field(
         default=None,
         metadata=_doc(
-            "Comma-separated bearer tokens of clients: recognised, but refused admin calls (PERMISSION_DENIED)."
+            "Bearer tokens with scopes, separated by spaces: `<scope>[+<scope>...]:<token>`, scopes `recommend`, "
+            "`ingest`, `admin`. When any token grants `recommend` (or `ingest`), Recommender (or Profiles) calls "
+            "need one; health and reflection never do. Best passed as HYPERREC_AUTH_TOKENS from a secret."
         ),
     )
+    tls_cert: Path | None = field(
+        default=None, metadata=_doc("PEM server certificate chain; with tls_key the port speaks TLS only.")
+    )
+    tls_key: Path | None = field(default=None, metadata=_doc("PEM private key of tls_cert."))
+    tls_client_ca: Path | None = field(
+        default=None,
+        metadata=_doc("PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)."),
+    )
+    max_message_bytes: int = field(
+        default=1 << 20,
+        metadata=_doc("Largest request message accepted, bytes; larger ones are refused RESOURCE_EXHAUSTED."),
+    )
+    max_in_flight: int = field(
+        default=64,
+        metadata=_doc(
+            "Most Recommender and Profiles calls in progress at once; calls beyond it are refused at once with "
+            "RESOURCE_EXHAUSTED (retry elsewhere or later) instead of queueing behind the others."
+        ),
+    )
+    ranking_budget_ms: float = field(
+        default=100.0,
+        metadata=_doc(
+            "Ranking must finish this long after a call arrives (and before its deadline); past it, or when it "
+            "would not fit, the answer keeps retrieval order (strategy UNRANKED)."
+        ),
+    )
+    log_format: str = field(default="text", metadata=_doc("Log format: text, or json (one object per line)."))
     log_level: str = field(default="INFO", metadata=_doc("Log level: DEBUG, INFO, WARNING or ERROR."))
 
     def check(self) -> None:
@@ -152,6 +182,8 @@ class ServerConfig:
             "max_events_per_batch",
             "interest_events",
             "breaker_failures",
+            "max_message_bytes",
+            "max_in_flight",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
@@ -161,6 +193,7 @@ class ServerConfig:
             "redis_read_timeout_ms",
             "affinity_half_life_days",
             "breaker_open_s",
+            "ranking_budget_ms",
         ):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
@@ -181,6 +214,12 @@ class ServerConfig:
             raise ConfigError("profile_secret must be at least 16 bytes")
         if self.admin_token is not None and len(self.admin_token.encode()) < 16:
             raise ConfigError("admin_token must be at least 16 bytes")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("tls_cert and tls_key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ConfigError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"unknown log_format {self.log_format!r}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"unknown log_level {self.log_level!r}")
 

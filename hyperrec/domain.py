@@ -61,6 +61,7 @@ class Strategy(enum.Enum):
     DEGRADED = "degraded"
     INTERESTS = "interests"
     NOT_PERSONALIZED = "not_personalized"
+    UNRANKED = "unranked"
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,42 @@
 """Prometheus metrics (prometheus-client, default registry). Labels never carry user or item ids.
 
-`config.metrics_port` serves them over HTTP; tests read them from the registry.
+Names follow Prometheus conventions: `hyperrec_` prefix, counters end in `_total`, durations are histograms in
+seconds. `config.metrics_port` serves them over HTTP; tests read them from the registry. deploy/grafana/ holds a
+dashboard over them.
 """
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+# Latency buckets for a service whose target is single-digit milliseconds.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+REQUESTS = Counter(
+    "hyperrec_grpc_requests_total",
+    "gRPC calls answered, by full method name and status code (health and reflection excluded).",
+    ["method", "code"],
+)
+REQUEST_DURATION = Histogram(
+    "hyperrec_grpc_request_duration_seconds",
+    "Time from a call's arrival to its answer, by full method name.",
+    ["method"],
+    buckets=LATENCY_BUCKETS,
+)
+IN_FLIGHT = Gauge("hyperrec_grpc_requests_in_flight", "Recommender and Profiles calls in progress.")
+STAGE_DURATION = Histogram(
+    "hyperrec_stage_duration_seconds",
+    "Time spent in each Recommend stage (profile, retrieval, ranking) and in total.",
+    ["stage"],
+    buckets=LATENCY_BUCKETS,
+)
 RECOMMENDATIONS = Counter(
     "hyperrec_recommendations_total", "Recommend answers by strategy and model version.", ["strategy", "model_version"]
+)
+RANKING_FALLBACKS = Counter(
+    "hyperrec_ranking_fallbacks_total",
+    "Answers left in retrieval order because ranking would not fit (reason: budget, deadline).",
+    ["reason"],
 )
 PROFILE_DEGRADED = Counter(
     "hyperrec_profile_store_degraded_total",
@@ -26,14 +54,17 @@ EVENTS = Counter(
 PRIVACY_ACTIONS = Counter(
     "hyperrec_privacy_actions_total", "Consent changes and erasures by action (opt_out, opt_in, forget).", ["action"]
 )
+MODEL_LOADS = Counter(
+    "hyperrec_model_loads_total", "Model version loads by model and outcome (loaded, failed).", ["model", "outcome"]
+)
+ACTIVE_VERSION = Gauge("hyperrec_model_active_version", "The model version being served.", ["model"])
+ACCELERATOR = Gauge(
+    "hyperrec_accelerator_info",
+    "1 for the device each component runs on (component: ranker, index; device: cpu, cuda, tensorrt).",
+    ["component", "device"],
+)
 
 
 def serve_metrics(port: int, host: str = "127.0.0.1") -> None:
     """Expose /metrics on `port` from a daemon thread."""
     start_http_server(port, addr=host)
-
-
-MODEL_LOADS = Counter(
-    "hyperrec_model_loads_total", "Model version loads by model and outcome (loaded, failed).", ["model", "outcome"]
-)
-ACTIVE_VERSION = Gauge("hyperrec_model_active_version", "The model version being served.", ["model"])

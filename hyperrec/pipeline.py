@@ -9,6 +9,7 @@ index of one model version with the ranker of another.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time
@@ -37,10 +38,13 @@ from hyperrec.domain import (
 from hyperrec.errors import DeadlineExceeded, ProfileStoreError, Unavailable
 from hyperrec.features import assign_segments, daypart, encode_context, standardize
 from hyperrec.profiles import Profile, ProfileStore
+from hyperrec.ranker import RankingRun, RankingStopped
 
 log = logging.getLogger(__name__)
 
 FOLD_IN_DECAY = 0.9
+# Time kept, before the caller's deadline, to encode and send the answer: ranking must end before it.
+REPLY_MARGIN_S = 0.002
 # What counts against the profile store's circuit breaker: its failures and running past the time budget.
 STORE_FAILURES: tuple[type[Exception], ...] = (
     ProfileStoreError,
@@ -56,6 +60,7 @@ class PipelineOptions:
     limits: RequestLimits = field(default_factory=RequestLimits)
     profile_budget_s: float = 0.05
     interest_events: int = 5
+    ranking_budget_s: float = 0.1
 
 
 def canary_bucket(user_id: str) -> float:
@@ -229,21 +234,56 @@ def segment_candidates(bundle: Bundle, uvec: np.ndarray, req: RecommendRequest) 
     return np.array(rows, dtype=np.int64) if len(rows) >= req.k else None
 
 
+@dataclass(frozen=True)
+class Cutoffs:
+    """When one request's work must stop (time.monotonic() instants; None: no limit).
+
+    Past `deadline` nothing more is computed (the caller has given up). Ranking must finish by `rank_by`
+    (the ranking budget, or just before the deadline): `run` is stopped at that instant by the event loop, and
+    the answer then keeps retrieval order. `rank_by_deadline` says which of the two set `rank_by`.
+    """
+
+    deadline: float | None = None
+    rank_by: float | None = None
+    rank_by_deadline: bool = False
+    run: RankingRun | None = None
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """What the compute stage returns: the top-k items, the stage times, and why ranking fell back (or None)."""
+
+    items: tuple[ScoredItem, ...]
+    retrieval_ms: float
+    ranking_ms: float
+    fallback: str | None = None
+
+
+def retrieval_order(bundle: Bundle, rows: np.ndarray, retrieval_scores: np.ndarray, k: int) -> tuple[ScoredItem, ...]:
+    """The top k candidates by retrieval score (ties by row), each scored by its retrieval score."""
+    order = np.lexsort((rows, -retrieval_scores))[:k]
+    return tuple(
+        ScoredItem(bundle.item_ids[rows[i]], float(retrieval_scores[i]), float(retrieval_scores[i])) for i in order
+    )
+
+
 def rank_candidates(
     bundle: Bundle,
     uvec: np.ndarray,
     req: RecommendRequest,
     now: datetime,
     candidates: int,
-    deadline: float | None,
+    cutoffs: Cutoffs = Cutoffs(),  # frozen: one shared default is safe
     profile: Profile | None = None,
     candidate_rows: np.ndarray | None = None,
-) -> tuple[tuple[ScoredItem, ...], float, float]:
+) -> Ranked:
     """Retrieve and rank for one user (blocking; runs on a compute thread).
 
     `candidate_rows` replaces the ANN search with a given candidate set (a segment's popular items), scored
-    by inner product like retrieved ones. Returns the top-k items and the retrieval and ranking times in ms.
+    by inner product like retrieved ones. Ranking that would start after `cutoffs.rank_by`, or is stopped there,
+    falls back to retrieval order.
     """
+    deadline = cutoffs.deadline
     if deadline is not None and time.monotonic() >= deadline:  # it expired while queued for a compute thread
         raise DeadlineExceeded("deadline passed while waiting for a compute thread; nothing was computed")
     t0 = time.perf_counter()
@@ -257,17 +297,24 @@ def rank_candidates(
     if deadline is not None and time.monotonic() >= deadline:
         raise DeadlineExceeded("deadline passed after retrieval; ranking skipped")
     if len(rows) == 0:
-        return (), (t1 - t0) * 1e3, 0.0
+        return Ranked((), (t1 - t0) * 1e3, 0.0)
+    fallback = "deadline" if cutoffs.rank_by_deadline else "budget"
+    if cutoffs.rank_by is not None and time.monotonic() >= cutoffs.rank_by:
+        return Ranked(retrieval_order(bundle, rows, retrieval_scores, req.k), (t1 - t0) * 1e3, 0.0, fallback)
     segment = None if bundle.segments is None else int(assign_segments(bundle.segments, uvec[None, :])[0])
     context = encode_context(req.context, bundle.feature_spec, now, segment=segment)
     items = bundle.item_embeddings[rows]
     features = candidate_features(bundle, profile, rows, req.context.event_time or now)  # as of the request's time
     batch_features = None if features is None else features[None, :, :]
-    scores = bundle.ranker.score(uvec[None, :], context[None, :], items[None, :, :], batch_features)[0]
+    try:
+        scores = bundle.ranker.score(uvec[None, :], context[None, :], items[None, :, :], batch_features, cutoffs.run)[0]
+    except RankingStopped:
+        ranked = retrieval_order(bundle, rows, retrieval_scores, req.k)
+        return Ranked(ranked, (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3, fallback)
     scores = np.where(np.isnan(scores), -np.inf, scores)
     order = np.lexsort((rows, -retrieval_scores, -scores))[: req.k]
     ranked = tuple(ScoredItem(bundle.item_ids[rows[i]], float(scores[i]), float(retrieval_scores[i])) for i in order)
-    return ranked, (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3
+    return Ranked(ranked, (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3)
 
 
 class Recommender:
@@ -307,9 +354,40 @@ class Recommender:
             return None, True
         return profile, False
 
+    def _cutoffs(self, arrived: float, deadline: float | None) -> Cutoffs:
+        rank_by = arrived + self._options.ranking_budget_s
+        by_deadline = deadline is not None and deadline - REPLY_MARGIN_S < rank_by
+        if deadline is not None and by_deadline:
+            rank_by = deadline - REPLY_MARGIN_S
+        return Cutoffs(deadline, rank_by, by_deadline, RankingRun())
+
+    async def _retrieve_and_rank(
+        self,
+        bundle: Bundle,
+        uvec: np.ndarray,
+        req: RecommendRequest,
+        now: datetime,
+        cutoffs: Cutoffs,
+        profile: Profile | None,
+        pool: np.ndarray | None,
+    ) -> Ranked:
+        """rank_candidates on a compute thread; the event loop stops the ranking run at `cutoffs.rank_by`."""
+        loop = asyncio.get_running_loop()
+        assert cutoffs.rank_by is not None and cutoffs.run is not None
+        # loop.time() is time.monotonic(), the clock of the cutoffs
+        timer = loop.call_at(cutoffs.rank_by, cutoffs.run.stop)
+        try:
+            work = functools.partial(
+                rank_candidates, bundle, uvec, req, now, self._options.candidates, cutoffs, profile, pool
+            )
+            return await loop.run_in_executor(self._executor, work)
+        finally:
+            timer.cancel()
+
     async def recommend(self, req: RecommendRequest, deadline: float | None = None) -> Recommendation:
         """Answer one request. `deadline` is a time.monotonic() instant after which no work is done."""
         start = time.perf_counter()
+        arrived = time.monotonic()
         now = datetime.now(UTC)
         validate_request(req, self._options.limits, now)
         bundle = self._slot.for_user(req.user_id)
@@ -325,7 +403,8 @@ class Recommender:
                 strategy = Strategy.NOT_PERSONALIZED
             else:
                 uvec, strategy = user_vector(bundle, profile, self._options.interest_events)
-        timings.profile_ms = (time.perf_counter() - start) * 1e3
+            timings.profile_ms = (time.perf_counter() - start) * 1e3
+            metrics.STAGE_DURATION.labels("profile").observe(timings.profile_ms / 1e3)
         if uvec is None:
             items = cold_start_items(bundle, req, now)
         else:
@@ -333,21 +412,19 @@ class Recommender:
             if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlineExceeded("deadline passed before retrieval")
             pool = segment_candidates(bundle, uvec, req) if strategy == Strategy.INTERESTS else None
-            loop = asyncio.get_running_loop()
-            items, timings.retrieval_ms, timings.ranking_ms = await loop.run_in_executor(
-                self._executor,
-                rank_candidates,
-                bundle,
-                uvec,
-                req,
-                now,
-                self._options.candidates,
-                deadline,
-                profile,
-                pool,
+            ranked = await self._retrieve_and_rank(
+                bundle, uvec, req, now, self._cutoffs(arrived, deadline), profile, pool
             )
+            items, timings.retrieval_ms, timings.ranking_ms = ranked.items, ranked.retrieval_ms, ranked.ranking_ms
+            metrics.STAGE_DURATION.labels("retrieval").observe(ranked.retrieval_ms / 1e3)
+            metrics.STAGE_DURATION.labels("ranking").observe(ranked.ranking_ms / 1e3)
+            if ranked.fallback is not None:
+                strategy = Strategy.UNRANKED
+                metrics.RANKING_FALLBACKS.labels(ranked.fallback).inc()
+                log.warning("ranking fell back to retrieval order (%s) for request %s", ranked.fallback, req.request_id)
         metrics.RECOMMENDATIONS.labels(strategy.value, bundle.version).inc()
         timings.total_ms = (time.perf_counter() - start) * 1e3
+        metrics.STAGE_DURATION.labels("total").observe(timings.total_ms / 1e3)
         return Recommendation(
             items=items,
             model_name=bundle.model_name,
@@ -388,7 +465,7 @@ def warm_up(
             base = bundle.item_embeddings[rng.integers(0, bundle.index.size)]
             uvec = (base + rng.normal(0, 0.1, base.shape)).astype(np.float32)
             t = time.perf_counter()
-            rank_candidates(bundle, uvec, request, now, candidates, None)
+            rank_candidates(bundle, uvec, request, now, candidates)
             latencies.append((time.perf_counter() - t) * 1e3)
             ran += 1
         median = float(np.median(latencies))

@@ -11,6 +11,7 @@ Contract (checked at load time against the bundle's feature spec):
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,9 @@ INPUT_ITEMS = "items"
 INPUT_ITEM_FEATURES = "item_features"
 OUTPUT_SCORES = "scores"
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+# Devices a ranker can run on (the `device` label of hyperrec_accelerator_info), by execution provider.
+DEVICE_OF_PROVIDER = {"TensorrtExecutionProvider": "tensorrt", "CUDAExecutionProvider": "cuda"}
+ACCELERATOR_DEVICES = ("cpu", "cuda", "tensorrt")
 
 
 @dataclass(frozen=True)
@@ -46,12 +50,40 @@ def choose_providers(requested: tuple[str, ...] | None = None) -> list[str]:
     return chosen or ["CPUExecutionProvider"]
 
 
+class RankingStopped(Exception):
+    """A ranking run gave up because its `RankingRun.stop()` was called (it ran past its budget)."""
+
+
+class RankingRun:
+    """Stop handle of one ranking call: `stop()`, from any thread, makes a run in progress give up at its next
+    operator (ONNX Runtime's terminate flag) and a run not yet started give up at once."""
+
+    def __init__(self) -> None:
+        self.options = ort.RunOptions()
+
+    def stop(self) -> None:
+        self.options.terminate = True
+
+    @property
+    def stopped(self) -> bool:
+        return bool(self.options.terminate)
+
+
+def device_of(providers: Sequence[str]) -> str:
+    """The device a session with `providers` (in priority order) runs on: its first provider's, "cpu" by default.
+
+    ONNX Runtime assigns each node to the first provider that can run it, so the first one names where the model
+    mostly runs (TensorRT sessions also list CUDA and CPU for the nodes TensorRT leaves out)."""
+    return DEVICE_OF_PROVIDER.get(providers[0], "cpu") if providers else "cpu"
+
+
 class OnnxRanker:
     """Scores candidate items for users in contexts. `score` is safe to call from several threads."""
 
     def __init__(self, session: ort.InferenceSession) -> None:
         self._session = session
         self.providers = tuple(session.get_providers())
+        self.device = device_of(self.providers)
 
     @classmethod
     def load(
@@ -70,16 +102,27 @@ class OnnxRanker:
             raise BundleError(path.name, f"ONNX Runtime cannot load it: {exc}") from exc
         check_signature(session, path.name, embedding_dim, context_dim, item_feature_dim)
         ranker = cls(session)
-        log.info("ranker %s loaded with providers %s", path, ",".join(ranker.providers))
+        log.info("ranker %s loaded with providers %s (device %s)", path, ",".join(ranker.providers), ranker.device)
         return ranker
 
     def score(
-        self, user: np.ndarray, context: np.ndarray, items: np.ndarray, item_features: np.ndarray | None = None
+        self,
+        user: np.ndarray,
+        context: np.ndarray,
+        items: np.ndarray,
+        item_features: np.ndarray | None = None,
+        run: RankingRun | None = None,
     ) -> np.ndarray:
+        """Scores [batch, candidates]. Raises RankingStopped when `run` was stopped before or during the run."""
         feeds = {INPUT_USER: user, INPUT_CONTEXT: context, INPUT_ITEMS: items}
         if item_features is not None:
             feeds[INPUT_ITEM_FEATURES] = item_features
-        (scores,) = self._session.run([OUTPUT_SCORES], feeds)
+        try:
+            (scores,) = self._session.run([OUTPUT_SCORES], feeds, None if run is None else run.options)
+        except Exception as exc:  # onnxruntime's Fail carries the terminate flag as a message only
+            if run is not None and run.stopped:
+                raise RankingStopped("ranking stopped past its budget") from exc
+            raise
         return np.asarray(scores, dtype=np.float32)
 
 

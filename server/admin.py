@@ -1,4 +1,5 @@
-"""The ModelAdmin gRPC servicer: token check, decode, call the model manager, encode."""
+"""The ModelAdmin gRPC servicer: decode, call the model manager, encode. The admin token is checked by
+server/gate.py before a call gets here."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from hyperrec.errors import BundleError, InvalidArgument, NotFound
 from hyperrec.models import ModelManager, VersionInfo, VersionState
 from hyperrec.names import check_name
 from hyperrec.v1 import admin_pb2 as apb
-from server.auth import TokenAuth
 from server.servicer import Context, answer, unary_handlers
 
 ADMIN_SERVICE_NAME = apb.DESCRIPTOR.services_by_name["ModelAdmin"].full_name
@@ -44,9 +44,8 @@ def encode_model(manager: ModelManager) -> apb.ModelStatus:
 
 
 class ModelAdminServicer:
-    def __init__(self, manager: ModelManager, auth: TokenAuth) -> None:
+    def __init__(self, manager: ModelManager) -> None:
         self._manager = manager
-        self._auth = auth
 
     def _model(self, name: str) -> ModelManager:
         try:
@@ -65,14 +64,12 @@ class ModelAdminServicer:
 
     async def ListModels(self, raw: bytes, context: Context) -> apb.ListModelsResponse:  # noqa: N802
         async def run(_: apb.ListModelsRequest, __: str, ___: float | None) -> apb.ListModelsResponse:
-            self._auth.require_admin(context.invocation_metadata())
             return apb.ListModelsResponse(models=[encode_model(self._manager)])
 
         return await answer(apb.ListModelsRequest, raw, context, run)
 
     async def LoadVersion(self, raw: bytes, context: Context) -> apb.LoadVersionResponse:  # noqa: N802
         async def run(request: apb.LoadVersionRequest, _: str, __: float | None) -> apb.LoadVersionResponse:
-            self._auth.require_admin(context.invocation_metadata())
             manager = self._model(request.model)
             version = self._version(request.version)
             try:
@@ -85,7 +82,6 @@ class ModelAdminServicer:
 
     async def ActivateVersion(self, raw: bytes, context: Context) -> apb.ActivateVersionResponse:  # noqa: N802
         async def run(request: apb.ActivateVersionRequest, _: str, __: float | None) -> apb.ActivateVersionResponse:
-            self._auth.require_admin(context.invocation_metadata())
             manager = self._model(request.model)
             await manager.activate(self._version(request.version), pin=True)
             return apb.ActivateVersionResponse(model=encode_model(manager))
@@ -94,7 +90,6 @@ class ModelAdminServicer:
 
     async def Rollback(self, raw: bytes, context: Context) -> apb.RollbackResponse:  # noqa: N802
         async def run(request: apb.RollbackRequest, _: str, __: float | None) -> apb.RollbackResponse:
-            self._auth.require_admin(context.invocation_metadata())
             manager = self._model(request.model)
             await manager.rollback()
             return apb.RollbackResponse(model=encode_model(manager))
@@ -103,7 +98,6 @@ class ModelAdminServicer:
 
     async def UnloadVersion(self, raw: bytes, context: Context) -> apb.UnloadVersionResponse:  # noqa: N802
         async def run(request: apb.UnloadVersionRequest, _: str, __: float | None) -> apb.UnloadVersionResponse:
-            self._auth.require_admin(context.invocation_metadata())
             manager = self._model(request.model)
             await manager.unload(self._version(request.version))
             return apb.UnloadVersionResponse(model=encode_model(manager))
@@ -112,7 +106,6 @@ class ModelAdminServicer:
 
     async def ReleasePin(self, raw: bytes, context: Context) -> apb.ReleasePinResponse:  # noqa: N802
         async def run(request: apb.ReleasePinRequest, _: str, __: float | None) -> apb.ReleasePinResponse:
-            self._auth.require_admin(context.invocation_metadata())
             manager = self._model(request.model)
             manager.unpin()
             return apb.ReleasePinResponse(model=encode_model(manager))

@@ -14,6 +14,7 @@ import secrets
 import signal
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -39,6 +40,7 @@ from hyperrec.ranker import RankerOptions
 from index.ann import set_threads
 from server.admin import ADMIN_SERVICE_NAME, ModelAdminServicer, add_admin_to_server
 from server.auth import TokenAuth
+from server.gate import CallGate
 from server.servicer import PROFILES_SERVICE_NAME, SERVICE_NAME, ProfilesServicer, RecommenderServicer
 from server.servicer import add_profiles_to_server as add_profiles
 from server.servicer import add_to_server as add_recommender
@@ -68,6 +70,28 @@ def build_profile_store(config: ServerConfig) -> ProfileStore:
         )
         return RedisProfileStore(options, pseudonymizer)
     return InMemoryProfileStore(pseudonymizer, settings)
+
+
+def _read_pem(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc}") from exc
+
+
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials from the configured PEM files (mutual TLS when a client CA is set), or None: plaintext."""
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    chain = _read_pem(config.tls_cert, "tls_cert")
+    key = _read_pem(config.tls_key, "tls_key")
+    client_ca = None if config.tls_client_ca is None else _read_pem(config.tls_client_ca, "tls_client_ca")
+    try:
+        return grpc.ssl_server_credentials(
+            [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
+        )
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"cannot use the TLS files: {exc}") from exc
 
 
 class HyperrecServer:
@@ -169,6 +193,7 @@ def create_server(config: ServerConfig, profile_store: ProfileStore | None = Non
         limits=RequestLimits(max_k=config.max_k, max_exclusions=config.max_exclusions),
         profile_budget_s=config.profile_budget_ms / 1e3,
         interest_events=config.interest_events,
+        ranking_budget_s=config.ranking_budget_ms / 1e3,
     )
     breaker = CircuitBreaker(
         config.breaker_failures,
@@ -190,11 +215,19 @@ def create_server(config: ServerConfig, profile_store: ProfileStore | None = Non
     )
     recorded = pipeline.recent_requests
     manager = ModelManager(config.model_repo, config.model_name, slot, load_settings, loader, lambda: list(recorded))
-    auth = TokenAuth(config.admin_token, TokenAuth.parse_clients(config.client_tokens))
-    server = grpc.aio.server()
+    auth = TokenAuth.from_config(config.admin_token, config.auth_tokens)
+    gate = CallGate(
+        auth,
+        config.max_in_flight,
+        {SERVICE_NAME: "recommend", PROFILES_SERVICE_NAME: "ingest", ADMIN_SERVICE_NAME: "admin"},
+    )
+    server = grpc.aio.server(
+        interceptors=(gate,),
+        options=(("grpc.max_receive_message_length", config.max_message_bytes),),
+    )
     add_recommender(RecommenderServicer(pipeline), server)
     add_profiles(ProfilesServicer(ProfileService(store, slot, breaker, config.max_events_per_batch)), server)
-    add_admin_to_server(ModelAdminServicer(manager, auth), server)
+    add_admin_to_server(ModelAdminServicer(manager), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
@@ -207,7 +240,9 @@ def create_server(config: ServerConfig, profile_store: ProfileStore | None = Non
         ),
         server,
     )
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    address = f"{config.host}:{config.port}"
+    credentials = server_credentials(config)
+    port = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
     if port == 0:
         raise OSError(f"cannot bind {config.host}:{config.port}")
     return HyperrecServer(config, server, health, store, slot, executor, manager, loader), port

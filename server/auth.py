@@ -1,18 +1,48 @@
-"""Bearer-token checks for the gRPC services (the admin service today).
+"""Bearer tokens with scopes.
 
-Tokens arrive as call metadata `authorization: Bearer <token>` and are compared in
-constant time. The admin token may call ModelAdmin; client tokens are recognised
-but refused there (PERMISSION_DENIED); anything else is UNAUTHENTICATED.
+Tokens arrive as call metadata `authorization: Bearer <token>`. Each configured token grants scopes:
+`recommend` (the Recommender service), `ingest` (the Profiles service), `admin` (ModelAdmin). The admin
+service always needs a token; Recommender and Profiles need one as soon as any configured token grants their
+scope (so configuring client tokens is what turns enforcement on). Health and reflection never need one.
+
+A presented token is compared, in constant time, against every configured token, so the time a check takes
+says nothing about which token (if any) matched.
 """
 
 from __future__ import annotations
 
 import hmac
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
+from dataclasses import dataclass
 
-from hyperrec.errors import PermissionDenied, Unauthenticated
+from hyperrec.errors import ConfigError, PermissionDenied, Unauthenticated
 
+SCOPES = ("recommend", "ingest", "admin")
+MIN_TOKEN_BYTES = 16
 _PREFIX = "bearer "
+
+
+@dataclass(frozen=True)
+class Token:
+    value: str
+    scopes: frozenset[str]
+
+
+def parse_tokens(raw: str | None) -> tuple[Token, ...]:
+    """Tokens from `<scope>[+<scope>...]:<token>` entries separated by whitespace (config `auth_tokens`)."""
+    tokens = []
+    for entry in (raw or "").split():
+        scopes_part, sep, value = entry.partition(":")
+        if not sep or not value:
+            raise ConfigError(f"auth_tokens: entry {entry[:12]!r}... is not <scope>[+<scope>]:<token>")
+        scopes = frozenset(s for s in scopes_part.split("+") if s)
+        unknown = scopes - set(SCOPES)
+        if not scopes or unknown:
+            raise ConfigError(f"auth_tokens: unknown scope {sorted(unknown) or scopes_part!r}; scopes are {SCOPES}")
+        if len(value.encode()) < MIN_TOKEN_BYTES:
+            raise ConfigError(f"auth_tokens: tokens must be at least {MIN_TOKEN_BYTES} bytes")
+        tokens.append(Token(value, scopes))
+    return tuple(tokens)
 
 
 def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
@@ -23,30 +53,36 @@ def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | No
     return None
 
 
-def _matches(token: str, candidate: str) -> bool:
-    return hmac.compare_digest(token.encode(), candidate.encode())
-
-
 class TokenAuth:
-    def __init__(self, admin_token: str | None, client_tokens: Sequence[str] = ()) -> None:
-        self._admin = admin_token
-        self._clients = tuple(t for t in client_tokens if t)
+    """Decides whether a call's metadata carries a token with the scope its service needs."""
 
-    @staticmethod
-    def parse_clients(raw: str | None) -> tuple[str, ...]:
-        return tuple(t.strip() for t in (raw or "").split(",") if t.strip())
+    def __init__(self, tokens: Iterable[Token] = ()) -> None:
+        self._tokens = tuple(tokens)
+        self._enforced = frozenset({"admin"} | {s for t in self._tokens for s in t.scopes})
 
-    def require_admin(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> None:
+    @classmethod
+    def from_config(cls, admin_token: str | None, auth_tokens: str | None) -> TokenAuth:
+        admin = (Token(admin_token, frozenset({"admin"})),) if admin_token else ()
+        return cls((*admin, *parse_tokens(auth_tokens)))
+
+    def enforced(self, scope: str) -> bool:
+        """Whether calls needing `scope` must carry a token (always for admin)."""
+        return scope in self._enforced
+
+    def check(self, scope: str, metadata: Iterable[tuple[str, str | bytes]] | None) -> None:
+        """Return when the call may proceed; raise Unauthenticated or PermissionDenied otherwise."""
+        if scope not in self._enforced:
+            return
         token = bearer_token(metadata)
         if token is None:
             raise Unauthenticated("missing bearer token (metadata `authorization: Bearer <token>`)")
-        if self._admin is None:
-            raise Unauthenticated("this server has no admin token configured; admin calls are refused")
-        # Compare against every known token so the time taken says nothing about which one matched.
-        is_admin = _matches(token, self._admin)
-        is_client = any([_matches(token, client) for client in self._clients])
-        if is_admin:
-            return
-        if is_client:
-            raise PermissionDenied("this token may not call the admin service")
-        raise Unauthenticated("invalid bearer token")
+        if not self._tokens:
+            raise Unauthenticated(f"this server has no token with the {scope} scope; such calls are refused")
+        presented = token.encode()
+        # Every configured token is compared (no early exit), in constant time each.
+        matches = [hmac.compare_digest(presented, t.value.encode()) for t in self._tokens]
+        granted = frozenset().union(*(t.scopes for t, hit in zip(self._tokens, matches, strict=True) if hit))
+        if not any(matches):
+            raise Unauthenticated("invalid bearer token")
+        if scope not in granted:
+            raise PermissionDenied(f"this token lacks the {scope} scope")

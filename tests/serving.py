@@ -37,7 +37,14 @@ async def running_server(
     **overrides: Any,
 ) -> AsyncIterator[Running]:
     """A started server (model loaded unless load=False) and a stub on a real channel."""
-    settings: dict[str, Any] = {"port": 0, "model_repo": repo, "model_name": model, "warmup_requests": 2}
+    # A busy test machine must not turn answers UNRANKED; tests of the ranking budget set their own.
+    settings: dict[str, Any] = {
+        "port": 0,
+        "model_repo": repo,
+        "model_name": model,
+        "warmup_requests": 2,
+        "ranking_budget_ms": 60_000,
+    }
     if "redis_url" in overrides:
         # A busy test machine must not turn answers DEGRADED or writes UNAVAILABLE; tests of timeouts set their own.
         settings.update(redis_read_timeout_ms=2000, profile_budget_ms=2000)

@@ -33,7 +33,7 @@ def repo(tmp_path: Path) -> Path:
 
 @pytest.fixture
 async def served(repo: Path) -> AsyncIterator[Running]:
-    async with running_server(repo, "toy", admin_token=ADMIN, client_tokens=f"{CLIENT},other-client-token") as r:
+    async with running_server(repo, "toy", admin_token=ADMIN, auth_tokens=f"ingest:{CLIENT}") as r:
         yield r
 
 
@@ -76,7 +76,7 @@ async def test_without_a_configured_admin_token_every_admin_call_is_refused(repo
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await admin(running).ListModels(apb.ListModelsRequest(), metadata=AUTH, timeout=5)
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert "no admin token" in (err.value.details() or "")
+    assert "no token with the admin scope" in (err.value.details() or "")
 
 
 @pytest.mark.parametrize(

@@ -352,11 +352,12 @@ def test_a_request_that_expired_while_queued_computes_nothing(
 
     from hyperrec.domain import RecommendRequest
     from hyperrec.errors import DeadlineExceeded
-    from hyperrec.pipeline import rank_candidates
+    from hyperrec.pipeline import Cutoffs, rank_candidates
 
     searched: list[int] = []
     monkeypatch.setattr(toy_bundle.index, "search_excluding", lambda *a: searched.append(1))
     uvec = toy_bundle.item_embeddings[0]
     with pytest.raises(DeadlineExceeded, match="waiting for a compute thread"):
-        rank_candidates(toy_bundle, uvec, RecommendRequest("u", 5), datetime.now(UTC), 50, time.monotonic() - 0.1)
+        expired = Cutoffs(deadline=time.monotonic() - 0.1)
+        rank_candidates(toy_bundle, uvec, RecommendRequest("u", 5), datetime.now(UTC), 50, expired)
     assert searched == []

@@ -123,6 +123,11 @@ class _StrategyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Strategy.Val
     set disable_personalization: popular items for the context segment; the
     profile was not read.
     """
+    STRATEGY_UNRANKED: _Strategy.ValueType  # 6
+    """Retrieved for this user (history or interests), but ranking did not fit
+    the server's ranking budget or the call's deadline: the items come in
+    retrieval order and each score is its retrieval score.
+    """
 
 class Strategy(_Strategy, metaclass=_StrategyEnumTypeWrapper):
     """How an answer was produced."""
@@ -145,6 +150,11 @@ STRATEGY_NOT_PERSONALIZED: Strategy.ValueType  # 5
 """The user opted out of personalization (Profiles.SetConsent) or the request
 set disable_personalization: popular items for the context segment; the
 profile was not read.
+"""
+STRATEGY_UNRANKED: Strategy.ValueType  # 6
+"""Retrieved for this user (history or interests), but ranking did not fit
+the server's ranking budget or the call's deadline: the items come in
+retrieval order and each score is its retrieval score.
 """
 Global___Strategy: _TypeAlias = Strategy  # noqa: Y015
 
