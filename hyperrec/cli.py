@@ -16,18 +16,13 @@ from typing import Any
 
 from hyperrec.config import ServerConfig, add_arguments, load_config
 from hyperrec.errors import ConfigError, HyperrecError
+from hyperrec.logs import setup_logging
 from hyperrec.profiles.model import Profile
 
 log = logging.getLogger("hyperrec")
 
 DEVICES = ("unspecified", "mobile", "desktop", "tablet", "tv")
 SURFACES = ("unspecified", "home", "item_detail", "search", "cart", "notification")
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
 
 
 def run_async(coro: Coroutine[Any, Any, Any]) -> Any:
@@ -44,7 +39,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from server.app import serve
 
     config = load_config(args)
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, config.log_format)
     run_async(serve(config))
     return 0
 
@@ -196,7 +191,7 @@ def cmd_profiles_load(args: argparse.Namespace) -> int:
     if args.version is not None:
         overrides["model_version"] = args.version
     config = load_config(args, **overrides)
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, config.log_format)
     if not config.redis_url:
         raise ConfigError("profiles load writes to Redis: set --redis-url (and --profile-secret) as for the server")
     bundle = Bundle.load(resolve_version(config.model_repo, config.model_name, config.model_version))
@@ -337,7 +332,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from hyperrec.demo import run_demo
 
     config = load_config(args)
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, config.log_format)
     return int(run_async(run_demo(config, retrain=args.retrain, users=args.users, items=args.items)))
 
 

@@ -159,6 +159,13 @@ class ServerConfig:
             "would not fit, the answer keeps retrieval order (strategy UNRANKED)."
         ),
     )
+    otlp_endpoint: str | None = field(
+        default=None,
+        metadata=_doc(
+            "OTLP/gRPC collector (host:port) to send OpenTelemetry spans to, one per call and per Recommend stage; "
+            "needs the `tracing` extra. Unset: no spans are exported."
+        ),
+    )
     log_format: str = field(default="text", metadata=_doc("Log format: text, or json (one object per line)."))
     log_level: str = field(default="INFO", metadata=_doc("Log level: DEBUG, INFO, WARNING or ERROR."))
 

@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 
 import numpy as np
 
-from hyperrec import metrics
+from hyperrec import metrics, tracing
 from hyperrec.behaviour import affinity_arrays, behaviour_raw
 from hyperrec.breaker import CircuitBreaker, CircuitOpen
 from hyperrec.bundle import Bundle
@@ -257,6 +257,7 @@ class Ranked:
     retrieval_ms: float
     ranking_ms: float
     fallback: str | None = None
+    started_ns: int = 0  # wall clock (time.time_ns()) when retrieval began, for the stage spans
 
 
 def retrieval_order(bundle: Bundle, rows: np.ndarray, retrieval_scores: np.ndarray, k: int) -> tuple[ScoredItem, ...]:
@@ -286,7 +287,7 @@ def rank_candidates(
     deadline = cutoffs.deadline
     if deadline is not None and time.monotonic() >= deadline:  # it expired while queued for a compute thread
         raise DeadlineExceeded("deadline passed while waiting for a compute thread; nothing was computed")
-    t0 = time.perf_counter()
+    t0, started_ns = time.perf_counter(), time.time_ns()
     excluded_rows = {bundle.row_of[i] for i in req.exclude if i in bundle.row_of}
     if candidate_rows is None:
         retrieval_scores, rows = bundle.index.search_excluding(uvec, max(candidates, req.k), excluded_rows)
@@ -297,10 +298,11 @@ def rank_candidates(
     if deadline is not None and time.monotonic() >= deadline:
         raise DeadlineExceeded("deadline passed after retrieval; ranking skipped")
     if len(rows) == 0:
-        return Ranked((), (t1 - t0) * 1e3, 0.0)
+        return Ranked((), (t1 - t0) * 1e3, 0.0, None, started_ns)
     fallback = "deadline" if cutoffs.rank_by_deadline else "budget"
     if cutoffs.rank_by is not None and time.monotonic() >= cutoffs.rank_by:
-        return Ranked(retrieval_order(bundle, rows, retrieval_scores, req.k), (t1 - t0) * 1e3, 0.0, fallback)
+        unranked = retrieval_order(bundle, rows, retrieval_scores, req.k)
+        return Ranked(unranked, (t1 - t0) * 1e3, 0.0, fallback, started_ns)
     segment = None if bundle.segments is None else int(assign_segments(bundle.segments, uvec[None, :])[0])
     context = encode_context(req.context, bundle.feature_spec, now, segment=segment)
     items = bundle.item_embeddings[rows]
@@ -310,11 +312,21 @@ def rank_candidates(
         scores = bundle.ranker.score(uvec[None, :], context[None, :], items[None, :, :], batch_features, cutoffs.run)[0]
     except RankingStopped:
         ranked = retrieval_order(bundle, rows, retrieval_scores, req.k)
-        return Ranked(ranked, (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3, fallback)
+        return Ranked(ranked, (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3, fallback, started_ns)
     scores = np.where(np.isnan(scores), -np.inf, scores)
     order = np.lexsort((rows, -retrieval_scores, -scores))[: req.k]
     ranked = tuple(ScoredItem(bundle.item_ids[rows[i]], float(scores[i]), float(retrieval_scores[i])) for i in order)
-    return Ranked(ranked, (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3)
+    return Ranked(ranked, (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3, None, started_ns)
+
+
+def record_stage_spans(ranked: Ranked) -> None:
+    """The retrieval and ranking spans, from the times measured on the compute thread."""
+    if not tracing.enabled():
+        return
+    retrieved_ns = ranked.started_ns + int(ranked.retrieval_ms * 1e6)
+    tracing.record_span("retrieval", ranked.started_ns, retrieved_ns)
+    ranking = {"hyperrec.fallback": ranked.fallback} if ranked.fallback else None
+    tracing.record_span("ranking", retrieved_ns, retrieved_ns + int(ranked.ranking_ms * 1e6), ranking)
 
 
 class Recommender:
@@ -396,7 +408,8 @@ class Recommender:
         timings = StageTimings()
         uvec, strategy, profile = None, Strategy.NOT_PERSONALIZED, None
         if not req.disable_personalization:
-            profile, degraded = await self._profile(req.user_id)
+            with tracing.span("profile"):
+                profile, degraded = await self._profile(req.user_id)
             if degraded:
                 strategy = Strategy.DEGRADED
             elif profile is not None and profile.opted_out:
@@ -418,11 +431,13 @@ class Recommender:
             items, timings.retrieval_ms, timings.ranking_ms = ranked.items, ranked.retrieval_ms, ranked.ranking_ms
             metrics.STAGE_DURATION.labels("retrieval").observe(ranked.retrieval_ms / 1e3)
             metrics.STAGE_DURATION.labels("ranking").observe(ranked.ranking_ms / 1e3)
+            record_stage_spans(ranked)
             if ranked.fallback is not None:
                 strategy = Strategy.UNRANKED
                 metrics.RANKING_FALLBACKS.labels(ranked.fallback).inc()
                 log.warning("ranking fell back to retrieval order (%s) for request %s", ranked.fallback, req.request_id)
         metrics.RECOMMENDATIONS.labels(strategy.value, bundle.version).inc()
+        tracing.annotate({"hyperrec.strategy": strategy.value, "hyperrec.model_version": bundle.version})
         timings.total_ms = (time.perf_counter() - start) * 1e3
         metrics.STAGE_DURATION.labels("total").observe(timings.total_ms / 1e3)
         return Recommendation(

@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from hyperrec import metrics
+from hyperrec import metrics, tracing
 from hyperrec.breaker import CircuitBreaker
 from hyperrec.bundle import Bundle, list_versions
 from hyperrec.config import ServerConfig
@@ -254,6 +254,11 @@ async def serve(config: ServerConfig, on_ready: Callable[[int], None] | None = N
     `on_ready(port)` is called once the model is loaded and health says SERVING.
     """
     app, port = create_server(config)
+    if config.otlp_endpoint:
+        if not tracing.enabled():
+            raise ConfigError("otlp_endpoint needs the tracing extra: pip install 'hyperrec[tracing]'")
+        tracing.setup_otlp(config.otlp_endpoint)
+        log.info("OpenTelemetry spans go to %s", config.otlp_endpoint)
     if config.metrics_port is not None:
         metrics.serve_metrics(config.metrics_port, config.host)
         log.info("Prometheus metrics on http://%s:%d/metrics", config.host, config.metrics_port)

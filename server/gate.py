@@ -20,7 +20,7 @@ from typing import Any
 
 import grpc
 
-from hyperrec import metrics
+from hyperrec import metrics, tracing
 from hyperrec.errors import HyperrecError
 from server.auth import TokenAuth
 from server.status import status_for
@@ -86,7 +86,8 @@ class CallGate(grpc.aio.ServerInterceptor):
                 self.in_flight += 1
                 metrics.IN_FLIGHT.inc()
             try:
-                return await inner(request, context)
+                with tracing.span(method, server=True):
+                    return await inner(request, context)
             except asyncio.CancelledError:  # the client went away or its deadline passed
                 failed = True
                 remaining = context.time_remaining()

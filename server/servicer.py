@@ -19,6 +19,7 @@ from google.protobuf.message import DecodeError, Message
 from hyperrec.domain import request_id_problem
 from hyperrec.errors import DeadlineExceeded, InvalidArgument
 from hyperrec.ingest import ProfileService
+from hyperrec.logs import REQUEST_ID
 from hyperrec.pipeline import Recommender
 from hyperrec.v1 import profiles_pb2 as ppb
 from hyperrec.v1 import recommender_pb2 as pb
@@ -60,6 +61,7 @@ async def answer(
         request_id = getattr(request, "request_id", "") or quoted_id
         if request_id_problem(request_id) is None:  # else validation rejects it and we quote ours
             quoted_id = request_id
+        REQUEST_ID.set(quoted_id)  # this call's task only: log records made while serving it carry the id
         return await run(request, request_id, _deadline(context))
     except Exception as exc:
         if isinstance(exc, DeadlineExceeded) and (context.done() or context.cancelled()):

@@ -1,0 +1,270 @@
+"""Overload admission, the ranking budget, per-method and per-stage metrics, JSON logs with request ids and
+OpenTelemetry spans, over a real server, a real channel, a real Redis and real ONNX Runtime."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import REGISTRY
+
+from hyperrec.bundle import Bundle, publish_bundle
+from hyperrec.domain import RecommendRequest
+from hyperrec.features import default_feature_spec
+from hyperrec.logs import RequestIdFilter, formatter
+from hyperrec.pipeline import REPLY_MARGIN_S, Cutoffs, PipelineOptions, Recommender, rank_candidates
+from hyperrec.profiles import Profile
+from hyperrec.ranker import RankingRun
+from hyperrec.v1 import admin_pb2 as apb
+from hyperrec.v1 import admin_pb2_grpc as apb_grpc
+from hyperrec.v1 import recommender_pb2 as pb
+from tests.helpers import make_contents, make_ranker_onnx
+from tests.serving import TEST_SECRET, Running, request, running_server
+
+RECOMMEND = "/hyperrec.v1.Recommender/Recommend"
+ADMIN = "hardening-admin-token-0123"
+
+
+@pytest.fixture(scope="module")
+def toy_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ranker that adds a context term to the inner product, so ranked scores differ from retrieval scores."""
+    repo = tmp_path_factory.mktemp("repo")
+    spec = default_feature_spec(8)
+    ranker = make_ranker_onnx(8, spec.context_dim, np.full(spec.context_dim, 0.25, np.float32))
+    publish_bundle(repo, make_contents(n_items=300, dim=8, seed=5, spec=spec, ranker=ranker))
+    return repo
+
+
+@pytest.fixture(scope="module")
+def toy_bundle(toy_repo: Path) -> Bundle:
+    return Bundle.load(toy_repo / "toy" / "1")
+
+
+def fan_of(bundle: Bundle, row: int) -> Profile:
+    return Profile(user_vector=bundle.item_embeddings[row].copy(), embedding_space=bundle.manifest.embedding_space)
+
+
+def sample(name: str, labels: dict[str, str] | None = None) -> float:
+    return REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+
+# --- overload -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def limited(toy_repo: Path, toy_bundle: Bundle, redis_url: str) -> AsyncIterator[Running]:
+    async with running_server(
+        toy_repo, "toy", redis_url=redis_url, profile_secret=TEST_SECRET, max_in_flight=2, admin_token=ADMIN
+    ) as running:
+        await running.app.store.put_many({"alice": fan_of(toy_bundle, 7)})
+        yield running
+
+
+async def until_in_flight(n: int) -> None:
+    """Wait (polling the gauge the server exports) until `n` calls are in flight."""
+    for _ in range(500):
+        if sample("hyperrec_grpc_requests_in_flight") >= n:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never {n} calls in flight")
+
+
+async def test_calls_beyond_the_in_flight_limit_are_refused_at_once_and_admitted_ones_complete(
+    limited: Running, redis_url: str
+) -> None:
+    """Two calls are held in flight by a paused Redis (a real stall: every profile read waits); the third is
+    refused RESOURCE_EXHAUSTED while they are still waiting, and the two then answer normally."""
+    refused_before = sample("hyperrec_grpc_requests_total", {"method": RECOMMEND, "code": "RESOURCE_EXHAUSTED"})
+    pauser = redis.Redis.from_url(redis_url)
+    pauser.client_pause(1500, all=True)
+    try:
+        held = [asyncio.ensure_future(limited.stub.Recommend(request("alice", 5), timeout=10)) for _ in range(2)]
+        await until_in_flight(2)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await limited.stub.Recommend(request("alice", 5), timeout=10)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "2 calls already in flight" in (err.value.details() or "")
+        assert not any(call.done() for call in held)  # refused while the admitted calls were still waiting
+
+        # Health and the admin service are not counted against the limit: operators can still act.
+        health: Any = health_pb2_grpc.HealthStub(limited.channel)
+        reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        admin: Any = apb_grpc.ModelAdminStub(limited.channel)
+        models = await admin.ListModels(apb.ListModelsRequest(), metadata=(("authorization", f"Bearer {ADMIN}"),))
+        assert models.models[0].active_version == 1
+    finally:
+        answers = await asyncio.gather(*held)
+    assert [a.strategy for a in answers] == [pb.STRATEGY_PERSONALIZED] * 2
+    assert all(a.items[0].item_id == "item-00007" for a in answers)
+    assert sample("hyperrec_grpc_requests_total", {"method": RECOMMEND, "code": "RESOURCE_EXHAUSTED"}) == (
+        refused_before + 1
+    )
+    assert sample("hyperrec_grpc_requests_in_flight") == 0
+    # Capacity is back: the next call is admitted.
+    assert (await limited.stub.Recommend(request("alice", 5), timeout=10)).strategy == pb.STRATEGY_PERSONALIZED
+
+
+# --- ranking budget -------------------------------------------------------------------------------------------
+
+
+def retrieval_ordered(reply: pb.RecommendResponse) -> bool:
+    scores = [i.score for i in reply.items]
+    return all(i.score == i.retrieval_score for i in reply.items) and scores == sorted(scores, reverse=True)
+
+
+async def test_past_the_ranking_budget_the_answer_keeps_retrieval_order_and_says_unranked(
+    toy_repo: Path, toy_bundle: Bundle
+) -> None:
+    """A budget far shorter than retrieval takes: ranking never starts, the answer is the retrieval order."""
+    async with running_server(toy_repo, "toy", ranking_budget_ms=1e-6) as running:
+        await running.app.store.put_many({"alice": fan_of(toy_bundle, 7)})
+        before = sample("hyperrec_ranking_fallbacks_total", {"reason": "budget"})
+        reply = await running.stub.Recommend(request("alice", 10), timeout=10)
+    assert reply.strategy == pb.STRATEGY_UNRANKED
+    assert len(reply.items) == 10 and reply.items[0].item_id == "item-00007"  # the nearest item still comes first
+    assert retrieval_ordered(reply)
+    assert sample("hyperrec_ranking_fallbacks_total", {"reason": "budget"}) == before + 1
+    assert sample("hyperrec_recommendations_total", {"strategy": "unranked", "model_version": "1"}) >= 1
+
+
+async def test_within_the_budget_answers_are_ranked(toy_repo: Path, toy_bundle: Bundle) -> None:
+    async with running_server(toy_repo, "toy", ranking_budget_ms=60_000) as running:
+        await running.app.store.put_many({"alice": fan_of(toy_bundle, 7)})
+        reply = await running.stub.Recommend(request("alice", 10), timeout=10)
+    assert reply.strategy == pb.STRATEGY_PERSONALIZED
+    assert all(i.score != i.retrieval_score for i in reply.items)  # the context term was added: ranked
+
+
+def test_a_ranking_run_stopped_by_its_budget_falls_back_to_retrieval_order(toy_bundle: Bundle) -> None:
+    """The stop handle is ONNX Runtime's terminate flag: a stopped run raises inside ORT, and the stage answers
+    in retrieval order with the reason that set the cut-off."""
+    uvec = toy_bundle.item_embeddings[7]
+    req = RecommendRequest("alice", 5)
+    now = datetime.now(UTC)
+    ranked = rank_candidates(toy_bundle, uvec, req, now, 50, Cutoffs())
+    assert ranked.fallback is None
+    for by_deadline, reason in ((False, "budget"), (True, "deadline")):
+        run = RankingRun()
+        run.stop()  # as the event loop does when the cut-off passes during the run
+        cut = Cutoffs(deadline=None, rank_by=time.monotonic() + 60, rank_by_deadline=by_deadline, run=run)
+        stopped = rank_candidates(toy_bundle, uvec, req, now, 50, cut)
+        assert stopped.fallback == reason
+        assert stopped.items[0].item_id == "item-00007"
+        assert all(i.score == i.retrieval_score for i in stopped.items)
+        assert stopped.ranking_ms >= 0
+
+
+def test_the_ranking_cut_off_is_the_budget_or_just_before_the_deadline(toy_bundle: Bundle) -> None:
+    options = PipelineOptions(ranking_budget_s=0.1)
+    recommender = Recommender(store=None, slot=None, options=options, executor=None)  # type: ignore[arg-type]
+    arrived = time.monotonic()
+    far = recommender._cutoffs(arrived, arrived + 10)
+    assert far.rank_by == pytest.approx(arrived + 0.1) and not far.rank_by_deadline
+    near = recommender._cutoffs(arrived, arrived + 0.05)
+    assert near.rank_by == pytest.approx(arrived + 0.05 - REPLY_MARGIN_S) and near.rank_by_deadline
+    assert recommender._cutoffs(arrived, None).rank_by == pytest.approx(arrived + 0.1)
+
+
+# --- metrics --------------------------------------------------------------------------------------------------
+
+
+async def test_each_call_counts_by_method_and_code_with_its_duration_and_stage_times(
+    toy_repo: Path, toy_bundle: Bundle
+) -> None:
+    async with running_server(toy_repo, "toy") as running:
+        await running.app.store.put_many({"alice": fan_of(toy_bundle, 7)})
+        ok = sample("hyperrec_grpc_requests_total", {"method": RECOMMEND, "code": "OK"})
+        bad = sample("hyperrec_grpc_requests_total", {"method": RECOMMEND, "code": "INVALID_ARGUMENT"})
+        calls = sample("hyperrec_grpc_request_duration_seconds_count", {"method": RECOMMEND})
+        stages = {s: sample("hyperrec_stage_duration_seconds_count", {"stage": s}) for s in STAGES}
+        await running.stub.Recommend(request("alice", 5), timeout=10)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await running.stub.Recommend(request("alice", 0), timeout=10)
+    assert sample("hyperrec_grpc_requests_total", {"method": RECOMMEND, "code": "OK"}) == ok + 1
+    assert sample("hyperrec_grpc_requests_total", {"method": RECOMMEND, "code": "INVALID_ARGUMENT"}) == bad + 1
+    assert sample("hyperrec_grpc_request_duration_seconds_count", {"method": RECOMMEND}) == calls + 2
+    for stage in STAGES:  # the invalid call stops before any stage
+        assert sample("hyperrec_stage_duration_seconds_count", {"stage": stage}) == stages[stage] + 1, stage
+
+
+STAGES = ("profile", "retrieval", "ranking", "total")
+
+
+# --- logs -----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def json_log() -> Iterator[io.StringIO]:
+    """The root logger writing JSON lines into a buffer, as `log_format = json` sets it up."""
+    buffer = io.StringIO()
+    handler = logging.StreamHandler(buffer)
+    handler.setFormatter(formatter("json"))
+    handler.addFilter(RequestIdFilter())
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield buffer
+    finally:
+        root.removeHandler(handler)
+
+
+async def test_json_logs_carry_the_request_id_of_the_call_being_served(
+    toy_repo: Path, toy_bundle: Bundle, json_log: io.StringIO
+) -> None:
+    """Concurrent calls on one event loop each log their own id (the ranking fallback logs a warning)."""
+    async with running_server(toy_repo, "toy", ranking_budget_ms=1e-6) as running:
+        await running.app.store.put_many({"alice": fan_of(toy_bundle, 7)})
+        ids = [f"req-json-{i}" for i in range(6)]
+        calls = [running.stub.Recommend(pb.RecommendRequest(user_id="alice", k=3, request_id=r)) for r in ids]
+        await asyncio.gather(*calls)
+    records = [json.loads(line) for line in json_log.getvalue().splitlines()]
+    fallbacks = [r for r in records if "retrieval order" in r["message"]]
+    assert sorted(r["request_id"] for r in fallbacks) == ids
+    for record in fallbacks:
+        assert record["request_id"] in record["message"]  # the message names the request it is about
+        assert {"time", "level", "logger", "message", "request_id"} <= set(record)
+        assert record["level"] == "WARNING"
+
+
+# --- tracing --------------------------------------------------------------------------------------------------
+
+
+async def test_each_recommend_is_a_server_span_with_a_child_span_per_stage(toy_repo: Path, toy_bundle: Bundle) -> None:
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)  # once per process; other tests' spans go here too, harmlessly
+    async with running_server(toy_repo, "toy") as running:
+        await running.app.store.put_many({"alice": fan_of(toy_bundle, 7)})
+        exporter.clear()
+        await running.stub.Recommend(request("alice", 5), timeout=10)
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    root = spans[RECOMMEND]
+    assert root.kind == trace.SpanKind.SERVER
+    assert root.attributes is not None and root.attributes["hyperrec.strategy"] == "personalized"
+    assert root.attributes["hyperrec.model_version"] == "1"
+    for stage in ("profile", "retrieval", "ranking"):
+        child = spans[stage]
+        assert child.parent is not None and child.parent.span_id == root.context.span_id, stage
+        assert child.context.trace_id == root.context.trace_id
+        assert child.start_time is not None and child.end_time is not None
+        assert root.start_time <= child.start_time <= child.end_time <= root.end_time  # type: ignore[operator]
+    assert spans["retrieval"].end_time <= spans["ranking"].start_time  # type: ignore[operator]
