@@ -433,8 +433,11 @@ class Bundle:
         return () if self.categories is None or row is None else self.categories.of_item[row]
 
     @classmethod
-    def load(cls, directory: Path, options: RankerOptions | None = None) -> Bundle:
-        """Read and validate every file; raise BundleError naming the first problem."""
+    def load(cls, directory: Path, options: RankerOptions | None = None, index_device: str | None = None) -> Bundle:
+        """Read and validate every file; raise BundleError naming the first problem.
+
+        `index_device` ("auto", "cpu" or "gpu"; None: the process default of `index.ann.set_device`) says where
+        the ANN index searches; the ranker's execution providers come from `options`."""
         directory = Path(directory)
         manifest = read_manifest(directory)
         verify_files(directory, manifest)
@@ -462,9 +465,11 @@ class Bundle:
         if not np.isfinite(emb).all():
             raise BundleError(EMBEDDINGS, "holds NaN or infinite values")
         try:
-            index = AnnIndex.load(directory / INDEX, manifest.index_params)
+            index = AnnIndex.load(directory / INDEX, manifest.index_params, index_device)
         except RuntimeError as exc:
             raise BundleError(INDEX, f"FAISS cannot read it: {exc}") from exc
+        except ValueError as exc:  # index device "gpu" asked for and not possible
+            raise BundleError(INDEX, str(exc)) from exc
         try:
             index.check_params()
         except ValueError as exc:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Coroutine, Mapping, Sequence
 from datetime import UTC, datetime
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from hyperrec.config import ServerConfig, add_arguments, load_config
+from hyperrec.connect import add_connection_arguments, connection_from_args
 from hyperrec.errors import ConfigError, HyperrecError
 from hyperrec.logs import setup_logging
 from hyperrec.profiles.model import Profile
@@ -57,7 +59,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
     features = dict(kv.split("=", 1) for kv in args.feature)
     call = RecommendCall(
-        target=args.target,
+        connection=connection_from_args(args),
         user_id=args.user,
         k=args.k,
         device=args.device,
@@ -216,19 +218,38 @@ def cmd_profiles_load(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_health(args: argparse.Namespace) -> int:
+    """grpc.health.v1 Check: 0 when SERVING, 1 otherwise (NOT_SERVING, unknown service or unreachable)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    if args.target is None:  # the container's own server: its health-only port, else its main port
+        port = os.environ.get("HYPERREC_HEALTH_PORT") or os.environ.get("HYPERREC_PORT") or "50051"
+        args.target = f"127.0.0.1:{port}"
+    connection = connection_from_args(args)
+    with connection.channel() as channel:
+        stub: Any = health_pb2_grpc.HealthStub(channel)  # the stub's type stubs lack its methods
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+        except grpc.RpcError as exc:
+            print(f"{connection.target}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{connection.target} {args.service or '(server)'}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     """Call the ModelAdmin service and print the model's versions."""
-    import os
-
     import grpc
 
     from hyperrec.v1 import admin_pb2 as apb
     from hyperrec.v1 import admin_pb2_grpc as apb_grpc
 
-    token = args.token or os.environ.get("HYPERREC_ADMIN_TOKEN", "")
-    metadata = (("authorization", f"Bearer {token}"),)
+    connection = connection_from_args(args)
+    metadata = connection.metadata()
     states = {v.number: v.name.removeprefix("VERSION_STATE_").lower() for v in apb.VersionState.DESCRIPTOR.values}
-    with grpc.insecure_channel(args.target) as channel:
+    with connection.channel() as channel:
         stub = apb_grpc.ModelAdminStub(channel)
         try:
             if args.models_command == "list":
@@ -274,8 +295,10 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
         rates = [float(r) for r in args.rates.split(",")] if args.rates else None
         if rates is not None and (objectives is None or not rates or min(rates) <= 0):
             raise ValueError("--rates needs positive rates and an --slo to judge each step by")
+        connection = connection_from_args(args)
         settings = LoadSettings(
-            target=args.target,
+            target=connection.target,
+            tls=connection.tls,
             rate=args.rate if rates is None else rates[0],
             concurrency=args.concurrency,
             arrival=args.arrival,
@@ -284,7 +307,8 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
             workers=args.workers,
             deadline_s=args.deadline_ms / 1e3,
             seed=args.seed,
-            token=args.token,
+            token=connection.token,
+            admin_token=args.admin_token or os.environ.get("HYPERREC_ADMIN_TOKEN") or None,
             scenario=load_scenario(args.scenario),
             users=tuple(load_users(args.users, args.user_count)),
             actions=tuple(parse_action(a) for a in args.at),
@@ -371,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     rec = sub.add_parser("recommend", help="call Recommend on a running server and print the ranked list")
-    rec.add_argument("--target", default="localhost:50051", help="server address host:port")
+    add_connection_arguments(rec)
     rec.add_argument("--user", required=True, help="user id")
     rec.add_argument("--k", type=int, default=10, help="number of items")
     rec.add_argument("--device", choices=DEVICES, default="unspecified")
@@ -442,6 +466,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(load)
     load.set_defaults(func=cmd_profiles_load)
 
+    health = sub.add_parser("health", help="ask a server's grpc.health.v1 service whether it is SERVING (exit 0)")
+    add_connection_arguments(
+        health,
+        target_help="server address host:port (default: 127.0.0.1 at $HYPERREC_HEALTH_PORT, else $HYPERREC_PORT, "
+        "else 50051: what a container health check needs)",
+    )
+    health.add_argument("--service", default="", help="service to ask about (default: the whole server)")
+    health.add_argument("--timeout", type=float, default=3.0, help="deadline in seconds")
+    health.set_defaults(func=cmd_health)
+
     models = sub.add_parser("models", help="list, load, activate or roll back model versions on a running server")
     models_sub = models.add_subparsers(dest="models_command", required=True)
     for name, help_text in (
@@ -451,8 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("rollback", "serve the previously active version and pin it"),
     ):
         cmd = models_sub.add_parser(name, help=help_text)
-        cmd.add_argument("--target", default="localhost:50051", help="server address host:port")
-        cmd.add_argument("--token", help="admin token (default: $HYPERREC_ADMIN_TOKEN)")
+        add_connection_arguments(cmd, token_env="HYPERREC_ADMIN_TOKEN")
         cmd.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds (loading takes time)")
         if name != "list":
             cmd.add_argument("--model", default="demo", help="model name")
@@ -461,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.set_defaults(func=cmd_models)
 
     lt = sub.add_parser("loadtest", help="send open- or closed-loop load to a server and judge it against an SLO")
-    lt.add_argument("--target", default="localhost:50051", help="server address host:port")
+    add_connection_arguments(lt)
     load_kind = lt.add_mutually_exclusive_group(required=True)
     load_kind.add_argument("--rate", type=float, help="open loop: requests per second (all workers together)")
     load_kind.add_argument("--concurrency", type=int, help="closed loop: callers each waiting for their answer")
@@ -478,7 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--user-count", type=int, default=1000, help="without --users: ids u00000.. of this many")
     lt.add_argument("--slo", type=Path, help="YAML SLO: latency percentiles, error rate, achieved rate")
     lt.add_argument("--out", type=Path, default=Path("loadtest-results"), help="directory for JSON, HTML and PNGs")
-    lt.add_argument("--token", help="bearer token sent with every call and with admin actions")
+    lt.add_argument("--admin-token", help="token for the admin actions of --at (default: $HYPERREC_ADMIN_TOKEN)")
     lt.add_argument(
         "--at",
         action="append",

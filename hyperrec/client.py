@@ -6,8 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
-import grpc
-
+from hyperrec.connect import Connection
 from hyperrec.v1 import recommender_pb2 as pb
 from hyperrec.v1 import recommender_pb2_grpc as pb_grpc
 
@@ -16,7 +15,7 @@ from hyperrec.v1 import recommender_pb2_grpc as pb_grpc
 class RecommendCall:
     """One Recommend call as the command line describes it."""
 
-    target: str
+    connection: Connection
     user_id: str
     k: int = 10
     device: str = "unspecified"
@@ -50,9 +49,11 @@ def build_request(call: RecommendCall) -> pb.RecommendRequest:
 
 
 def call_recommend(call: RecommendCall) -> pb.RecommendResponse:
-    with grpc.insecure_channel(call.target) as channel:
+    with call.connection.channel() as channel:
         stub = pb_grpc.RecommenderStub(channel)
-        response: pb.RecommendResponse = stub.Recommend(build_request(call), timeout=call.timeout_s)
+        response: pb.RecommendResponse = stub.Recommend(
+            build_request(call), timeout=call.timeout_s, metadata=call.connection.metadata()
+        )
         return response
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from hyperrec.errors import ConfigError
 from hyperrec.names import check_name
+from hyperrec.tokens import MIN_TOKEN_BYTES, parse_tokens
 
 ENV_PREFIX = "HYPERREC_"
 
@@ -76,6 +77,13 @@ class ServerConfig:
         default=1.0,
         metadata=_doc("Time the open breaker skips the profile store before one probe call tests it again."),
     )
+    health_port: int | None = field(
+        default=None,
+        metadata=_doc(
+            "Optional second port on `host`, plaintext, serving only grpc.health.v1: for kubelet gRPC probes and "
+            "the container health check when the main port speaks TLS or needs tokens. Unset: none."
+        ),
+    )
     metrics_port: int | None = field(
         default=None, metadata=_doc("Port serving Prometheus metrics at /metrics on `host`; unset serves none.")
     )
@@ -83,6 +91,13 @@ class ServerConfig:
     max_k: int = field(default=100, metadata=_doc("Largest k a request may ask for."))
     max_exclusions: int = field(default=1000, metadata=_doc("Most item ids a request may exclude."))
     compute_threads: int = field(default=2, metadata=_doc("Threads running retrieval and ranking off the event loop."))
+    index_device: str = field(
+        default="auto",
+        metadata=_doc(
+            "Where the FAISS index searches: auto (the GPU when the gpu extra's FAISS sees one, else the CPU), "
+            "cpu, or gpu (a version whose index cannot go to the GPU fails to load)."
+        ),
+    )
     ort_intra_op_threads: int = field(default=1, metadata=_doc("ONNX Runtime intra-op threads per inference."))
     ort_inter_op_threads: int = field(default=1, metadata=_doc("ONNX Runtime inter-op threads."))
     faiss_threads: int = field(default=1, metadata=_doc("FAISS OpenMP threads per search."))
@@ -173,8 +188,10 @@ class ServerConfig:
         """Raise ConfigError on values that cannot work."""
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port {self.port} is out of range")
-        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
-            raise ConfigError(f"metrics_port {self.metrics_port} is out of range")
+        for name in ("metrics_port", "health_port"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 65535:
+                raise ConfigError(f"{name} {value} is out of range")
         for name in (
             "candidates",
             "max_k",
@@ -219,12 +236,15 @@ class ServerConfig:
             raise ConfigError("profile_secret (HYPERREC_PROFILE_SECRET) is required with a Redis profile store")
         if self.profile_secret is not None and len(self.profile_secret.encode()) < 16:
             raise ConfigError("profile_secret must be at least 16 bytes")
-        if self.admin_token is not None and len(self.admin_token.encode()) < 16:
-            raise ConfigError("admin_token must be at least 16 bytes")
+        if self.admin_token is not None and len(self.admin_token.encode()) < MIN_TOKEN_BYTES:
+            raise ConfigError(f"admin_token must be at least {MIN_TOKEN_BYTES} bytes")
+        parse_tokens(self.auth_tokens)
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("tls_cert and tls_key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ConfigError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        if self.index_device not in ("auto", "cpu", "gpu"):
+            raise ConfigError(f"index_device must be auto, cpu or gpu, not {self.index_device!r}")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"unknown log_format {self.log_format!r}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

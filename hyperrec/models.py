@@ -30,7 +30,7 @@ from hyperrec.domain import RecommendRequest
 from hyperrec.errors import BundleError, FailedPrecondition, NotFound
 from hyperrec.names import check_name
 from hyperrec.pipeline import BundleSlot, warm_up
-from hyperrec.ranker import RankerOptions
+from hyperrec.ranker import ACCELERATOR_DEVICES, RankerOptions
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ class LoadSettings:
     candidates: int = 500
     keep_previous: bool = True  # keep the version swapped out loaded, for an instant rollback
     affinity_half_life_s: float | None = None  # the profiles' half-life, which behaviour features must match
+    index_device: str | None = None  # "auto", "cpu" or "gpu"; None: index.ann's process default ("auto")
 
 
 def manifest_fingerprint(directory: Path) -> str:
@@ -109,6 +110,13 @@ def read_policy(model_dir: Path) -> Policy:
     except (OSError, ValueError, TypeError, AttributeError) as exc:
         log.error("ignoring %s: %s", path, exc)
         return Policy()
+
+
+def record_accelerators(bundle: Bundle) -> None:
+    """Set hyperrec_accelerator_info for the served bundle: 1 on each component's device, 0 on the others."""
+    for component, device in (("ranker", bundle.ranker.device), ("index", bundle.index.device)):
+        for candidate in ACCELERATOR_DEVICES:
+            metrics.ACCELERATOR.labels(component, candidate).set(1 if candidate == device else 0)
 
 
 class ModelManager:
@@ -166,7 +174,9 @@ class ModelManager:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:
-            bundle = await loop.run_in_executor(self._loader, Bundle.load, directory, self._settings.ranker)
+            bundle = await loop.run_in_executor(
+                self._loader, Bundle.load, directory, self._settings.ranker, self._settings.index_device
+            )
             if bundle.model_name != self.model_name:
                 raise BundleError(MANIFEST, f"names model {bundle.model_name!r}, not {self.model_name!r}")
         except BundleError as exc:
@@ -185,11 +195,12 @@ class ModelManager:
         self._warn_on_half_life(bundle)
         metrics.MODEL_LOADS.labels(self.model_name, "loaded").inc()
         log.info(
-            "model %s version %d ready (%d items, index %s, ranker on %s); loaded in %.0f ms, warm %.2f ms",
+            "model %s version %d ready (%d items, index %s on %s, ranker on %s); loaded in %.0f ms, warm %.2f ms",
             self.model_name,
             version,
             bundle.index.size,
             bundle.index.kind_name,
+            bundle.index.device,
             ",".join(bundle.ranker.providers),
             info.load_ms,
             info.warm_ms,
@@ -233,6 +244,7 @@ class ModelManager:
                 self._bundles.pop(previous, None)
                 self._info.pop(previous, None)
         metrics.ACTIVE_VERSION.labels(self.model_name).set(version)
+        record_accelerators(bundle)
         log.info("model %s: version %d active (was %s)", self.model_name, version, previous)
         return bundle
 

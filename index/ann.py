@@ -3,11 +3,18 @@
 Rows are item positions 0..n-1 in the bundle's item list (int64, never narrowed).
 Scores are inner products. Small catalogues use exact search (IndexFlatIP);
 large ones an inverted-file index whose parameters come from the bundle manifest.
+
+Device: with a FAISS build that has GPU support (the `gpu` extra's faiss-gpu-cu12) and a visible GPU, a loaded
+index is copied to GPU 0 (`device` "auto", the default) and searched there; the CPU copy stays for saving,
+checks, and the searches GPU FAISS cannot do (top-k or nprobe above GPU_MAX_K). Only index types in GPU_KINDS
+move; anything else (HNSW, for one) stays on the CPU. Without GPU support everything runs exactly as on CPU.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import threading
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +23,31 @@ from typing import Any
 import faiss
 import numpy as np
 
+log = logging.getLogger(__name__)
+
 FLAT = "flat"
 IVF = "ivf"
+
+# Where an index runs (AnnIndex.device; also the `device` label of hyperrec_accelerator_info for the index).
+CPU = "cpu"
+CUDA = "cuda"
+# What callers may ask for: "auto" (GPU when FAISS has GPU support and sees one), "cpu", or "gpu" (required).
+AUTO = "auto"
+GPU = "gpu"
+DEVICE_CHOICES = (AUTO, CPU, GPU)
+# FAISS index classes moved to the GPU by index_cpu_to_gpu here; others (e.g. IndexHNSWFlat) stay on the CPU.
+GPU_KINDS = frozenset({"IndexFlat", "IndexFlatIP", "IndexFlatL2", "IndexIVFFlat"})
+# GPU FAISS selects at most this many results (k) and probes at most this many lists (nprobe) per query
+# (GPU_MAX_SELECTION_K of CUDA builds); larger searches run on the CPU copy.
+GPU_MAX_K = 2048
+GPU_ID = 0
+
+_default_device = AUTO
+# GPU FAISS resources are not thread-safe: one StandardGpuResources per process, and every use of it (copying an
+# index to the GPU, searching, freeing a GPU index) holds this lock. Reentrant, because a GPU index can be freed
+# by garbage collection in a thread that already holds it.
+_gpu_lock = threading.RLock()
+_gpu_resources: Any = None
 
 
 @dataclass(frozen=True)
@@ -56,15 +86,76 @@ def set_threads(n: int) -> None:
     faiss.omp_set_num_threads(max(1, n))
 
 
+def _check_device(device: str) -> str:
+    if device not in DEVICE_CHOICES:
+        raise ValueError(f"index device must be one of {', '.join(DEVICE_CHOICES)}, got {device!r}")
+    return device
+
+
+def set_device(device: str) -> None:
+    """Where `AnnIndex.load` puts indexes from now on, unless told otherwise: "auto", "cpu" or "gpu"."""
+    global _default_device
+    _default_device = _check_device(device)
+
+
+def default_device() -> str:
+    return _default_device
+
+
+def gpu_count() -> int:
+    """GPUs FAISS can use: 0 for a build without GPU support (faiss-cpu) or a machine without a visible GPU."""
+    if not hasattr(faiss, "StandardGpuResources"):
+        return 0
+    return int(faiss.get_num_gpus())
+
+
+def _shared_resources() -> Any:
+    """The process's one StandardGpuResources, created on first use (call with _gpu_lock held)."""
+    global _gpu_resources
+    if _gpu_resources is None:
+        _gpu_resources = faiss.StandardGpuResources()
+    return _gpu_resources
+
+
+def _place(index: Any, device: str) -> tuple[Any, str]:
+    """(a GPU copy of `index` or None, why). Raises ValueError when `device` is "gpu" and it cannot be."""
+    if device == CPU:
+        return None, "device cpu asked for"
+    kind = type(index).__name__
+    if gpu_count() == 0:
+        reason = "FAISS has no GPU support or sees no GPU"
+    elif kind not in GPU_KINDS:
+        reason = f"{kind} does not run on GPU FAISS here"
+    else:
+        try:
+            with _gpu_lock:
+                return faiss.index_cpu_to_gpu(_shared_resources(), GPU_ID, index), f"GPU {GPU_ID}"
+        except RuntimeError as exc:  # e.g. out of GPU memory: "auto" serves from the CPU, "gpu" fails below
+            reason = f"copying it to GPU {GPU_ID} failed: {exc}"
+            if device == AUTO:
+                log.warning("FAISS index %s stays on the CPU: %s", kind, reason)
+    if device == GPU:
+        raise ValueError(f"index device gpu asked for, but {reason}")
+    return None, reason
+
+
 ADD_CHUNK = 65_536  # vectors added per FAISS call when building (the unit of build progress)
 
 
 class AnnIndex:
-    """Inner-product search over a fixed item set. Build with `build` or `load`; search is thread-safe."""
+    """Inner-product search over a fixed item set. Build with `build` or `load`; search is thread-safe.
 
-    def __init__(self, index: Any, params: IndexParams) -> None:
+    `device` is where searches run: "cpu", or "cuda" when a GPU copy was made (GPU searches are serialised, as
+    GPU FAISS requires)."""
+
+    def __init__(self, index: Any, params: IndexParams, device: str = CPU) -> None:
+        """Wrap a CPU FAISS index; `device` "auto" or "gpu" also copies it to the GPU (see the module doc)."""
+        self._gpu_index: Any = None
         self._index = index
         self.params = params
+        self._gpu_index, self._placement = _place(index, _check_device(device))
+        self._asked = device
+        self.device = CPU if self._gpu_index is None else CUDA
         self._search_params: Any = None
         self._exhaustive_params: Any = None
         if params.kind == IVF:
@@ -80,10 +171,12 @@ class AnnIndex:
         params: IndexParams,
         seed: int = 0,
         on_progress: Callable[[int, int], None] | None = None,
+        device: str = CPU,
     ) -> AnnIndex:
-        """Index `embeddings` (float32 [n, d]); IVF trains its coarse quantiser on them.
+        """Index `embeddings` (float32 [n, d]); IVF trains its coarse quantiser on them, on the CPU.
 
-        `on_progress(added, total)` is called after training and after each chunk of added vectors.
+        `on_progress(added, total)` is called after training and after each chunk of added vectors. The result
+        stays on the CPU (it is usually only saved into a bundle) unless `device` says otherwise.
         """
         vectors = np.ascontiguousarray(embeddings, dtype=np.float32)
         dim = vectors.shape[1]
@@ -101,11 +194,35 @@ class AnnIndex:
             index.add(vectors[start : start + ADD_CHUNK])
             if on_progress is not None:
                 on_progress(min(start + ADD_CHUNK, total), total)
-        return cls(index, params)
+        built = cls(index, params, device)
+        if device != CPU:
+            built.log_device()
+        return built
 
     @classmethod
-    def load(cls, path: Path, params: IndexParams) -> AnnIndex:
-        return cls(faiss.read_index(str(path)), params)
+    def load(cls, path: Path, params: IndexParams, device: str | None = None) -> AnnIndex:
+        """Read an index file; `device` None means the process default (`set_device`, "auto" unless changed)."""
+        loaded = cls(faiss.read_index(str(path)), params, _default_device if device is None else device)
+        loaded.log_device()
+        return loaded
+
+    def log_device(self) -> None:
+        """Log at INFO where this index searches and why."""
+        log.info(
+            "FAISS index %s (%d vectors) on %s (device %s: %s)",
+            self.kind_name,
+            self.size,
+            self.device,
+            self._asked,
+            self._placement,
+        )
+
+    def __del__(self) -> None:
+        gpu_index = getattr(self, "_gpu_index", None)
+        if gpu_index is not None:
+            self._gpu_index = None
+            with _gpu_lock:  # freeing GPU memory goes through the shared resources too
+                del gpu_index
 
     def save(self, path: Path) -> None:
         faiss.write_index(self._index, str(path))
@@ -138,7 +255,12 @@ class AnnIndex:
         q = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
         n = max(1, min(n, self.size))
         params = self._exhaustive_params if exhaustive else self._search_params
-        scores, rows = self._index.search(q, n, params=params)
+        gpu_index = self._gpu_index
+        if gpu_index is not None and n <= GPU_MAX_K and (params is None or params.nprobe <= GPU_MAX_K):
+            with _gpu_lock:
+                scores, rows = gpu_index.search(q, n, params=params)
+        else:
+            scores, rows = self._index.search(q, n, params=params)
         return scores, rows.astype(np.int64, copy=False)
 
     def search_excluding(

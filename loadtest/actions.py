@@ -22,6 +22,7 @@ from typing import Any
 
 import grpc
 
+from hyperrec.connect import Connection
 from hyperrec.v1 import admin_pb2 as apb
 from hyperrec.v1 import admin_pb2_grpc as apb_grpc
 
@@ -64,13 +65,13 @@ def parse_action(text: str) -> Action:
     return Action(at, kind, argv)
 
 
-def perform(action: Action, target: str, token: str | None) -> tuple[bool, str]:
+def perform(action: Action, connection: Connection) -> tuple[bool, str]:
     """Run one action now; (succeeded, detail)."""
     if action.kind == "command":
         done = subprocess.run(action.args, capture_output=True, text=True, timeout=60, check=False)
         return done.returncode == 0, (done.stdout + done.stderr).strip()[-200:]
-    metadata = (("authorization", f"Bearer {token or ''}"),)
-    with grpc.insecure_channel(target) as channel:
+    metadata = connection.metadata()
+    with connection.channel() as channel:
         stub: Any = apb_grpc.ModelAdminStub(channel)
         try:
             if action.kind == "activate":
@@ -86,10 +87,9 @@ def perform(action: Action, target: str, token: str | None) -> tuple[bool, str]:
 class ActionRunner:
     """Runs actions on a thread at their times, counted from `measure_start` (a time.perf_counter() value)."""
 
-    def __init__(self, actions: tuple[Action, ...], target: str, token: str | None) -> None:
+    def __init__(self, actions: tuple[Action, ...], connection: Connection) -> None:
         self._actions = sorted(actions, key=lambda a: a.at_s)
-        self._target = target
-        self._token = token
+        self._connection = connection
         self.events: list[dict[str, Any]] = []
         self._thread: threading.Thread | None = None
 
@@ -102,7 +102,7 @@ class ActionRunner:
         for action in self._actions:
             time.sleep(max(0.0, measure_start + action.at_s - time.perf_counter()))
             started = time.perf_counter() - measure_start
-            ok, detail = perform(action, self._target, self._token)
+            ok, detail = perform(action, self._connection)
             self.events.append({"t": round(started, 3), "label": action.label, "ok": ok, "detail": detail})
 
     def join(self) -> list[dict[str, Any]]:

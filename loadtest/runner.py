@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from hyperrec.connect import Connection, TlsClient
 from hyperrec.v1 import recommender_pb2 as pb
 from hyperrec.v1 import recommender_pb2_grpc as pb_grpc
 from loadtest.actions import Action, ActionRunner
@@ -40,7 +41,9 @@ class LoadSettings:
     workers: int = 1
     deadline_s: float = 1.0
     seed: int = 0
-    token: str | None = None
+    token: str | None = None  # sent with every Recommend
+    admin_token: str | None = None  # for the admin actions
+    tls: TlsClient = field(default_factory=TlsClient)
     scenario: Scenario = field(default_factory=Scenario)
     users: tuple[str, ...] = ()
     actions: tuple[Action, ...] = ()  # model swaps, commands: run by the parent at their times, marked as events
@@ -58,11 +61,16 @@ class LoadSettings:
         if self.duration_s <= 0 or self.warmup_s < 0 or self.workers < 1 or self.deadline_s <= 0:
             raise ValueError("duration and deadline must be positive, warm-up >= 0, workers >= 1")
 
+    def connection(self, admin: bool = False) -> Connection:
+        return Connection(self.target, self.tls, self.admin_token if admin else self.token)
+
     def described(self) -> dict[str, Any]:
         """The settings as reported in the results (without the token and the user list)."""
         out = asdict(self)
         out.pop("token")
+        out.pop("admin_token")
         out.pop("start_at")
+        out["tls"] = self.tls.on
         out["users"] = len(self.users)
         out["actions"] = [f"{a.at_s:g}s: {a.label}" for a in self.actions]
         out["mode"] = "open" if self.rate is not None else "closed"
@@ -94,18 +102,15 @@ async def _call(
         return str(exc.code().name), ""
 
 
-def _metadata(settings: LoadSettings) -> list[tuple[str, str]]:
-    return [("authorization", f"Bearer {settings.token}")] if settings.token else []
-
-
 async def run_worker(settings: LoadSettings, worker: int) -> RunResult:
     """One worker's share of the run, measured after the warm-up."""
     settings.check()
     total_s = settings.warmup_s + settings.duration_s
     result = RunResult(settings.described(), settings.duration_s)
     source = RequestSource(settings.scenario, settings.users, settings.seed * 1000 + worker)
-    metadata = _metadata(settings)
-    async with grpc.aio.insecure_channel(settings.target) as channel:
+    connection = settings.connection()
+    metadata = connection.metadata()
+    async with connection.aio_channel() as channel:
         stub: Any = pb_grpc.RecommenderStub(channel)
         await channel.channel_ready()
         start = time.perf_counter() + (0.05 if settings.start_at is None else max(0.0, settings.start_at - time.time()))
@@ -197,7 +202,7 @@ def run(settings: LoadSettings) -> RunResult:
     settings.check()
     lead_s = 0.5 if settings.workers == 1 else 3.0  # time for workers to start and connect
     settings = replace(settings, start_at=time.time() + lead_s)
-    actions = ActionRunner(settings.actions, settings.target, settings.token)
+    actions = ActionRunner(settings.actions, settings.connection(admin=True))
     actions.start(time.perf_counter() + lead_s + settings.warmup_s)
     if settings.workers == 1:
         result = asyncio.run(run_worker(settings, 0))

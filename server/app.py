@@ -79,18 +79,57 @@ def _read_pem(path: Path, what: str) -> bytes:
         raise ConfigError(f"cannot read {what} {path}: {exc}") from exc
 
 
+def bind(server: grpc.aio.Server, config: ServerConfig) -> int:
+    """Listen on the configured address (TLS when configured); the bound port, or ConfigError saying why not."""
+    address = f"{config.host}:{config.port}"
+    credentials = server_credentials(config)
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError:  # grpcio gives no reason: name the likely ones
+        port = 0
+    if port == 0 and credentials is not None:
+        raise ConfigError(
+            f"cannot listen on {address}: tls_cert and tls_key are not a usable pair (the key must be the "
+            "certificate's), or the address is in use"
+        )
+    if port == 0:
+        raise ConfigError(f"cannot listen on {address}: the address is in use or not local")
+    return port
+
+
+def health_port(health: health_aio.HealthServicer, config: ServerConfig) -> tuple[grpc.aio.Server, int]:
+    """A plaintext server answering only grpc.health.v1 (the same statuses as the main port) on `health_port`."""
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    address = f"{config.host}:{config.health_port}"
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise ConfigError(f"cannot listen on {address} (health_port): the address is in use or not local")
+    return server, port
+
+
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     """TLS credentials from the configured PEM files (mutual TLS when a client CA is set), or None: plaintext."""
     if config.tls_cert is None or config.tls_key is None:
         return None
     chain = _read_pem(config.tls_cert, "tls_cert")
     key = _read_pem(config.tls_key, "tls_key")
+    if b"-----BEGIN CERTIFICATE-----" not in chain:
+        raise ConfigError(f"tls_cert {config.tls_cert} holds no PEM certificate")
+    if b"PRIVATE KEY-----" not in key:
+        raise ConfigError(f"tls_key {config.tls_key} holds no PEM private key")
     client_ca = None if config.tls_client_ca is None else _read_pem(config.tls_client_ca, "tls_client_ca")
     try:
         return grpc.ssl_server_credentials(
             [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
         )
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError) as exc:  # grpcio checks little here; bind() reports unusable files
         raise ConfigError(f"cannot use the TLS files: {exc}") from exc
 
 
@@ -107,9 +146,11 @@ class HyperrecServer:
         executor: ThreadPoolExecutor,
         manager: ModelManager,
         loader: ThreadPoolExecutor,
+        health_server: tuple[grpc.aio.Server, int] | None = None,
     ) -> None:
         self.config = config
         self.grpc_server = grpc_server
+        self.health_server = health_server  # (server, bound port) of the plaintext health-only port
         self.health = health
         self.store = store
         self.slot = slot
@@ -121,6 +162,8 @@ class HyperrecServer:
 
     async def start(self) -> None:
         await self.grpc_server.start()
+        if self.health_server is not None:
+            await self.health_server[0].start()
 
     async def set_serving(self, serving: bool) -> None:
         status = SERVING if serving else NOT_SERVING
@@ -173,6 +216,8 @@ class HyperrecServer:
                 await self._watcher
         await asyncio.sleep(self.config.drain_s if drain is None else drain)
         await self.grpc_server.stop(self.config.grace_s if grace is None else grace)
+        if self.health_server is not None:
+            await self.health_server[0].stop(0)
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._loader.shutdown(wait=False, cancel_futures=True)
         await self.store.close()
@@ -212,6 +257,7 @@ def create_server(config: ServerConfig, profile_store: ProfileStore | None = Non
         config.candidates,
         config.keep_previous_version,
         config.affinity_half_life_days * 86_400.0,
+        config.index_device,
     )
     recorded = pipeline.recent_requests
     manager = ModelManager(config.model_repo, config.model_name, slot, load_settings, loader, lambda: list(recorded))
@@ -240,12 +286,9 @@ def create_server(config: ServerConfig, profile_store: ProfileStore | None = Non
         ),
         server,
     )
-    address = f"{config.host}:{config.port}"
-    credentials = server_credentials(config)
-    port = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
-    if port == 0:
-        raise OSError(f"cannot bind {config.host}:{config.port}")
-    return HyperrecServer(config, server, health, store, slot, executor, manager, loader), port
+    port = bind(server, config)
+    health_only = None if config.health_port is None else health_port(health, config)
+    return HyperrecServer(config, server, health, store, slot, executor, manager, loader, health_only), port
 
 
 async def serve(config: ServerConfig, on_ready: Callable[[int], None] | None = None) -> None:

@@ -13,36 +13,11 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Iterable
-from dataclasses import dataclass
 
-from hyperrec.errors import ConfigError, PermissionDenied, Unauthenticated
+from hyperrec.errors import PermissionDenied, Unauthenticated
+from hyperrec.tokens import Token, parse_tokens
 
-SCOPES = ("recommend", "ingest", "admin")
-MIN_TOKEN_BYTES = 16
 _PREFIX = "bearer "
-
-
-@dataclass(frozen=True)
-class Token:
-    value: str
-    scopes: frozenset[str]
-
-
-def parse_tokens(raw: str | None) -> tuple[Token, ...]:
-    """Tokens from `<scope>[+<scope>...]:<token>` entries separated by whitespace (config `auth_tokens`)."""
-    tokens = []
-    for entry in (raw or "").split():
-        scopes_part, sep, value = entry.partition(":")
-        if not sep or not value:
-            raise ConfigError(f"auth_tokens: entry {entry[:12]!r}... is not <scope>[+<scope>]:<token>")
-        scopes = frozenset(s for s in scopes_part.split("+") if s)
-        unknown = scopes - set(SCOPES)
-        if not scopes or unknown:
-            raise ConfigError(f"auth_tokens: unknown scope {sorted(unknown) or scopes_part!r}; scopes are {SCOPES}")
-        if len(value.encode()) < MIN_TOKEN_BYTES:
-            raise ConfigError(f"auth_tokens: tokens must be at least {MIN_TOKEN_BYTES} bytes")
-        tokens.append(Token(value, scopes))
-    return tuple(tokens)
 
 
 def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:

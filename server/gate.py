@@ -52,12 +52,14 @@ class CallGate(grpc.aio.ServerInterceptor):
         handler = await continuation(details)  # a grpc RpcMethodHandler (a named tuple), or None
         method: str = details.method
         scope = self._scopes.get(method.lstrip("/").split("/", 1)[0])
-        if scope is None or handler is None or handler.unary_unary is None:
+        if scope is None or handler is None:
             return handler
         try:
             self._auth.check(scope, details.invocation_metadata)
         except HyperrecError as exc:
             return self._refusal(handler, method, exc)
+        if handler.unary_unary is None:  # every guarded method is unary today; a streaming one passes auth only
+            return handler
         return handler._replace(unary_unary=self._admitted(handler.unary_unary, method, limited=scope != "admin"))
 
     def _refusal(self, handler: Any, method: str, exc: HyperrecError) -> Any:
@@ -68,7 +70,9 @@ class CallGate(grpc.aio.ServerInterceptor):
             context.set_trailing_metadata((("x-request-id", request_id),))
             await context.abort(code, message)
 
-        return handler._replace(unary_unary=refuse)
+        # Replace whichever behaviour the method has (an aborting coroutine serves every kind of call).
+        kind = next(k for k in ("unary_unary", "unary_stream", "stream_unary", "stream_stream") if getattr(handler, k))
+        return handler._replace(**{kind: refuse})
 
     def _admitted(self, inner: Handler, method: str, limited: bool) -> Handler:
         duration = metrics.REQUEST_DURATION.labels(method)

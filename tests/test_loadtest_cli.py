@@ -109,7 +109,7 @@ async def test_a_model_swap_and_a_command_mid_run_are_marked_on_the_timeline(
     token = "admin-token-0123456789"
     async with running_server(repo, "toy", admin_token=token) as running:
         args = ["loadtest", "--target", f"127.0.0.1:{running.port}", "--rate", "100", "--duration", "1.5"]
-        args += ["--warmup", "0.2", "--token", token, "--out", str(tmp_path / "out")]
+        args += ["--warmup", "0.2", "--admin-token", token, "--out", str(tmp_path / "out")]
         args += ["--at", "0.6:activate:toy:1", "--at", f"0.3:command:touch {marker}"]
         assert await asyncio.to_thread(main, args) == 0
     out = capsys.readouterr().out
