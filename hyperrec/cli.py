@@ -343,6 +343,8 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     print("latency ms: " + ", ".join(f"{name} {value:.2f}" for name, value in latency.items()))
     if result.versions:
         print("answers by model version: " + ", ".join(f"{v}: {n}" for v, n in sorted(result.versions.items())))
+    if result.strategies:
+        print("answers by strategy: " + ", ".join(f"{s}: {n}" for s, n in sorted(result.strategies.items())))
     for event in sorted(result.events, key=lambda e: float(e["t"])):
         print(f"at {float(event['t']):.1f} s: {event['label']} ({'ok' if event.get('ok') else 'FAILED'})")
     print(f"results: {args.out / 'result.json'}, report: {files['report.html']}")

@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ from hyperrec.profiles.snapshot import load_profiles, save_profiles
 from hyperrec.ranker import RankerOptions
 from hyperrec.v1 import recommender_pb2 as pb
 from index.ann import set_threads
+from loadtest.actions import parse_action
 from loadtest.capacity import capacity_table, search
 from loadtest.runner import LoadSettings, run
 from loadtest.scenario import Scenario
@@ -161,6 +163,32 @@ def echo_floor(calls: int, k: int) -> list[float]:
         proc.wait()
 
 
+def redis_outage(base: LoadSettings, redis_port: int, duration_s: float) -> dict[str, Any]:
+    """The low-rate run again while the bench's Redis is shut down a third of the way in and started again at two
+    thirds (both marked on the timeline): errors, degraded answers and latency during the outage."""
+    workdir = tempfile.gettempdir()
+    restart = f"redis-server --port {redis_port} --save '' --appendonly no --daemonize yes --dir {workdir}"
+    stop_at, start_at = duration_s / 3, 2 * duration_s / 3
+    actions = (
+        parse_action(f"{stop_at:g}:command:redis-cli -p {redis_port} shutdown nosave"),
+        parse_action(f"{start_at:g}:command:{restart}"),
+    )
+    result = run(replace(base, actions=actions))
+    print(f"Redis outage: {result.status_counts}, strategies {result.strategies}", flush=True)
+    during = [s for t, s in result.timeline.items() if t + 1 > stop_at and t < start_at]  # seconds overlapping it
+    return {
+        "rate": base.rate,
+        "stopped_at_s": stop_at,
+        "restarted_at_s": start_at,
+        "status_counts": result.status_counts,
+        "strategies": result.strategies,
+        "events": result.events,
+        "latency_ms": result.to_json(with_histograms=False)["latency_ms"],
+        "fallbacks_during_outage": sum(s.fallbacks for s in during),  # in the seconds the outage overlaps
+        "answers_during_outage": sum(s.ok for s in during),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--items", type=int, default=1_000_000)
@@ -175,7 +203,7 @@ def main() -> int:
     k = 20
     model, profiles = ensure_bundle(args.repo, args.items, args.dim, args.users)
 
-    redis_proc, redis_url = None, None
+    redis_proc, redis_url, redis_port = None, None, None
     secret = os.urandom(16).hex()
     if shutil.which("redis-server"):
         redis_port = free_port()
@@ -210,11 +238,12 @@ def main() -> int:
         low_ms = low.to_json(with_histograms=False)["latency_ms"]
         rates = [float(r) for r in args.rates.split(",")]
         capacity, steps = search(base, rates, parse_slo(SLO, "make bench"))
+        outage = None if redis_port is None else redis_outage(base, redis_port, args.duration)
     finally:
         server.terminate()
         server.wait(timeout=30)
-        if redis_proc is not None:
-            redis_proc.terminate()
+        if redis_proc is not None:  # it may have been restarted (daemonized) by the outage run: stop it by port
+            subprocess.run(["redis-cli", "-p", str(redis_port), "shutdown", "nosave"], capture_output=True, check=False)
             redis_proc.wait(timeout=10)
 
     result = {
@@ -228,6 +257,7 @@ def main() -> int:
         "low_load": {"rate": 50.0, "latency_ms": low_ms, "status_counts": low.status_counts},
         "ratio_p50_to_floor": low_ms["p50"] / floor["p50"],
         "capacity_per_s": capacity,
+        "redis_outage": outage,
         "steps": [step.to_json() for step in steps],
         "slo": SLO,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
@@ -244,6 +274,12 @@ def main() -> int:
         f"p50 ratio server / in-process floor: {result['ratio_p50_to_floor']:.2f}; "
         f"capacity at p99 <= 10 ms: {capacity or 'none'}"
     )
+    if outage is not None:
+        print(
+            f"Redis outage at {outage['rate']:g}/s: {outage['status_counts']}, "
+            f"{outage['fallbacks_during_outage']} of {outage['answers_during_outage']} answers degraded while it "
+            f"was down, p99 {outage['latency_ms']['p99']:.2f} ms"
+        )
     return 0
 
 

@@ -33,7 +33,7 @@ REPORT = "report.html"
 CAPTIONS = {  # file name -> title and caption, in the page's order
     LATENCY_OVER_TIME: "Latency of OK answers per second",
     LATENCY_HISTOGRAM: "Latency distribution of OK answers (percentile spectrum)",
-    ACHIEVED_RATE: "Requests per second: sent, OK, errors",
+    ACHIEVED_RATE: "Requests per second: sent, OK, errors, fallback answers",
 }
 TIME_AXIS = "seconds since warm-up (by scheduled send time)"
 SECRET_WORDS = ("token", "secret", "password", "credential", "auth")  # settings the page never shows
@@ -216,7 +216,8 @@ def _verdict_colour(check: Check) -> str:
 
 
 def rate_figure(result: RunResult) -> Figure:
-    """Requests sent, answered OK and answered with an error, per second (by scheduled send time)."""
+    """Requests sent, answered OK, answered with an error, and OK answers that say a stage fell back (degraded or
+    unranked), per second (by scheduled send time)."""
     figure, axes = _new_axes(CAPTIONS[ACHIEVED_RATE])
     seconds = _seconds(result)
     if seconds:
@@ -226,6 +227,7 @@ def rate_figure(result: RunResult) -> Figure:
             "sent": ([r.sent if r else 0 for r in rows], "tab:blue", 3.0, 0.45),
             "OK": ([r.ok if r else 0 for r in rows], "tab:green", 1.2, 1.0),
             "errors": ([r.errors if r else 0 for r in rows], "tab:red", 1.2, 1.0),
+            "fallback answers": ([r.fallbacks if r else 0 for r in rows], "tab:orange", 1.2, 1.0),
         }
         for label, (values, colour, width, alpha) in lines.items():
             axes.plot(x, values, label=label, color=colour, linewidth=width, alpha=alpha, marker=".", markersize=3)
@@ -348,12 +350,22 @@ def _latency_table(result: RunResult) -> str:
 def _status_table(result: RunResult) -> str:
     if not result.status_counts:
         return "<p>No answers.</p>"
-    total = sum(result.status_counts.values())
+    table = _counts_table("status", result.status_counts)
+    if result.strategies:
+        table += (
+            "<p>OK answers by strategy (degraded: the profile store failed; unranked: ranking did not fit its "
+            "budget):</p>" + _counts_table("strategy", result.strategies)
+        )
+    return table
+
+
+def _counts_table(what: str, counts: dict[str, int]) -> str:
+    total = sum(counts.values())
     rows = [
-        (_e(status), f"{count:,}", f"{100.0 * count / total:.3g}%")
-        for status, count in sorted(result.status_counts.items(), key=lambda item: (-item[1], item[0]))
+        (_e(key), f"{count:,}", f"{100.0 * count / total:.3g}%")
+        for key, count in sorted(counts.items(), key=lambda item: (-item[1], item[0]))
     ]
-    return _table(("status", "count", "share"), rows)
+    return _table((what, "count", "share"), rows)
 
 
 def _checks_table(checks: Sequence[Check]) -> str:

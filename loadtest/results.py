@@ -62,7 +62,17 @@ class Second:
     sent: int = 0
     ok: int = 0
     errors: int = 0
+    fallbacks: int = 0  # OK answers the server marked as a fallback (FALLBACK_STRATEGIES)
     histogram: HdrHistogram = field(default_factory=new_histogram)
+
+
+# Answers that are OK on the wire but say a stage fell back: the profile store failed (degraded) or ranking did
+# not fit its budget (unranked).
+FALLBACK_STRATEGIES = ("degraded", "unranked")
+
+
+def _count(counts: dict[str, int], key: str, n: int = 1) -> None:
+    counts[key] = counts.get(key, 0) + n
 
 
 @dataclass
@@ -78,18 +88,22 @@ class RunResult:
     timeline: dict[int, Second] = field(default_factory=dict)
     events: list[dict[str, Any]] = field(default_factory=list)  # {"t": seconds, "label": text}
     versions: dict[str, int] = field(default_factory=dict)  # OK answers per model version that answered
+    strategies: dict[str, int] = field(default_factory=dict)  # OK answers per strategy (personalized, degraded...)
 
-    def add(self, second: int, latency_s: float, status: str, version: str = "") -> None:
+    def add(self, second: int, latency_s: float, status: str, version: str = "", strategy: str = "") -> None:
         """Count one answered request scheduled in `second` (seconds since the end of the warm-up)."""
         self.completed += 1
         if version:
-            self.versions[version] = self.versions.get(version, 0) + 1
-        self.status_counts[status] = self.status_counts.get(status, 0) + 1
+            _count(self.versions, version)
+        if strategy:
+            _count(self.strategies, strategy)
+        _count(self.status_counts, status)
         slot = self.timeline.setdefault(second, Second())
         if status == "OK":
             record(self.histogram, latency_s)
             record(slot.histogram, latency_s)
             slot.ok += 1
+            slot.fallbacks += strategy in FALLBACK_STRATEGIES
         else:
             slot.errors += 1
 
@@ -102,16 +116,19 @@ class RunResult:
         self.completed += other.completed
         self.histogram.add(other.histogram)
         for status, count in other.status_counts.items():
-            self.status_counts[status] = self.status_counts.get(status, 0) + count
+            _count(self.status_counts, status, count)
         for second, theirs in other.timeline.items():
             mine = self.timeline.setdefault(second, Second())
             mine.sent += theirs.sent
             mine.ok += theirs.ok
             mine.errors += theirs.errors
+            mine.fallbacks += theirs.fallbacks
             mine.histogram.add(theirs.histogram)
         self.events.extend(other.events)
         for version, count in other.versions.items():
-            self.versions[version] = self.versions.get(version, 0) + count
+            _count(self.versions, version, count)
+        for strategy, count in other.strategies.items():
+            _count(self.strategies, strategy, count)
 
     @property
     def errors(self) -> int:
@@ -142,8 +159,10 @@ class RunResult:
             "latency_ms": summary_ms(self.histogram),
             "status_counts": dict(sorted(self.status_counts.items())),
             "model_versions": dict(sorted(self.versions.items())),
+            "strategies": dict(sorted(self.strategies.items())),
             "timeline": [
-                {"t": t, "sent": s.sent, "ok": s.ok, "errors": s.errors, "latency_ms": summary_ms(s.histogram, False)}
+                {"t": t, "sent": s.sent, "ok": s.ok, "errors": s.errors, "fallbacks": s.fallbacks}
+                | {"latency_ms": summary_ms(s.histogram, False)}
                 | ({"histogram": encode(s.histogram)} if with_histograms else {})
                 for t, s in sorted(self.timeline.items())
             ],
@@ -163,11 +182,12 @@ class RunResult:
         decode_into(result.histogram, data.get("histogram", ""))
         result.status_counts = {str(k): int(v) for k, v in data["status_counts"].items()}
         for row in data["timeline"]:
-            second = Second(int(row["sent"]), int(row["ok"]), int(row["errors"]))
+            second = Second(int(row["sent"]), int(row["ok"]), int(row["errors"]), int(row.get("fallbacks", 0)))
             decode_into(second.histogram, row.get("histogram", ""))
             result.timeline[int(row["t"])] = second
         result.events = [dict(e) for e in data.get("events", [])]
         result.versions = {str(k): int(v) for k, v in data.get("model_versions", {}).items()}
+        result.strategies = {str(k): int(v) for k, v in data.get("strategies", {}).items()}
         return result
 
 

@@ -27,6 +27,7 @@ from loadtest.actions import Action, ActionRunner
 from loadtest.results import RunResult, merged
 from loadtest.scenario import RequestSource, Scenario
 
+STRATEGY_NAMES = {v.number: v.name.removeprefix("STRATEGY_").lower() for v in pb.Strategy.DESCRIPTOR.values}
 MAX_IN_FLIGHT = 20_000  # per worker: beyond it a request is counted as CLIENT_OVERLOADED instead of sent
 
 
@@ -93,13 +94,13 @@ def schedule(rate: float, duration_s: float, arrival: str, rng: np.random.Genera
 
 async def _call(
     stub: Any, request: pb.RecommendRequest, settings: LoadSettings, metadata: Sequence[tuple[str, str]]
-) -> tuple[str, str]:
-    """(status code name, model version that answered, "" on errors)."""
+) -> tuple[str, str, str]:
+    """(status code name, model version that answered, its strategy); both "" on errors."""
     try:
         reply = await stub.Recommend(request, timeout=settings.deadline_s, metadata=metadata)
-        return "OK", str(reply.model_version)
+        return "OK", str(reply.model_version), STRATEGY_NAMES.get(reply.strategy, "")
     except grpc.aio.AioRpcError as exc:
-        return str(exc.code().name), ""
+        return str(exc.code().name), "", ""
 
 
 async def run_worker(settings: LoadSettings, worker: int) -> RunResult:
@@ -138,9 +139,9 @@ async def _open_loop(
     in_flight: set[asyncio.Task[None]] = set()
 
     async def send(request: pb.RecommendRequest, scheduled: float, measured: bool, second: int) -> None:
-        status, version = await _call(stub, request, settings, metadata)
+        status, version, strategy = await _call(stub, request, settings, metadata)
         if measured:
-            result.add(second, time.perf_counter() - scheduled, status, version)
+            result.add(second, time.perf_counter() - scheduled, status, version, strategy)
 
     for offset in offsets:
         scheduled = start + float(offset)
@@ -183,9 +184,9 @@ async def _closed_loop(
             second = int(offset - settings.warmup_s)
             if measured:
                 result.scheduled(second)
-            status, version = await _call(stub, source.next(), settings, metadata)
+            status, version, strategy = await _call(stub, source.next(), settings, metadata)
             if measured:
-                result.add(second, time.perf_counter() - sent, status, version)
+                result.add(second, time.perf_counter() - sent, status, version, strategy)
 
     await asyncio.sleep(max(0.0, start - time.perf_counter()))
     await asyncio.gather(*(caller() for _ in range(callers)))

@@ -47,6 +47,7 @@ from server.servicer import add_to_server as add_recommender
 
 log = logging.getLogger(__name__)
 
+PENDING_CALLS = 20_000  # calls grpc-core holds before they start (see create_server)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -269,7 +270,13 @@ def create_server(config: ServerConfig, profile_store: ProfileStore | None = Non
     )
     server = grpc.aio.server(
         interceptors=(gate,),
-        options=(("grpc.max_receive_message_length", config.max_message_bytes),),
+        options=(
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            # grpc-core cancels calls beyond ~1,000 waiting to start (CANCELLED, before the gate sees them); let
+            # them reach the gate, which refuses the excess RESOURCE_EXHAUSTED at once.
+            ("grpc.server.max_pending_requests", PENDING_CALLS),
+            ("grpc.server.max_pending_requests_hard_limit", 2 * PENDING_CALLS),
+        ),
     )
     add_recommender(RecommenderServicer(pipeline), server)
     add_profiles(ProfilesServicer(ProfileService(store, slot, breaker, config.max_events_per_batch)), server)

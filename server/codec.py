@@ -79,8 +79,16 @@ def decode_request(msg: pb.RecommendRequest, request_id: str) -> RecommendReques
 
 
 def decode_event(msg: ppb.Event) -> Event:
-    """One event; InvalidArgument (field relative to the event) when an enum or timestamp is out of range."""
-    context = decode_context(msg.context)
+    """One event; InvalidArgument (field relative to the event) when an enum or timestamp is out of range.
+
+    The event's own event_time is when it happened; its context's event_time is ignored (profiles.proto), so it
+    is not decoded and cannot reject the event."""
+    context_msg = msg.context
+    if context_msg.HasField("event_time"):
+        context_msg = type(context_msg)()
+        context_msg.CopyFrom(msg.context)
+        context_msg.ClearField("event_time")
+    context = decode_context(context_msg)
     return Event(
         event_id=msg.event_id,
         user_id=msg.user_id,

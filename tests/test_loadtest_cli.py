@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from hyperrec.cli import main
+from hyperrec.profiles import Profile
 from tests.helpers import publish_toy
-from tests.serving import running_server
+from tests.serving import TEST_SECRET, running_server
 
 
 async def test_loadtest_command_reports_and_exits_by_the_slo_verdict(
@@ -97,6 +100,9 @@ def test_bench_runs_end_to_end_on_a_tiny_catalogue(tmp_path: Path) -> None:
     assert bench["items"] == 3000 and bench["in_process_floor_ms"]["p50"] > 0 and bench["grpc_echo_floor_ms"]["p50"] > 0
     assert bench["low_load"]["status_counts"] == {"OK": 50} and bench["ratio_p50_to_floor"] > 0
     assert [step["rate"] for step in bench["steps"]] == [50.0] and "capacity" in done.stdout
+    outage = bench["redis_outage"]  # the bench's own Redis, stopped and restarted mid-run
+    assert [e["ok"] for e in outage["events"]] == [True, True]
+    assert set(outage["status_counts"]) == {"OK"} and outage["fallbacks_during_outage"] > 0
 
 
 async def test_a_model_swap_and_a_command_mid_run_are_marked_on_the_timeline(
@@ -128,3 +134,52 @@ def test_bad_actions_are_usage_errors(capsys: pytest.CaptureFixture[str]) -> Non
     assert main(["loadtest", "--rate", "10", "--at", "5:explode:now"]) == 2
     assert "KIND one of activate, rollback, command" in capsys.readouterr().err
     assert main(["loadtest", "--rate", "10", "--at", "5:activate:toy"]) == 2
+
+
+async def test_a_redis_outage_mid_run_is_marked_and_answered_degraded_without_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The run owns a redis-server, stops it (SHUTDOWN) and starts it again mid-run with command actions: every
+    call is still answered OK, the answers during the outage say DEGRADED, and personalization comes back."""
+    import shutil
+
+    from tests.conftest import free_port
+
+    repo = tmp_path / "repo"
+    publish_toy(repo, model_name="toy", seed=1)
+    port = free_port()
+    start_redis = f"redis-server --port {port} --save '' --appendonly no --daemonize yes --dir {tmp_path}"
+    assert shutil.which("redis-server") and shutil.which("redis-cli")
+    await asyncio.to_thread(subprocess.run, shlex.split(start_redis), check=True)
+    try:
+        await asyncio.sleep(0.3)
+        url = f"redis://127.0.0.1:{port}/0"
+        async with running_server(
+            repo, "toy", redis_url=url, profile_secret=TEST_SECRET, breaker_open_s=0.3, profile_budget_ms=200
+        ) as running:
+            users = [f"u{i:03d}" for i in range(20)]
+            toy = running.app.slot.active
+            assert toy is not None
+            vector = toy.item_embeddings[3].copy()
+            await running.app.store.put_many(
+                {u: Profile(user_vector=vector, embedding_space=toy.manifest.embedding_space) for u in users}
+            )
+            (tmp_path / "users.txt").write_text("\n".join(users))
+            args = ["loadtest", "--target", f"127.0.0.1:{running.port}", "--rate", "100", "--duration", "4"]
+            args += ["--warmup", "0.2", "--users", str(tmp_path / "users.txt"), "--out", str(tmp_path / "out")]
+            args += ["--at", f"1:command:redis-cli -p {port} shutdown nosave", "--at", f"2:command:{start_redis}"]
+            assert await asyncio.to_thread(main, args) == 0
+    finally:
+        stop = ["redis-cli", "-p", str(port), "shutdown", "nosave"]
+        await asyncio.to_thread(subprocess.run, stop, capture_output=True, check=False)
+    out = capsys.readouterr().out
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert result["status_counts"] == {"OK": 400}
+    assert result["strategies"]["degraded"] > 0 and result["strategies"]["personalized"] > 0
+    events = sorted(result["events"], key=lambda e: e["t"])
+    assert [e["ok"] for e in events] == [True, True] and "shutdown" in events[0]["label"]
+    timeline = {row["t"]: row for row in result["timeline"]}
+    assert timeline[0]["fallbacks"] == 0  # before the outage: personalized
+    assert timeline[1]["fallbacks"] > 0  # Redis is down from 1 s to 2 s
+    assert timeline[3]["fallbacks"] == 0  # a second after the restart the breaker has closed again
+    assert "answers by strategy:" in out and f"degraded: {result['strategies']['degraded']}" in out
