@@ -160,6 +160,13 @@ class ServerConfig:
         default=1 << 20,
         metadata=_doc("Largest request message accepted, bytes; larger ones are refused RESOURCE_EXHAUSTED."),
     )
+    max_connection_age_s: float = field(
+        default=300.0,
+        metadata=_doc(
+            "Close each client connection (HTTP/2 GOAWAY, in-flight calls finish) after about this long, so clients "
+            "re-resolve and spread over new replicas; 0: never."
+        ),
+    )
     max_in_flight: int = field(
         default=64,
         metadata=_doc(
@@ -222,7 +229,7 @@ class ServerConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be a positive number")
-        for name in ("grace_s", "drain_s", "watch_interval_s"):
+        for name in ("grace_s", "drain_s", "watch_interval_s", "max_connection_age_s"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"{name} must be zero or more seconds")

@@ -34,12 +34,20 @@ def formatter(fmt: str) -> logging.Formatter:
 
 
 def setup_logging(level: str, fmt: str = "text") -> None:
-    """Log to stderr at `level` in format `text` or `json`, replacing any handler set up before."""
+    """Log to stderr at `level` in format `text` or `json`.
+
+    Like logging.basicConfig, it leaves a process whose logging is already set up by someone else (an embedding
+    application, pytest) alone; a second call replaces only the handler the first one installed.
+    """
+    root = logging.getLogger()
+    ours = [h for h in root.handlers if getattr(h, "hyperrec", False)]
+    if len(ours) != len(root.handlers):
+        return
+    for old in ours:
+        root.removeHandler(old)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter(fmt))
     handler.addFilter(RequestIdFilter())
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
+    handler.hyperrec = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level.upper())

@@ -47,7 +47,8 @@ from server.servicer import add_to_server as add_recommender
 
 log = logging.getLogger(__name__)
 
-PENDING_CALLS = 20_000  # calls grpc-core holds before they start (see create_server)
+PENDING_CALLS = 20_000  # calls grpc-core holds before they start (see server_options)
+CONNECTION_AGE_GRACE_S = 30.0  # calls in flight on a connection closed for its age get this long to finish
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -78,6 +79,22 @@ def _read_pem(path: Path, what: str) -> bytes:
         return path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read {what} {path}: {exc}") from exc
+
+
+def server_options(config: ServerConfig) -> list[tuple[str, int]]:
+    options = [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        # grpc-core cancels calls beyond ~1,000 waiting to start (CANCELLED, before the gate sees them); let
+        # them reach the gate, which refuses the excess RESOURCE_EXHAUSTED at once.
+        ("grpc.server.max_pending_requests", PENDING_CALLS),
+        ("grpc.server.max_pending_requests_hard_limit", 2 * PENDING_CALLS),
+    ]
+    if config.max_connection_age_s > 0:
+        options += [
+            ("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1e3)),
+            ("grpc.max_connection_age_grace_ms", int(CONNECTION_AGE_GRACE_S * 1e3)),
+        ]
+    return options
 
 
 def bind(server: grpc.aio.Server, config: ServerConfig) -> int:
@@ -268,16 +285,7 @@ def create_server(config: ServerConfig, profile_store: ProfileStore | None = Non
         config.max_in_flight,
         {SERVICE_NAME: "recommend", PROFILES_SERVICE_NAME: "ingest", ADMIN_SERVICE_NAME: "admin"},
     )
-    server = grpc.aio.server(
-        interceptors=(gate,),
-        options=(
-            ("grpc.max_receive_message_length", config.max_message_bytes),
-            # grpc-core cancels calls beyond ~1,000 waiting to start (CANCELLED, before the gate sees them); let
-            # them reach the gate, which refuses the excess RESOURCE_EXHAUSTED at once.
-            ("grpc.server.max_pending_requests", PENDING_CALLS),
-            ("grpc.server.max_pending_requests_hard_limit", 2 * PENDING_CALLS),
-        ),
-    )
+    server = grpc.aio.server(interceptors=(gate,), options=server_options(config))
     add_recommender(RecommenderServicer(pipeline), server)
     add_profiles(ProfilesServicer(ProfileService(store, slot, breaker, config.max_events_per_batch)), server)
     add_admin_to_server(ModelAdminServicer(manager), server)

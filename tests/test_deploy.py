@@ -187,10 +187,12 @@ def test_shutdown_budget_and_probes() -> None:
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports["grpc"] == int(config["HYPERREC_PORT"])
     assert ports["metrics"] == int(config["HYPERREC_METRICS_PORT"])
+    # the kubelet's gRPC probe speaks plaintext only: probes ask the health-only port, which stays plaintext when
+    # TLS is turned on; TLS itself stays off in the default manifests
+    assert ports["health"] == int(config["HYPERREC_HEALTH_PORT"])
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["grpc"]["port"] == ports["grpc"], probe
+        assert container[probe]["grpc"]["port"] == ports["health"], probe
         assert set(container[probe]) & {"httpGet", "tcpSocket", "exec"} == set(), probe
-    # the kubelet's gRPC probe speaks plaintext only: TLS stays off in the default manifests
     env = {e["name"] for e in container.get("env", [])} | set(config)
     assert "HYPERREC_TLS_CERT" not in env and "HYPERREC_TLS_KEY" not in env
 

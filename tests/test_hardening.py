@@ -268,3 +268,41 @@ async def test_each_recommend_is_a_server_span_with_a_child_span_per_stage(toy_r
         assert child.start_time is not None and child.end_time is not None
         assert root.start_time <= child.start_time <= child.end_time <= root.end_time  # type: ignore[operator]
     assert spans["retrieval"].end_time <= spans["ranking"].start_time  # type: ignore[operator]
+
+
+# --- connection age -------------------------------------------------------------------------------------------
+
+
+async def test_connections_are_closed_after_their_maximum_age_and_clients_reconnect(toy_repo: Path) -> None:
+    """The server sends GOAWAY once a connection is older than max_connection_age_s: the idle client channel
+    leaves READY (so it will re-resolve and reconnect), and the next call succeeds on a new connection."""
+    async with running_server(toy_repo, "toy", max_connection_age_s=0.5) as running:
+        await running.stub.Recommend(request("someone", 3), timeout=10)
+        assert running.channel.get_state() == grpc.ChannelConnectivity.READY
+        await asyncio.wait_for(running.channel.wait_for_state_change(grpc.ChannelConnectivity.READY), timeout=10)
+        assert running.channel.get_state() != grpc.ChannelConnectivity.READY
+        reply = await running.stub.Recommend(request("someone", 3), timeout=10)
+    assert reply.strategy == pb.STRATEGY_COLD_START
+
+
+async def test_without_a_maximum_age_an_idle_connection_stays_open(toy_repo: Path) -> None:
+    async with running_server(toy_repo, "toy", max_connection_age_s=0) as running:
+        await running.stub.Recommend(request("someone", 3), timeout=10)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(running.channel.wait_for_state_change(grpc.ChannelConnectivity.READY), timeout=2)
+
+
+def test_serve_with_log_format_json_writes_one_json_object_per_line(tmp_path: Path) -> None:
+    """A real `hyperrec serve` process: its log lines are JSON objects (here those of a start-up that fails)."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "hyperrec.cli", "serve", "--port", "0", "--model-repo", str(tmp_path)]
+    done = subprocess.run(
+        [*cmd, "--model-name", "nosuch", "--log-format", "json"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2
+    records = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    assert any("listening on" in r["message"] for r in records), done.stderr
+    assert all({"time", "level", "logger", "message", "request_id"} <= set(r) for r in records)
+    assert all(r["request_id"] is None for r in records)  # logged outside any call
