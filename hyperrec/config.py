@@ -98,6 +98,20 @@ class ServerConfig:
             "cpu, or gpu (a version whose index cannot go to the GPU fails to load)."
         ),
     )
+    batch_max_size: int = field(
+        default=16,
+        metadata=_doc(
+            "Most concurrent Recommend calls computed together (one FAISS search, one ONNX Runtime run); 1 turns "
+            "dynamic batching off."
+        ),
+    )
+    batch_max_wait_us: float = field(
+        default=500.0,
+        metadata=_doc(
+            "Longest a call waits for others to join its batch while another batch is running, microseconds. A "
+            "call on an idle server never waits; while every compute thread is busy, calls gather anyway."
+        ),
+    )
     ort_intra_op_threads: int = field(default=1, metadata=_doc("ONNX Runtime intra-op threads per inference."))
     ort_inter_op_threads: int = field(default=1, metadata=_doc("ONNX Runtime inter-op threads."))
     faiss_threads: int = field(default=1, metadata=_doc("FAISS OpenMP threads per search."))
@@ -215,6 +229,7 @@ class ServerConfig:
             "breaker_failures",
             "max_message_bytes",
             "max_in_flight",
+            "batch_max_size",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
@@ -229,7 +244,7 @@ class ServerConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be a positive number")
-        for name in ("grace_s", "drain_s", "watch_interval_s", "max_connection_age_s"):
+        for name in ("grace_s", "drain_s", "watch_interval_s", "max_connection_age_s", "batch_max_wait_us"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"{name} must be zero or more seconds")

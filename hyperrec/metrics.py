@@ -30,6 +30,11 @@ STAGE_DURATION = Histogram(
     ["stage"],
     buckets=LATENCY_BUCKETS,
 )
+BATCH_SIZE = Histogram(
+    "hyperrec_batch_size",
+    "Recommend calls computed together in one FAISS search and one ONNX Runtime run (dynamic micro-batching).",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+)
 RECOMMENDATIONS = Counter(
     "hyperrec_recommendations_total", "Recommend answers by strategy and model version.", ["strategy", "model_version"]
 )

@@ -9,7 +9,6 @@ index of one model version with the ranker of another.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import math
 import time
@@ -23,9 +22,10 @@ from datetime import UTC, datetime
 import numpy as np
 
 from hyperrec import metrics, tracing
-from hyperrec.behaviour import affinity_arrays, behaviour_raw
+from hyperrec.batching import BatchSettings, MicroBatcher
 from hyperrec.breaker import CircuitBreaker, CircuitOpen
 from hyperrec.bundle import Bundle
+from hyperrec.compute import Cutoffs, Ranked, Work, rank_candidates
 from hyperrec.domain import (
     Recommendation,
     RecommendRequest,
@@ -36,9 +36,8 @@ from hyperrec.domain import (
     validate_request,
 )
 from hyperrec.errors import DeadlineExceeded, ProfileStoreError, Unavailable
-from hyperrec.features import assign_segments, daypart, encode_context, standardize
+from hyperrec.features import assign_segments, daypart
 from hyperrec.profiles import Profile, ProfileStore
-from hyperrec.ranker import RankingRun, RankingStopped
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +60,7 @@ class PipelineOptions:
     profile_budget_s: float = 0.05
     interest_events: int = 5
     ranking_budget_s: float = 0.1
+    batching: BatchSettings = field(default_factory=BatchSettings)
 
 
 def canary_bucket(user_id: str) -> float:
@@ -204,25 +204,6 @@ def cold_start_items(bundle: Bundle, req: RecommendRequest, now: datetime) -> tu
     return tuple(out)
 
 
-def candidate_features(bundle: Bundle, profile: Profile | None, rows: np.ndarray, now: datetime) -> np.ndarray | None:
-    """The ranker's `item_features` for candidate `rows` [n, F]: the bundle's stored item features, then the
-    user's behaviour features (transformed with the training split's statistics); None when the ranker takes none."""
-    spec = bundle.feature_spec
-    parts = [] if bundle.item_features is None else [bundle.item_features[rows]]
-    if spec.behaviour_features and bundle.categories is not None:
-        cats = bundle.categories
-        weights, times = affinity_arrays(profile.categories if profile else {}, cats.index, len(cats.names))
-        raw = behaviour_raw(
-            weights[None, :],
-            times[None, :],
-            np.array([now.timestamp()]),
-            cats.columns[rows][None, :, :],
-            spec.affinity_half_life_s,
-        )[0]
-        parts.append(standardize(raw, spec.behaviour_stats, spec.behaviour_features))
-    return np.concatenate(parts, axis=1) if parts else None
-
-
 def segment_candidates(bundle: Bundle, uvec: np.ndarray, req: RecommendRequest) -> np.ndarray | None:
     """Rows of the popular items of the behavioural segment nearest `uvec` (a user's declared interests), or None
     when the bundle has no such list or it cannot fill k after the exclusions (then retrieval runs as usual)."""
@@ -232,91 +213,6 @@ def segment_candidates(bundle: Bundle, uvec: np.ndarray, req: RecommendRequest) 
     excluded = set(req.exclude)
     rows = [bundle.row_of[item] for item, _ in bundle.cold_start.for_segment(segment) if item not in excluded]
     return np.array(rows, dtype=np.int64) if len(rows) >= req.k else None
-
-
-@dataclass(frozen=True)
-class Cutoffs:
-    """When one request's work must stop (time.monotonic() instants; None: no limit).
-
-    Past `deadline` nothing more is computed (the caller has given up). Ranking must finish by `rank_by`
-    (the ranking budget, or just before the deadline): `run` is stopped at that instant by the event loop, and
-    the answer then keeps retrieval order. `rank_by_deadline` says which of the two set `rank_by`.
-    """
-
-    deadline: float | None = None
-    rank_by: float | None = None
-    rank_by_deadline: bool = False
-    run: RankingRun | None = None
-
-
-@dataclass(frozen=True)
-class Ranked:
-    """What the compute stage returns: the top-k items, the stage times, and why ranking fell back (or None)."""
-
-    items: tuple[ScoredItem, ...]
-    retrieval_ms: float
-    ranking_ms: float
-    fallback: str | None = None
-    started_ns: int = 0  # wall clock (time.time_ns()) when retrieval began, for the stage spans
-
-
-def retrieval_order(bundle: Bundle, rows: np.ndarray, retrieval_scores: np.ndarray, k: int) -> tuple[ScoredItem, ...]:
-    """The top k candidates by retrieval score (ties by row), each scored by its retrieval score."""
-    order = np.lexsort((rows, -retrieval_scores))[:k]
-    return tuple(
-        ScoredItem(bundle.item_ids[rows[i]], float(retrieval_scores[i]), float(retrieval_scores[i])) for i in order
-    )
-
-
-def rank_candidates(
-    bundle: Bundle,
-    uvec: np.ndarray,
-    req: RecommendRequest,
-    now: datetime,
-    candidates: int,
-    cutoffs: Cutoffs = Cutoffs(),  # frozen: one shared default is safe
-    profile: Profile | None = None,
-    candidate_rows: np.ndarray | None = None,
-) -> Ranked:
-    """Retrieve and rank for one user (blocking; runs on a compute thread).
-
-    `candidate_rows` replaces the ANN search with a given candidate set (a segment's popular items), scored
-    by inner product like retrieved ones. Ranking that would start after `cutoffs.rank_by`, or is stopped there,
-    falls back to retrieval order.
-    """
-    deadline = cutoffs.deadline
-    if deadline is not None and time.monotonic() >= deadline:  # it expired while queued for a compute thread
-        raise DeadlineExceeded("deadline passed while waiting for a compute thread; nothing was computed")
-    t0, started_ns = time.perf_counter(), time.time_ns()
-    excluded_rows = {bundle.row_of[i] for i in req.exclude if i in bundle.row_of}
-    if candidate_rows is None:
-        retrieval_scores, rows = bundle.index.search_excluding(uvec, max(candidates, req.k), excluded_rows)
-    else:
-        rows = np.array([r for r in candidate_rows if r not in excluded_rows], dtype=np.int64)
-        retrieval_scores = bundle.item_embeddings[rows] @ uvec
-    t1 = time.perf_counter()
-    if deadline is not None and time.monotonic() >= deadline:
-        raise DeadlineExceeded("deadline passed after retrieval; ranking skipped")
-    if len(rows) == 0:
-        return Ranked((), (t1 - t0) * 1e3, 0.0, None, started_ns)
-    fallback = "deadline" if cutoffs.rank_by_deadline else "budget"
-    if cutoffs.rank_by is not None and time.monotonic() >= cutoffs.rank_by:
-        unranked = retrieval_order(bundle, rows, retrieval_scores, req.k)
-        return Ranked(unranked, (t1 - t0) * 1e3, 0.0, fallback, started_ns)
-    segment = None if bundle.segments is None else int(assign_segments(bundle.segments, uvec[None, :])[0])
-    context = encode_context(req.context, bundle.feature_spec, now, segment=segment)
-    items = bundle.item_embeddings[rows]
-    features = candidate_features(bundle, profile, rows, req.context.event_time or now)  # as of the request's time
-    batch_features = None if features is None else features[None, :, :]
-    try:
-        scores = bundle.ranker.score(uvec[None, :], context[None, :], items[None, :, :], batch_features, cutoffs.run)[0]
-    except RankingStopped:
-        ranked = retrieval_order(bundle, rows, retrieval_scores, req.k)
-        return Ranked(ranked, (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3, fallback, started_ns)
-    scores = np.where(np.isnan(scores), -np.inf, scores)
-    order = np.lexsort((rows, -retrieval_scores, -scores))[: req.k]
-    ranked = tuple(ScoredItem(bundle.item_ids[rows[i]], float(scores[i]), float(retrieval_scores[i])) for i in order)
-    return Ranked(ranked, (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3, None, started_ns)
 
 
 def record_stage_spans(ranked: Ranked) -> None:
@@ -345,6 +241,7 @@ class Recommender:
         self._options = options
         self._executor = executor
         self._breaker = breaker or CircuitBreaker(failures=STORE_FAILURES)
+        self._batcher = MicroBatcher(executor, options.batching, options.candidates)
         self.recent_requests: deque[RecommendRequest] = deque(maxlen=64)  # shapes for warming up new versions
 
     @property
@@ -371,30 +268,7 @@ class Recommender:
         by_deadline = deadline is not None and deadline - REPLY_MARGIN_S < rank_by
         if deadline is not None and by_deadline:
             rank_by = deadline - REPLY_MARGIN_S
-        return Cutoffs(deadline, rank_by, by_deadline, RankingRun())
-
-    async def _retrieve_and_rank(
-        self,
-        bundle: Bundle,
-        uvec: np.ndarray,
-        req: RecommendRequest,
-        now: datetime,
-        cutoffs: Cutoffs,
-        profile: Profile | None,
-        pool: np.ndarray | None,
-    ) -> Ranked:
-        """rank_candidates on a compute thread; the event loop stops the ranking run at `cutoffs.rank_by`."""
-        loop = asyncio.get_running_loop()
-        assert cutoffs.rank_by is not None and cutoffs.run is not None
-        # loop.time() is time.monotonic(), the clock of the cutoffs
-        timer = loop.call_at(cutoffs.rank_by, cutoffs.run.stop)
-        try:
-            work = functools.partial(
-                rank_candidates, bundle, uvec, req, now, self._options.candidates, cutoffs, profile, pool
-            )
-            return await loop.run_in_executor(self._executor, work)
-        finally:
-            timer.cancel()
+        return Cutoffs(deadline, rank_by, by_deadline)
 
     async def recommend(self, req: RecommendRequest, deadline: float | None = None) -> Recommendation:
         """Answer one request. `deadline` is a time.monotonic() instant after which no work is done."""
@@ -425,9 +299,8 @@ class Recommender:
             if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlineExceeded("deadline passed before retrieval")
             pool = segment_candidates(bundle, uvec, req) if strategy == Strategy.INTERESTS else None
-            ranked = await self._retrieve_and_rank(
-                bundle, uvec, req, now, self._cutoffs(arrived, deadline), profile, pool
-            )
+            work = Work(uvec, req, now, self._cutoffs(arrived, deadline), profile, pool)
+            ranked = await self._batcher.rank(bundle, work)
             items, timings.retrieval_ms, timings.ranking_ms = ranked.items, ranked.retrieval_ms, ranked.ranking_ms
             metrics.STAGE_DURATION.labels("retrieval").observe(ranked.retrieval_ms / 1e3)
             metrics.STAGE_DURATION.labels("ranking").observe(ranked.ranking_ms / 1e3)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -281,6 +281,28 @@ class AnnIndex:
         if len(rows) < want and self.params.kind == IVF:
             scores, rows = self._keep(*self.search(query, fetch, exhaustive=True), excluded)
         return scores[:want], rows[:want]
+
+    def search_excluding_many(
+        self, queries: np.ndarray, wants: Sequence[int], excluded_rows: Sequence[Collection[int]]
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """`search_excluding` for a batch of queries [b, d] with one FAISS search: the i-th query's top wants[i]
+        rows not in excluded_rows[i]. Only a query that comes back short is searched again, exhaustively."""
+        excluded = [set(e) for e in excluded_rows]
+        wanted = [min(n, self.size - len(e)) for n, e in zip(wants, excluded, strict=True)]
+        fetch = max(w + len(e) for w, e in zip(wanted, excluded, strict=True))
+        if fetch <= 0:
+            return [(np.empty(0, np.float32), np.empty(0, np.int64)) for _ in wanted]
+        scores, rows = self.search(queries, fetch)
+        out = []
+        for i, (want, skip) in enumerate(zip(wanted, excluded, strict=True)):
+            if want <= 0:
+                out.append((np.empty(0, np.float32), np.empty(0, np.int64)))
+                continue
+            kept_scores, kept_rows = self._keep(scores[i : i + 1], rows[i : i + 1], skip)
+            if len(kept_rows) < want and self.params.kind == IVF:
+                kept_scores, kept_rows = self._keep(*self.search(queries[i], want + len(skip), exhaustive=True), skip)
+            out.append((kept_scores[:want], kept_rows[:want]))
+        return out
 
     @staticmethod
     def _keep(scores: np.ndarray, rows: np.ndarray, excluded: set[int]) -> tuple[np.ndarray, np.ndarray]:

@@ -22,6 +22,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from hyperrec import metrics, tracing
+from hyperrec.batching import BatchSettings
 from hyperrec.breaker import CircuitBreaker
 from hyperrec.bundle import Bundle, list_versions
 from hyperrec.config import ServerConfig
@@ -257,6 +258,7 @@ def create_server(config: ServerConfig, profile_store: ProfileStore | None = Non
         profile_budget_s=config.profile_budget_ms / 1e3,
         interest_events=config.interest_events,
         ranking_budget_s=config.ranking_budget_ms / 1e3,
+        batching=BatchSettings(config.batch_max_size, config.batch_max_wait_us / 1e6, config.compute_threads),
     )
     breaker = CircuitBreaker(
         config.breaker_failures,

@@ -20,9 +20,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from hyperrec.behaviour import BEHAVIOUR_FEATURES, affinity_arrays, behaviour_raw
 from hyperrec.bundle import Bundle, BundleContents, ColdStart, publish_bundle
+from hyperrec.compute import candidate_features
 from hyperrec.errors import BundleError
 from hyperrec.features import default_feature_spec
-from hyperrec.pipeline import candidate_features
 from hyperrec.profiles.keys import Pseudonymizer
 from hyperrec.profiles.model import CategoryAffinity
 from hyperrec.profiles.redis_store import RedisProfileStore, RedisStoreOptions

@@ -21,10 +21,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
 from hyperrec.bundle import Bundle, publish_bundle
+from hyperrec.compute import Cutoffs, rank_candidates
 from hyperrec.domain import RecommendRequest
 from hyperrec.features import default_feature_spec
 from hyperrec.logs import RequestIdFilter, formatter
-from hyperrec.pipeline import REPLY_MARGIN_S, Cutoffs, PipelineOptions, Recommender, rank_candidates
+from hyperrec.pipeline import REPLY_MARGIN_S, PipelineOptions, Recommender
 from hyperrec.profiles import Profile
 from hyperrec.ranker import RankingRun
 from hyperrec.v1 import admin_pb2 as apb

@@ -350,9 +350,9 @@ def test_a_request_that_expired_while_queued_computes_nothing(
     """Under overload, work waits for a compute thread; once its deadline has passed it must not use the index."""
     import time
 
+    from hyperrec.compute import Cutoffs, rank_candidates
     from hyperrec.domain import RecommendRequest
     from hyperrec.errors import DeadlineExceeded
-    from hyperrec.pipeline import Cutoffs, rank_candidates
 
     searched: list[int] = []
     monkeypatch.setattr(toy_bundle.index, "search_excluding", lambda *a: searched.append(1))
