@@ -240,13 +240,13 @@ async def test_without_keeping_previous_versions_a_swap_frees_the_old_one(repo: 
 def test_warm_up_replays_recorded_request_shapes_until_latency_settles(
     repo: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from hyperrec import pipeline
+    from hyperrec import compute, pipeline
     from hyperrec.bundle import Bundle
     from hyperrec.domain import Context, DeviceType, RecommendRequest
 
     bundle = Bundle.load(repo / "toy" / "1")
     seen: list[RecommendRequest] = []
-    real = pipeline.rank_candidates
+    real = compute.rank_candidates
 
     def counting(b: Bundle, uvec: Any, req: RecommendRequest, *args: Any) -> Any:
         seen.append(req)
