@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +163,51 @@ def echo_floor(calls: int, k: int) -> list[float]:
         proc.wait()
 
 
+@dataclass(frozen=True)
+class ServeSpec:
+    """How the bench starts `hyperrec serve`: repository, model, profiles to seed, Redis and its secret."""
+
+    repo: Path
+    model: str
+    profiles: Path
+    redis_url: str | None
+    secret: str
+
+
+def measure_server(
+    spec: ServeSpec,
+    flags: list[str],
+    users: tuple[str, ...],
+    k: int,
+    rates: list[float],
+    duration_s: float,
+    outage_port: int | None,
+) -> dict[str, Any]:
+    """Start a server with `flags`, run the low-rate run and the capacity search (and the Redis outage run when
+    `outage_port` is given) against it, stop it."""
+    port = free_port()
+    env = dict(os.environ)
+    cmd = [sys.executable, "-m", "hyperrec.cli", "serve", "--port", str(port), "--model-repo", str(spec.repo)]
+    cmd += ["--model-name", spec.model, "--seed-profiles", str(spec.profiles), "--log-level", "WARNING", *flags]
+    if spec.redis_url is not None:
+        cmd += ["--redis-url", spec.redis_url]
+        env["HYPERREC_PROFILE_SECRET"] = spec.secret
+    server = subprocess.Popen(cmd, env=env)
+    target = f"127.0.0.1:{port}"
+    try:
+        wait_serving(target)
+        scenario = Scenario(k=k, unknown_user_share=0.0)
+        base = LoadSettings(target, rate=50.0, duration_s=duration_s, warmup_s=3.0, scenario=scenario, users=users)
+        low = run(base)
+        capacity, steps = search(base, rates, parse_slo(SLO, "make bench"))
+        outage = None if outage_port is None else redis_outage(base, outage_port, duration_s)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    low_ms = low.to_json(with_histograms=False)["latency_ms"]
+    return {"low_ms": low_ms, "low_status": low.status_counts, "capacity": capacity, "steps": steps, "outage": outage}
+
+
 def redis_outage(base: LoadSettings, redis_port: int, duration_s: float) -> dict[str, Any]:
     """The low-rate run again while the bench's Redis is shut down a third of the way in and started again at two
     thirds (both marked on the timeline): errors, degraded answers and latency during the outage."""
@@ -220,31 +265,18 @@ def main() -> int:
     echo = percentiles(echo_floor(args.calls, k))
     print(f"in-process floor {floor}\ngRPC echo floor {echo}", flush=True)
 
-    port = free_port()
-    env = dict(os.environ)
-    cmd = [sys.executable, "-m", "hyperrec.cli", "serve", "--port", str(port), "--model-repo", str(args.repo)]
-    cmd += ["--model-name", model, "--seed-profiles", str(profiles), "--log-level", "WARNING"]
-    if redis_url is not None:
-        cmd += ["--redis-url", redis_url]
-        env["HYPERREC_PROFILE_SECRET"] = secret
-    server = subprocess.Popen(cmd, env=env)
-    target = f"127.0.0.1:{port}"
+    users = tuple(load_profiles(profiles))
+    serve = ServeSpec(args.repo, model, profiles, redis_url, secret)
+    rates = [float(r) for r in args.rates.split(",")]
     try:
-        wait_serving(target)
-        users = tuple(load_profiles(profiles))
-        scenario = Scenario(k=k, unknown_user_share=0.0)
-        base = LoadSettings(target, rate=50.0, duration_s=args.duration, warmup_s=3.0, scenario=scenario, users=users)
-        low = run(base)
-        low_ms = low.to_json(with_histograms=False)["latency_ms"]
-        rates = [float(r) for r in args.rates.split(",")]
-        capacity, steps = search(base, rates, parse_slo(SLO, "make bench"))
-        outage = None if redis_port is None else redis_outage(base, redis_port, args.duration)
+        unbatched = measure_server(serve, ["--batch-max-size", "1"], users, k, rates, args.duration, None)
+        batched = measure_server(serve, [], users, k, rates, args.duration, redis_port)
     finally:
-        server.terminate()
-        server.wait(timeout=30)
         if redis_proc is not None:  # it may have been restarted (daemonized) by the outage run: stop it by port
             subprocess.run(["redis-cli", "-p", str(redis_port), "shutdown", "nosave"], capture_output=True, check=False)
             redis_proc.wait(timeout=10)
+    low_ms, capacity, steps, outage = batched["low_ms"], batched["capacity"], batched["steps"], batched["outage"]
+    before = unbatched["capacity"]
 
     result = {
         "items": args.items,
@@ -254,25 +286,34 @@ def main() -> int:
         "profile_store": "redis" if redis_proc is not None else "in-process",
         "in_process_floor_ms": floor,
         "grpc_echo_floor_ms": echo,
-        "low_load": {"rate": 50.0, "latency_ms": low_ms, "status_counts": low.status_counts},
+        "low_load": {"rate": 50.0, "latency_ms": low_ms, "status_counts": batched["low_status"]},
         "ratio_p50_to_floor": low_ms["p50"] / floor["p50"],
         "capacity_per_s": capacity,
         "redis_outage": outage,
         "steps": [step.to_json() for step in steps],
+        "unbatched": {  # the same server with --batch-max-size 1: dynamic batching off
+            "low_load": {"rate": 50.0, "latency_ms": unbatched["low_ms"], "status_counts": unbatched["low_status"]},
+            "capacity_per_s": before,
+            "steps": [step.to_json() for step in unbatched["steps"]],
+        },
+        "capacity_ratio_batched_to_unbatched": (capacity / before) if capacity and before else None,
         "slo": SLO,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "date": time.strftime("%Y-%m-%d"),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.json").write_text(json.dumps(result, indent=1))
-    print(capacity_table(capacity, steps))
+    print("without batching:\n" + capacity_table(before, unbatched["steps"]))
+    print("with batching:\n" + capacity_table(capacity, steps))
+    un_ms = unbatched["low_ms"]
     print(
         f"\n| measure | p50 ms | p99 ms |\n|---|---|---|\n"
         f"| in-process floor | {floor['p50']:.2f} | {floor['p99']:.2f} |\n"
         f"| gRPC echo floor | {echo['p50']:.2f} | {echo['p99']:.2f} |\n"
+        f"| server at 50/s, batching off | {un_ms['p50']:.2f} | {un_ms['p99']:.2f} |\n"
         f"| server at 50/s (open loop) | {low_ms['p50']:.2f} | {low_ms['p99']:.2f} |\n\n"
         f"p50 ratio server / in-process floor: {result['ratio_p50_to_floor']:.2f}; "
-        f"capacity at p99 <= 10 ms: {capacity or 'none'}"
+        f"capacity at p99 <= 10 ms: {capacity or 'none'} (batching off: {before or 'none'})"
     )
     if outage is not None:
         print(
