@@ -54,6 +54,8 @@ from loadtest.scenario import Scenario
 from loadtest.slo import parse_slo
 
 SLO = {"latency_ms": {"p99": 10.0}, "max_error_rate": 0.001}
+# Throughput whatever the latency: the highest rate still answered in full (the saturation point).
+THROUGHPUT_SLO = {"max_error_rate": 0.001, "min_achieved_ratio": 0.95}
 ECHO_METHOD = "/hyperrec.bench.Echo/Echo"
 
 
@@ -180,6 +182,7 @@ def measure_server(
     users: tuple[str, ...],
     k: int,
     rates: list[float],
+    throughput_rates: list[float],
     duration_s: float,
     outage_port: int | None,
 ) -> dict[str, Any]:
@@ -200,12 +203,21 @@ def measure_server(
         base = LoadSettings(target, rate=50.0, duration_s=duration_s, warmup_s=3.0, scenario=scenario, users=users)
         low = run(base)
         capacity, steps = search(base, rates, parse_slo(SLO, "make bench"))
+        saturation, load_steps = search(base, throughput_rates, parse_slo(THROUGHPUT_SLO, "make bench throughput"))
         outage = None if outage_port is None else redis_outage(base, outage_port, duration_s)
     finally:
         server.terminate()
         server.wait(timeout=30)
     low_ms = low.to_json(with_histograms=False)["latency_ms"]
-    return {"low_ms": low_ms, "low_status": low.status_counts, "capacity": capacity, "steps": steps, "outage": outage}
+    return {
+        "low_ms": low_ms,
+        "low_status": low.status_counts,
+        "capacity": capacity,
+        "steps": steps,
+        "saturation": saturation,
+        "throughput_steps": [step.to_json() for step in load_steps],
+        "outage": outage,
+    }
 
 
 def redis_outage(base: LoadSettings, redis_port: int, duration_s: float) -> dict[str, Any]:
@@ -241,6 +253,9 @@ def main() -> int:
     parser.add_argument("--users", type=int, default=1000)
     parser.add_argument("--repo", type=Path, default=Path(tempfile.gettempdir()) / "hyperrec-bench")
     parser.add_argument("--rates", default="250,500,750,1000,1250,1500,2000")
+    parser.add_argument(
+        "--throughput-rates", default="100,150,200,250,300,400,500,600,800", help="rates of the saturation search"
+    )
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--calls", type=int, default=500, help="sequential calls per floor")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -269,8 +284,9 @@ def main() -> int:
     serve = ServeSpec(args.repo, model, profiles, redis_url, secret)
     rates = [float(r) for r in args.rates.split(",")]
     try:
-        unbatched = measure_server(serve, ["--batch-max-size", "1"], users, k, rates, args.duration, None)
-        batched = measure_server(serve, [], users, k, rates, args.duration, redis_port)
+        through = [float(r) for r in args.throughput_rates.split(",")]
+        unbatched = measure_server(serve, ["--batch-max-size", "1"], users, k, rates, through, args.duration, None)
+        batched = measure_server(serve, [], users, k, rates, through, args.duration, redis_port)
     finally:
         if redis_proc is not None:  # it may have been restarted (daemonized) by the outage run: stop it by port
             subprocess.run(["redis-cli", "-p", str(redis_port), "shutdown", "nosave"], capture_output=True, check=False)
@@ -295,7 +311,12 @@ def main() -> int:
             "low_load": {"rate": 50.0, "latency_ms": unbatched["low_ms"], "status_counts": unbatched["low_status"]},
             "capacity_per_s": before,
             "steps": [step.to_json() for step in unbatched["steps"]],
+            "saturation_per_s": unbatched["saturation"],
+            "throughput_steps": unbatched["throughput_steps"],
         },
+        "saturation_per_s": batched["saturation"],  # highest rate answered in full (errors <= 0.1 %), any latency
+        "throughput_steps": batched["throughput_steps"],
+        "throughput_slo": THROUGHPUT_SLO,
         "capacity_ratio_batched_to_unbatched": (capacity / before) if capacity and before else None,
         "slo": SLO,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
@@ -313,7 +334,8 @@ def main() -> int:
         f"| server at 50/s, batching off | {un_ms['p50']:.2f} | {un_ms['p99']:.2f} |\n"
         f"| server at 50/s (open loop) | {low_ms['p50']:.2f} | {low_ms['p99']:.2f} |\n\n"
         f"p50 ratio server / in-process floor: {result['ratio_p50_to_floor']:.2f}; "
-        f"capacity at p99 <= 10 ms: {capacity or 'none'} (batching off: {before or 'none'})"
+        f"capacity at p99 <= 10 ms: {capacity or 'none'} (batching off: {before or 'none'}); "
+        f"saturation: {batched['saturation'] or 'none'}/s (batching off: {unbatched['saturation'] or 'none'}/s)"
     )
     if outage is not None:
         print(

@@ -93,6 +93,7 @@ def test_bench_runs_end_to_end_on_a_tiny_catalogue(tmp_path: Path) -> None:
     import sys
 
     args = [sys.executable, "-m", "loadtest.bench", "--items", "3000", "--users", "50", "--rates", "50"]
+    args += ["--throughput-rates", "50"]
     args += ["--duration", "1", "--calls", "20", "--repo", str(tmp_path / "repo"), "--out", str(tmp_path / "out")]
     done = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -102,6 +103,7 @@ def test_bench_runs_end_to_end_on_a_tiny_catalogue(tmp_path: Path) -> None:
     assert [step["rate"] for step in bench["steps"]] == [50.0] and "capacity" in done.stdout
     assert bench["unbatched"]["low_load"]["status_counts"] == {"OK": 50}  # the same server with batching off
     assert [step["rate"] for step in bench["unbatched"]["steps"]] == [50.0]
+    assert bench["saturation_per_s"] == 50.0 and bench["unbatched"]["saturation_per_s"] == 50.0
     outage = bench["redis_outage"]  # the bench's own Redis, stopped and restarted mid-run
     assert [e["ok"] for e in outage["events"]] == [True, True]
     assert set(outage["status_counts"]) == {"OK"} and outage["fallbacks_during_outage"] > 0
