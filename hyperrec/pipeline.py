@@ -308,7 +308,8 @@ class Recommender:
             if ranked.fallback is not None:
                 strategy = Strategy.UNRANKED
                 metrics.RANKING_FALLBACKS.labels(ranked.fallback).inc()
-                log.warning("ranking fell back to retrieval order (%s) for request %s", ranked.fallback, req.request_id)
+                # DEBUG: under overload every call may fall back; hyperrec_ranking_fallbacks_total counts them
+                log.debug("ranking fell back to retrieval order (%s) for request %s", ranked.fallback, req.request_id)
         metrics.RECOMMENDATIONS.labels(strategy.value, bundle.version).inc()
         tracing.annotate({"hyperrec.strategy": strategy.value, "hyperrec.model_version": bundle.version})
         timings.total_ms = (time.perf_counter() - start) * 1e3

@@ -33,6 +33,7 @@ class Step:
             "achieved_rate": self.result.achieved_rate,
             "error_rate": self.result.error_rate,
             "latency_ms": self.result.to_json(with_histograms=False)["latency_ms"],
+            "strategies": dict(sorted(self.result.strategies.items())),
             "checks": [
                 {"name": c.name, "threshold": c.threshold, "actual": c.actual, "passed": c.passed} for c in self.checks
             ],
