@@ -109,7 +109,9 @@ async def in_process_floor(
     users = list(load_profiles(profiles))
     slot = BundleSlot()
     slot.swap(bundle)
-    pipeline = Recommender(store, slot, PipelineOptions(500, RequestLimits()), ThreadPoolExecutor(2))
+    # Compute threads as the server makes them: OpenMP (FAISS) thread counts are per thread, one each.
+    executor = ThreadPoolExecutor(2, initializer=set_threads, initargs=(1,))
+    pipeline = Recommender(store, slot, PipelineOptions(500, RequestLimits()), executor)
     rng = np.random.default_rng(1)
     out = []
     for i in range(calls + calls // 10):
