@@ -254,7 +254,7 @@ def main() -> int:
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--users", type=int, default=1000)
     parser.add_argument("--repo", type=Path, default=Path(tempfile.gettempdir()) / "hyperrec-bench")
-    parser.add_argument("--rates", default="250,500,750,1000,1250,1500,2000")
+    parser.add_argument("--rates", default="100,150,200,250,300,400,500,750,1000")
     parser.add_argument(
         "--throughput-rates", default="100,150,200,250,300,400,500,600,800", help="rates of the saturation search"
     )
