@@ -1,6 +1,7 @@
 """Dynamic micro-batching: concurrent Recommend calls share one FAISS search and one ONNX Runtime run.
 
-Calls queue on the event loop. A batch (calls of one bundle, at most `max_batch`) leaves for a compute thread
+Calls queue on the event loop. A batch (calls of one bundle, at most `max_batch`; by default 16 when the ranker
+runs on a GPU and 1, no batching, on the CPU, where it measured no gain) leaves for a compute thread
 - at once when no batch is running: a lone call on an idle server never waits;
 - at once when `max_batch` calls are waiting;
 - otherwise when a compute thread is free and the oldest waiting call has waited `max_wait_s`.
@@ -26,12 +27,22 @@ from hyperrec.compute import Ranked, Work, rank_batch
 from hyperrec.errors import HyperrecError, Unavailable
 from hyperrec.ranker import RankingRun
 
+# Batch size when left to the server (max_batch 0): batching where it pays, on a GPU ranker, where one run over many
+# calls costs little more than one; off on the CPU, where make bench measured no reliable gain (docs/performance.md).
+AUTO_GPU_BATCH = 16
+
 
 @dataclass(frozen=True)
 class BatchSettings:
-    max_batch: int = 16
+    max_batch: int = 0  # 0: automatic (AUTO_GPU_BATCH on a GPU ranker, 1 = no batching on the CPU)
     max_wait_s: float = 0.0005
     workers: int = 2  # compute threads: batches run at most this many at a time
+
+    def limit_for(self, bundle: Bundle) -> int:
+        """The most calls of `bundle` computed together."""
+        if self.max_batch > 0:
+            return self.max_batch
+        return AUTO_GPU_BATCH if getattr(bundle.ranker, "device", "cpu") != "cpu" else 1
 
 
 @dataclass
@@ -73,26 +84,27 @@ class MicroBatcher:
             if not self._queue:
                 return
             oldest = self._queue[0]
+            limit = settings.limit_for(oldest.bundle)
             due = oldest.arrived + settings.max_wait_s
-            if self._running > 0 and len(self._queue) < settings.max_batch and loop.time() < due:
+            if self._running > 0 and len(self._queue) < limit and limit > 1 and loop.time() < due:
                 if self._timer is None:
                     self._timer = loop.call_at(due, self._on_timer, loop)
                 return
-            self._dispatch(loop, self._take(oldest.bundle))
+            self._dispatch(loop, self._take(oldest.bundle, limit))
 
     def _on_timer(self, loop: asyncio.AbstractEventLoop) -> None:
         self._timer = None
         self._pump(loop)
 
-    def _take(self, bundle: Bundle) -> list[_Waiting]:
-        """Up to max_batch waiting calls of `bundle`, oldest first; calls of other bundles keep their places."""
+    def _take(self, bundle: Bundle, limit: int) -> list[_Waiting]:
+        """Up to `limit` waiting calls of `bundle`, oldest first; calls of other bundles keep their places."""
         batch: list[_Waiting] = []
         rest: deque[_Waiting] = deque()
         while self._queue:
             waiting = self._queue.popleft()
             if waiting.future.done():
                 continue
-            if waiting.bundle is bundle and len(batch) < self._settings.max_batch:
+            if waiting.bundle is bundle and len(batch) < limit:
                 batch.append(waiting)
             else:
                 rest.append(waiting)

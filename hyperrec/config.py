@@ -99,10 +99,11 @@ class ServerConfig:
         ),
     )
     batch_max_size: int = field(
-        default=16,
+        default=0,
         metadata=_doc(
             "Most concurrent Recommend calls computed together (one FAISS search, one ONNX Runtime run); 1 turns "
-            "dynamic batching off."
+            "dynamic batching off; 0 chooses: 16 when the ranker runs on a GPU (CUDA, TensorRT), 1 on the CPU, "
+            "where make bench measured no reliable gain (docs/performance.md)."
         ),
     )
     batch_max_wait_us: float = field(
@@ -112,6 +113,15 @@ class ServerConfig:
             "call on an idle server never waits; while every compute thread is busy, calls gather anyway."
         ),
     )
+    cache_ttl_s: float = field(
+        default=0.0,
+        metadata=_doc(
+            "Top-N cache: reuse a user's personalized answer for the same profile, context segment (device, "
+            "surface, daypart, country, features), k, exclusions and model version for this many seconds; 0: off. "
+            "A new event or a model swap changes the key, so it never serves a stale profile or version."
+        ),
+    )
+    cache_max_entries: int = field(default=100_000, metadata=_doc("Most answers the top-N cache holds (LRU)."))
     ort_intra_op_threads: int = field(default=1, metadata=_doc("ONNX Runtime intra-op threads per inference."))
     ort_inter_op_threads: int = field(default=1, metadata=_doc("ONNX Runtime inter-op threads."))
     faiss_threads: int = field(default=1, metadata=_doc("FAISS OpenMP threads per search."))
@@ -229,7 +239,7 @@ class ServerConfig:
             "breaker_failures",
             "max_message_bytes",
             "max_in_flight",
-            "batch_max_size",
+            "cache_max_entries",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
@@ -244,7 +254,14 @@ class ServerConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be a positive number")
-        for name in ("grace_s", "drain_s", "watch_interval_s", "max_connection_age_s", "batch_max_wait_us"):
+        for name in (
+            "grace_s",
+            "drain_s",
+            "watch_interval_s",
+            "max_connection_age_s",
+            "batch_max_wait_us",
+            "cache_ttl_s",
+        ):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"{name} must be zero or more seconds")
@@ -265,6 +282,8 @@ class ServerConfig:
             raise ConfigError("tls_cert and tls_key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ConfigError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        if self.batch_max_size < 0:
+            raise ConfigError("batch_max_size must be 0 (automatic) or more")
         if self.index_device not in ("auto", "cpu", "gpu"):
             raise ConfigError(f"index_device must be auto, cpu or gpu, not {self.index_device!r}")
         if self.log_format not in ("text", "json"):

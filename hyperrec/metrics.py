@@ -35,6 +35,11 @@ BATCH_SIZE = Histogram(
     "Recommend calls computed together in one FAISS search and one ONNX Runtime run (dynamic micro-batching).",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128),
 )
+CACHE_REQUESTS = Counter(
+    "hyperrec_cache_requests_total",
+    "Top-N cache lookups by result (hit, miss); the hit ratio is hit / (hit + miss). Only with cache_ttl_s > 0.",
+    ["result"],
+)
 RECOMMENDATIONS = Counter(
     "hyperrec_recommendations_total", "Recommend answers by strategy and model version.", ["strategy", "model_version"]
 )

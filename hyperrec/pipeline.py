@@ -25,6 +25,7 @@ from hyperrec import metrics, tracing
 from hyperrec.batching import BatchSettings, MicroBatcher
 from hyperrec.breaker import CircuitBreaker, CircuitOpen
 from hyperrec.bundle import Bundle
+from hyperrec.cache import CACHED_STRATEGIES, CacheSettings, TopNCache, cache_key
 from hyperrec.compute import Cutoffs, Ranked, Work, rank_candidates
 from hyperrec.domain import (
     Recommendation,
@@ -61,6 +62,7 @@ class PipelineOptions:
     interest_events: int = 5
     ranking_budget_s: float = 0.1
     batching: BatchSettings = field(default_factory=BatchSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
 
 
 def canary_bucket(user_id: str) -> float:
@@ -242,6 +244,7 @@ class Recommender:
         self._executor = executor
         self._breaker = breaker or CircuitBreaker(failures=STORE_FAILURES)
         self._batcher = MicroBatcher(executor, options.batching, options.candidates)
+        self.cache = TopNCache(options.cache)
         self.recent_requests: deque[RecommendRequest] = deque(maxlen=64)  # shapes for warming up new versions
 
     @property
@@ -292,8 +295,14 @@ class Recommender:
                 uvec, strategy = user_vector(bundle, profile, self._options.interest_events)
             timings.profile_ms = (time.perf_counter() - start) * 1e3
             metrics.STAGE_DURATION.labels("profile").observe(timings.profile_ms / 1e3)
+        key, hit = None, None
+        if uvec is not None and self.cache.enabled and strategy in CACHED_STRATEGIES:
+            key = cache_key(req, profile, bundle.version, req.context.local_time(now))
+            hit = self.cache.get(key)
         if uvec is None:
             items = cold_start_items(bundle, req, now)
+        elif hit is not None:
+            items, strategy = hit.items, hit.strategy
         else:
             self.recent_requests.append(req)
             if deadline is not None and time.monotonic() >= deadline:
@@ -310,6 +319,8 @@ class Recommender:
                 metrics.RANKING_FALLBACKS.labels(ranked.fallback).inc()
                 # DEBUG: under overload every call may fall back; hyperrec_ranking_fallbacks_total counts them
                 log.debug("ranking fell back to retrieval order (%s) for request %s", ranked.fallback, req.request_id)
+            elif key is not None:
+                self.cache.put(key, items, strategy)
         metrics.RECOMMENDATIONS.labels(strategy.value, bundle.version).inc()
         tracing.annotate({"hyperrec.strategy": strategy.value, "hyperrec.model_version": bundle.version})
         timings.total_ms = (time.perf_counter() - start) * 1e3

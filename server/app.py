@@ -25,6 +25,7 @@ from hyperrec import metrics, tracing
 from hyperrec.batching import BatchSettings
 from hyperrec.breaker import CircuitBreaker
 from hyperrec.bundle import Bundle, list_versions
+from hyperrec.cache import CacheSettings
 from hyperrec.config import ServerConfig
 from hyperrec.domain import RequestLimits
 from hyperrec.errors import ConfigError, NotFound, ProfileStoreError
@@ -259,6 +260,7 @@ def create_server(config: ServerConfig, profile_store: ProfileStore | None = Non
         interest_events=config.interest_events,
         ranking_budget_s=config.ranking_budget_ms / 1e3,
         batching=BatchSettings(config.batch_max_size, config.batch_max_wait_us / 1e6, config.compute_threads),
+        cache=CacheSettings(config.cache_ttl_s, config.cache_max_entries),
     )
     breaker = CircuitBreaker(
         config.breaker_failures,

@@ -50,6 +50,8 @@ COVERED = {
     "hyperrec_model_loads_total",
     "hyperrec_model_active_version",
     "hyperrec_accelerator_info",
+    "hyperrec_batch_size_bucket",
+    "hyperrec_cache_requests_total",
 }
 METRIC_NAME = re.compile(r"\bhyperrec_[a-zA-Z0-9_]+")
 
