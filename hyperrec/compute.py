@@ -112,6 +112,8 @@ def _retrieve(
         wants = [max(candidates, works[i].req.k) for i in ann]
         queries = np.stack([works[i].uvec for i in ann])
         found = bundle.index.search_excluding_many(queries, wants, excluded)
+        if not bundle.index.exact_scores:  # compressed codes (IVF-PQ): rescore with the real vectors
+            found = [(bundle.item_embeddings[rows] @ q, rows) for q, (_, rows) in zip(queries, found, strict=True)]
         out.update(zip(ann, found, strict=True))
     for i in live:
         given = works[i].candidate_rows

@@ -27,6 +27,12 @@ log = logging.getLogger(__name__)
 
 FLAT = "flat"
 IVF = "ivf"
+HNSW = "hnsw"
+IVFPQ = "ivfpq"
+KINDS = (FLAT, IVF, HNSW, IVFPQ)
+IVF_KINDS = (IVF, IVFPQ)  # inverted-file indexes: nlist lists, nprobe probed, an exhaustive retry possible
+FAISS_CLASS = {FLAT: "IndexFlatIP", IVF: "IndexIVFFlat", HNSW: "IndexHNSWFlat", IVFPQ: "IndexIVFPQ"}
+PQ_TRAIN_SAMPLE = 262_144  # vectors IVF-PQ trains its quantisers on (a random sample of the catalogue)
 
 # Where an index runs (AnnIndex.device; also the `device` label of hyperrec_accelerator_info for the index).
 CPU = "cpu"
@@ -52,11 +58,21 @@ _gpu_resources: Any = None
 
 @dataclass(frozen=True)
 class IndexParams:
-    """How the index is built and searched; recorded in the bundle manifest."""
+    """How the index is built and searched; recorded in the bundle manifest.
+
+    flat: exact. ivf: `nlist` lists, `nprobe` probed per search. hnsw: a graph with `hnsw_m` links per node, built
+    with `ef_construction`, searched with `ef_search` (at least the number of results asked for). ivfpq: as ivf,
+    with vectors compressed to `pq_m` bytes (product quantisation, 8 bits per sub-vector); its scores are
+    approximate, so callers rescore the candidates exactly (`AnnIndex.exact_scores`).
+    """
 
     kind: str = FLAT
     nlist: int = 0
     nprobe: int = 0
+    hnsw_m: int = 32
+    ef_construction: int = 80
+    ef_search: int = 128
+    pq_m: int = 16
 
     @staticmethod
     def choose(n_items: int, flat_threshold: int = 20_000) -> IndexParams:
@@ -67,17 +83,35 @@ class IndexParams:
         return IndexParams(IVF, nlist=nlist, nprobe=max(8, nlist // 32))
 
     def to_json(self) -> dict[str, Any]:
-        return {"type": self.kind, "metric": "inner_product", "nlist": self.nlist, "nprobe": self.nprobe}
+        out: dict[str, Any] = {"type": self.kind, "metric": "inner_product", "nlist": self.nlist, "nprobe": self.nprobe}
+        if self.kind == HNSW:
+            out |= {"hnsw_m": self.hnsw_m, "ef_construction": self.ef_construction, "ef_search": self.ef_search}
+        if self.kind == IVFPQ:
+            out["pq_m"] = self.pq_m
+        return out
 
     @staticmethod
     def from_json(data: dict[str, Any]) -> IndexParams:
-        params = IndexParams(str(data["type"]), int(data.get("nlist", 0)), int(data.get("nprobe", 0)))
-        if params.kind not in (FLAT, IVF):
+        defaults = IndexParams()
+        params = IndexParams(
+            str(data["type"]),
+            int(data.get("nlist", 0)),
+            int(data.get("nprobe", 0)),
+            int(data.get("hnsw_m", defaults.hnsw_m)),
+            int(data.get("ef_construction", defaults.ef_construction)),
+            int(data.get("ef_search", defaults.ef_search)),
+            int(data.get("pq_m", defaults.pq_m)),
+        )
+        if params.kind not in KINDS:
             raise ValueError(f"unknown index type {params.kind!r}")
         if data.get("metric", "inner_product") != "inner_product":
             raise ValueError(f"unsupported metric {data.get('metric')!r}")
-        if params.kind == IVF and not (0 < params.nprobe <= params.nlist):
-            raise ValueError("ivf index needs 0 < nprobe <= nlist")
+        if params.kind in IVF_KINDS and not (0 < params.nprobe <= params.nlist):
+            raise ValueError(f"{params.kind} index needs 0 < nprobe <= nlist")
+        if params.kind == HNSW and min(params.hnsw_m, params.ef_construction, params.ef_search) < 1:
+            raise ValueError("hnsw index needs positive hnsw_m, ef_construction and ef_search")
+        if params.kind == IVFPQ and params.pq_m < 1:
+            raise ValueError("ivfpq index needs a positive pq_m")
         return params
 
 
@@ -139,6 +173,12 @@ def _place(index: Any, device: str) -> tuple[Any, str]:
     return None, reason
 
 
+def _hnsw_params(ef_search: int) -> Any:
+    params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]  # missing from faiss's own .pyi
+    params.efSearch = ef_search
+    return params
+
+
 ADD_CHUNK = 65_536  # vectors added per FAISS call when building (the unit of build progress)
 
 
@@ -158,11 +198,13 @@ class AnnIndex:
         self.device = CPU if self._gpu_index is None else CUDA
         self._search_params: Any = None
         self._exhaustive_params: Any = None
-        if params.kind == IVF:
+        if params.kind in IVF_KINDS:
             self._search_params = faiss.SearchParametersIVF()
             self._search_params.nprobe = params.nprobe
             self._exhaustive_params = faiss.SearchParametersIVF()
             self._exhaustive_params.nprobe = params.nlist
+        # PQ codes give approximate inner products: the caller rescores candidates with the real vectors
+        self.exact_scores = params.kind != IVFPQ
 
     @classmethod
     def build(
@@ -182,11 +224,21 @@ class AnnIndex:
         dim = vectors.shape[1]
         if params.kind == FLAT:
             index: Any = faiss.IndexFlatIP(dim)
-        else:
+        elif params.kind == HNSW:
+            index = faiss.IndexHNSWFlat(dim, params.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = params.ef_construction
+        elif params.kind == IVF:
             quantizer = faiss.IndexFlatIP(dim)
             index = faiss.IndexIVFFlat(quantizer, dim, params.nlist, faiss.METRIC_INNER_PRODUCT)
             index.cp.seed = seed
             index.train(vectors)
+        else:
+            quantizer = faiss.IndexFlatIP(dim)
+            index = faiss.IndexIVFPQ(quantizer, dim, params.nlist, params.pq_m, 8, faiss.METRIC_INNER_PRODUCT)
+            index.cp.seed = seed
+            rng = np.random.default_rng(seed)
+            sample = vectors if len(vectors) <= PQ_TRAIN_SAMPLE else vectors[rng.choice(len(vectors), PQ_TRAIN_SAMPLE)]
+            index.train(sample)
         total = len(vectors)
         if on_progress is not None:
             on_progress(0, total)
@@ -224,17 +276,22 @@ class AnnIndex:
             with _gpu_lock:  # freeing GPU memory goes through the shared resources too
                 del gpu_index
 
+    @property
+    def nbytes(self) -> int:
+        """Size of the index as FAISS serialises it (about its memory), in bytes."""
+        return int(faiss.serialize_index(self._index).nbytes)
+
     def save(self, path: Path) -> None:
         faiss.write_index(self._index, str(path))
 
     def check_params(self) -> None:
         """Raise ValueError when the FAISS index is not what `params` says (kind, metric, list count)."""
-        expected = {FLAT: "IndexFlatIP", IVF: "IndexIVFFlat"}[self.params.kind]
+        expected = FAISS_CLASS[self.params.kind]
         if self.kind_name != expected:
             raise ValueError(f"the file holds {self.kind_name}, the manifest says {self.params.kind} ({expected})")
         if self._index.metric_type != faiss.METRIC_INNER_PRODUCT:
             raise ValueError("the index does not use the inner-product metric")
-        if self.params.kind == IVF and int(self._index.nlist) != self.params.nlist:
+        if self.params.kind in IVF_KINDS and int(self._index.nlist) != self.params.nlist:
             raise ValueError(f"the index has {self._index.nlist} lists, the manifest says {self.params.nlist}")
 
     @property
@@ -255,6 +312,9 @@ class AnnIndex:
         q = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
         n = max(1, min(n, self.size))
         params = self._exhaustive_params if exhaustive else self._search_params
+        if self.params.kind == HNSW:
+            # the graph search keeps ef candidates: fewer than n would return fewer than n results
+            params = _hnsw_params(max(self.params.ef_search, (4 if exhaustive else 1) * n))
         gpu_index = self._gpu_index
         if gpu_index is not None and n <= GPU_MAX_K and (params is None or params.nprobe <= GPU_MAX_K):
             with _gpu_lock:
@@ -269,8 +329,8 @@ class AnnIndex:
         """Top-n rows for one query that are not in `excluded_rows`.
 
         Over-fetches by the number of exclusions; when an approximate search still
-        comes back short, repeats it exhaustively, so that min(n, size - |excluded|)
-        rows always come back.
+        comes back short, repeats it exhaustively (IVF: every list; HNSW: a four times
+        wider graph search), so that min(n, size - |excluded|) rows come back.
         """
         excluded = set(excluded_rows)
         want = min(n, self.size - len(excluded))
@@ -278,7 +338,7 @@ class AnnIndex:
             return np.empty(0, np.float32), np.empty(0, np.int64)
         fetch = want + len(excluded)
         scores, rows = self._keep(*self.search(query, fetch), excluded)
-        if len(rows) < want and self.params.kind == IVF:
+        if len(rows) < want and self.params.kind != FLAT:
             scores, rows = self._keep(*self.search(query, fetch, exhaustive=True), excluded)
         return scores[:want], rows[:want]
 
@@ -299,7 +359,7 @@ class AnnIndex:
                 out.append((np.empty(0, np.float32), np.empty(0, np.int64)))
                 continue
             kept_scores, kept_rows = self._keep(scores[i : i + 1], rows[i : i + 1], skip)
-            if len(kept_rows) < want and self.params.kind == IVF:
+            if len(kept_rows) < want and self.params.kind != FLAT:
                 kept_scores, kept_rows = self._keep(*self.search(queries[i], want + len(skip), exhaustive=True), skip)
             out.append((kept_scores[:want], kept_rows[:want]))
         return out

@@ -187,3 +187,14 @@ async def test_a_cancelled_call_is_left_out_of_its_batch(bundle: Bundle, one_thr
     release.set()
     _, first, last = await asyncio.wait_for(asyncio.gather(primer, calls[0], calls[2]), timeout=10)
     assert first.batch_size == last.batch_size == 2
+
+
+def test_compressed_index_candidates_are_rescored_with_the_real_vectors(tmp_path: Path) -> None:
+    """IVF-PQ returns approximate inner products; the answer's retrieval scores are the exact ones."""
+    pq = _bundle(tmp_path, 3, IndexParams("ivfpq", nlist=16, nprobe=8, pq_m=4))
+    assert not pq.index.exact_scores
+    work = works(pq, 1)[0]
+    ranked = rank_candidates(pq, work.uvec, work.req, work.now, 100)
+    for item in ranked.items:
+        exact = float(pq.item_embeddings[pq.row_of[item.item_id]] @ work.uvec)
+        assert item.retrieval_score == pytest.approx(exact, abs=1e-5)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from index.ann import FLAT, IVF, AnnIndex, IndexParams
+from index.ann import FLAT, HNSW, IVF, IVFPQ, AnnIndex, IndexParams
 
 
 def unit_vectors(n: int, dim: int, seed: int = 0) -> np.ndarray:
@@ -104,7 +104,15 @@ def test_everything_excluded_returns_nothing() -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", [{"type": "hnsw"}, {"type": "ivf", "nlist": 4, "nprobe": 9}, {"type": "flat", "metric": "l2"}]
+    "bad",
+    [
+        {"type": "annoy"},
+        {"type": "ivf", "nlist": 4, "nprobe": 9},
+        {"type": "ivfpq", "nlist": 4, "nprobe": 0},
+        {"type": "ivfpq", "nlist": 4, "nprobe": 2, "pq_m": 0},
+        {"type": "hnsw", "ef_search": 0},
+        {"type": "flat", "metric": "l2"},
+    ],
 )
 def test_index_params_from_manifest_are_checked(bad: dict[str, object]) -> None:
     with pytest.raises(ValueError):
@@ -120,3 +128,42 @@ def test_building_reports_progress_chunk_by_chunk(monkeypatch: pytest.MonkeyPatc
     index = AnnIndex.build(emb, IndexParams(IVF, nlist=4, nprobe=4), on_progress=lambda a, t: calls.append((a, t)))
     assert calls == [(0, 250), (100, 250), (200, 250), (250, 250)]
     assert index.size == 250
+
+
+GRAPH_AND_PQ = [
+    IndexParams(HNSW, hnsw_m=16, ef_construction=64, ef_search=64),
+    IndexParams(IVFPQ, nlist=32, nprobe=16, pq_m=8),
+]
+
+
+def recall_at(index: AnnIndex, emb: np.ndarray, queries: np.ndarray, n: int) -> float:
+    _, rows = index.search(queries, n)
+    exact = np.argsort(-(queries @ emb.T), axis=1)[:, :n]
+    return float(np.mean([len(set(r) & set(e)) / n for r, e in zip(rows, exact, strict=True)]))
+
+
+@pytest.mark.parametrize("params", GRAPH_AND_PQ, ids=["hnsw", "ivfpq"])
+def test_hnsw_and_ivfpq_find_most_exact_neighbours_and_round_trip(params: IndexParams, tmp_path: Path) -> None:
+    emb = unit_vectors(10_000, 16)
+    index = AnnIndex.build(emb, params)
+    index.check_params()
+    queries = unit_vectors(40, 16, seed=4)
+    # HNSW searches at least as wide as asked (ef >= n), so 200 results stay near-exact; PQ codes lose some order
+    assert recall_at(index, emb, queries, 200) > (0.9 if params.kind == HNSW else 0.5)
+    assert index.exact_scores == (params.kind != IVFPQ)
+    index.save(tmp_path / "index.faiss")
+    loaded = AnnIndex.load(tmp_path / "index.faiss", IndexParams.from_json(params.to_json()))
+    loaded.check_params()
+    np.testing.assert_array_equal(index.search(queries, 10)[1], loaded.search(queries, 10)[1])
+
+
+@pytest.mark.parametrize("params", GRAPH_AND_PQ, ids=["hnsw", "ivfpq"])
+def test_hnsw_and_ivfpq_exclusions_never_come_back_short(params: IndexParams) -> None:
+    emb = unit_vectors(3_000, 16, seed=5)
+    index = AnnIndex.build(emb, params)
+    query = emb[11]
+    excluded = set(range(0, 3_000, 3))  # a third of the catalogue, the query's own neighbours among them
+    _, rows = index.search_excluding(query, 500, excluded)
+    assert len(rows) == 500 and not set(rows.tolist()) & excluded
+    ((_, batch_rows),) = index.search_excluding_many(query[None, :], [500], [excluded])
+    assert len(batch_rows) == 500 and not set(batch_rows.tolist()) & excluded

@@ -187,3 +187,22 @@ async def test_a_redis_outage_mid_run_is_marked_and_answered_degraded_without_er
     assert timeline[1]["fallbacks"] > 0  # Redis is down from 1 s to 2 s
     assert timeline[3]["fallbacks"] == 0  # a second after the restart the breaker has closed again
     assert "answers by strategy:" in out and f"degraded: {result['strategies']['degraded']}" in out
+
+
+def test_scale_curve_measures_every_index_type_against_exact_search(tmp_path: Path) -> None:
+    """`make scale` on one small catalogue: every index type measured at each candidate count; exact search has
+    recall 1 and the approximate ones report theirs."""
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "loadtest.scale", "--sizes", "30000", "--candidates", "10,100", "--queries", "10"]
+    args += ["--out", str(tmp_path), "--plot", str(tmp_path / "scale.png")]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "scale.json").read_text())["rows"]
+    kinds = {r["params"]["type"] for r in rows}
+    assert kinds == {"flat", "ivf", "hnsw", "ivfpq"}
+    assert all(r["recall"] == 1.0 for r in rows if r["params"]["type"] == "flat")
+    assert all(0.0 < r["recall"] <= 1.0 and r["p50_ms"] > 0 and r["index_mb"] > 0 for r in rows)
+    assert {r["candidates"] for r in rows} == {10, 100}
+    assert (tmp_path / "scale.png").stat().st_size > 0 and "| items | index |" in done.stdout
