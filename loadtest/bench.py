@@ -193,7 +193,8 @@ def measure_server(
     port = free_port()
     env = dict(os.environ)
     cmd = [sys.executable, "-m", "hyperrec.cli", "serve", "--port", str(port), "--model-repo", str(spec.repo)]
-    cmd += ["--model-name", spec.model, "--seed-profiles", str(spec.profiles), "--log-level", "WARNING", *flags]
+    cmd += ["--model-name", spec.model, "--seed-profiles", str(spec.profiles), "--log-level", "WARNING"]
+    cmd += ["--watch-interval-s", "1", *flags]  # the swap run publishes a version mid-run
     if spec.redis_url is not None:
         cmd += ["--redis-url", spec.redis_url]
         env["HYPERREC_PROFILE_SECRET"] = spec.secret
@@ -206,6 +207,7 @@ def measure_server(
         low = run(base)
         capacity, steps = search(base, rates, parse_slo(SLO, "make bench"))
         saturation, load_steps = search(base, throughput_rates, parse_slo(THROUGHPUT_SLO, "make bench throughput"))
+        swap = None if outage_port is None else swap_run(base, spec, duration_s)
         outage = None if outage_port is None else redis_outage(base, outage_port, duration_s)
     finally:
         server.terminate()
@@ -219,6 +221,37 @@ def measure_server(
         "saturation": saturation,
         "throughput_steps": [step.to_json() for step in load_steps],
         "outage": outage,
+        "swap": swap,
+    }
+
+
+def swap_run(base: LoadSettings, spec: ServeSpec, duration_s: float) -> dict[str, Any]:
+    """The low-rate run again while a new version (a hard-linked copy of the served one) is published mid-run:
+    the server's watcher loads, validates and warms it off the request path and swaps it in. Returns the run's
+    p99 against a steady run's, measured right before it; the copy is removed afterwards."""
+    steady = run(base)
+    model_dir = spec.repo / spec.model
+    current = max(int(v.name) for v in model_dir.iterdir() if v.name.isdigit())
+    staging, new = model_dir / f".staging-{current + 1}", model_dir / str(current + 1)
+    publish = f"sh -c 'cp -al {model_dir / str(current)} {staging} && mv {staging} {new}'"
+    # twice as long, published a quarter in: time for the watcher to see it and to load and warm 1M items
+    swapping = replace(
+        base, duration_s=2 * duration_s, actions=(parse_action(f"{duration_s / 2:g}:command:{publish}"),)
+    )
+    result = run(swapping)
+    shutil.rmtree(new, ignore_errors=True)
+    shutil.rmtree(staging, ignore_errors=True)
+    steady_ms = steady.to_json(with_histograms=False)["latency_ms"]
+    swap_ms = result.to_json(with_histograms=False)["latency_ms"]
+    print(f"model swap: {result.status_counts}, versions {result.versions}, p99 {swap_ms['p99']:.2f} ms", flush=True)
+    return {
+        "rate": base.rate,
+        "steady_latency_ms": steady_ms,
+        "latency_ms": swap_ms,
+        "p99_ratio_to_steady": swap_ms["p99"] / steady_ms["p99"] if steady_ms["p99"] else None,
+        "status_counts": result.status_counts,
+        "versions": result.versions,
+        "events": result.events,
     }
 
 
@@ -294,7 +327,7 @@ def main() -> int:
         if redis_proc is not None:  # it may have been restarted (daemonized) by the outage run: stop it by port
             subprocess.run(["redis-cli", "-p", str(redis_port), "shutdown", "nosave"], capture_output=True, check=False)
             redis_proc.wait(timeout=10)
-    low_ms, capacity, outage = main_run["low_ms"], main_run["capacity"], main_run["outage"]
+    low_ms, capacity, outage, swap = main_run["low_ms"], main_run["capacity"], main_run["outage"], main_run["swap"]
     batched_capacity = batched["capacity"]
 
     result = {
@@ -312,6 +345,7 @@ def main() -> int:
         "saturation_per_s": main_run["saturation"],  # highest rate answered in full (errors <= 0.1 %), any latency
         "throughput_steps": main_run["throughput_steps"],
         "redis_outage": outage,
+        "model_swap": swap,
         "batched": {  # the same server with --batch-max-size 16
             "low_load": {"rate": 50.0, "latency_ms": batched["low_ms"], "status_counts": batched["low_status"]},
             "capacity_per_s": batched_capacity,
@@ -340,6 +374,12 @@ def main() -> int:
         f"capacity at p99 <= 10 ms: {capacity or 'none'} (batched: {batched_capacity or 'none'}); "
         f"saturation: {main_run['saturation'] or 'none'}/s (batched: {batched['saturation'] or 'none'}/s)"
     )
+    if swap is not None:
+        print(
+            f"model swap at {swap['rate']:g}/s: {swap['status_counts']}, answers by version {swap['versions']}, "
+            f"p99 {swap['latency_ms']['p99']:.2f} ms against {swap['steady_latency_ms']['p99']:.2f} ms steady "
+            f"({swap['p99_ratio_to_steady']:.2f}x)"
+        )
     if outage is not None:
         print(
             f"Redis outage at {outage['rate']:g}/s: {outage['status_counts']}, "

@@ -104,6 +104,9 @@ def test_bench_runs_end_to_end_on_a_tiny_catalogue(tmp_path: Path) -> None:
     assert bench["batched"]["low_load"]["status_counts"] == {"OK": 50}  # the same server, batches of up to 16
     assert [step["rate"] for step in bench["batched"]["steps"]] == [50.0]
     assert bench["saturation_per_s"] == 50.0 and bench["batched"]["saturation_per_s"] == 50.0
+    swap = bench["model_swap"]  # a version published mid-run and picked up by the watcher
+    assert set(swap["status_counts"]) == {"OK"} and swap["events"][0]["ok"] and swap["p99_ratio_to_steady"] > 0
+    assert not list((tmp_path / "repo").glob("*/2"))  # the published copy is removed again
     outage = bench["redis_outage"]  # the bench's own Redis, stopped and restarted mid-run
     assert [e["ok"] for e in outage["events"]] == [True, True]
     assert set(outage["status_counts"]) == {"OK"} and outage["fallbacks_during_outage"] > 0
