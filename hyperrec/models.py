@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import gc
 import hashlib
 import json
 import logging
@@ -65,6 +66,25 @@ class LoadSettings:
     keep_previous: bool = True  # keep the version swapped out loaded, for an instant rollback
     affinity_half_life_s: float | None = None  # the profiles' half-life, which behaviour features must match
     index_device: str | None = None  # "auto", "cpu" or "gpu"; None: index.ann's process default ("auto")
+
+
+def load_without_gc_pauses(directory: Path, ranker: RankerOptions, index_device: str | None) -> Bundle:
+    """Bundle.load with the cyclic garbage collector paused, then the loaded objects frozen.
+
+    Loading a large catalogue creates millions of objects (item ids, the id-to-row map). With the collector on,
+    their allocation triggers full collections that hold the GIL and stall the event loop while it serves; a probe
+    loading the 1M-item bench bundle beside an asyncio loop measured the load 40 % faster and the worst loop stall
+    20-30 % shorter without them (docs/performance.md). Freezing moves
+    what exists after the load (the bundle's objects included) out of later collections, so the serving
+    process does not rescan a million ids on every full collection. The collector is paused process-wide, for
+    the load's few seconds only.
+    """
+    gc.disable()
+    try:
+        return Bundle.load(directory, ranker, index_device)
+    finally:
+        gc.freeze()
+        gc.enable()
 
 
 def manifest_fingerprint(directory: Path) -> str:
@@ -175,7 +195,7 @@ class ModelManager:
         started = time.perf_counter()
         try:
             bundle = await loop.run_in_executor(
-                self._loader, Bundle.load, directory, self._settings.ranker, self._settings.index_device
+                self._loader, load_without_gc_pauses, directory, self._settings.ranker, self._settings.index_device
             )
             if bundle.model_name != self.model_name:
                 raise BundleError(MANIFEST, f"names model {bundle.model_name!r}, not {self.model_name!r}")

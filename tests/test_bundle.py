@@ -255,3 +255,29 @@ def test_manifest_fields_of_the_wrong_type_are_bundle_errors(bundle_dir: Path, c
     with pytest.raises(BundleError) as err:
         Bundle.load(bundle_dir)
     assert err.value.file in (MANIFEST, ITEM_IDS)
+
+
+def test_loading_pauses_the_garbage_collector_only_while_it_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The model manager's load turns the cyclic collector off for the load and back on after it, also when the
+    version is broken (a full collection during a large load would stall the serving event loop)."""
+    import gc
+
+    from hyperrec.models import load_without_gc_pauses
+    from hyperrec.ranker import RankerOptions
+    from tests.helpers import publish_toy
+
+    seen: list[bool] = []
+    real = Bundle.load
+
+    def watching(*args: object) -> Bundle:
+        seen.append(gc.isenabled())
+        return real(*args)  # type: ignore[arg-type]
+
+    version = publish_toy(tmp_path, model_name="toy", seed=1)
+    monkeypatch.setattr(Bundle, "load", watching)
+    bundle = load_without_gc_pauses(version, RankerOptions(), None)
+    with pytest.raises(BundleError):
+        load_without_gc_pauses(tmp_path / "toy" / "99", RankerOptions(), None)
+    assert bundle.version == "1" and seen == [False, False] and gc.isenabled()
