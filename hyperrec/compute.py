@@ -106,20 +106,19 @@ def _retrieve(
     """(retrieval scores, rows) per live request: one FAISS search for all ANN requests, inner products for
     given candidate sets."""
     out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    excluded = {i: {bundle.row_of[x] for x in works[i].req.exclude if x in bundle.row_of} for i in live}
     ann = [i for i in live if works[i].candidate_rows is None]
     if ann:
-        excluded = [{bundle.row_of[x] for x in works[i].req.exclude if x in bundle.row_of} for i in ann]
         wants = [max(candidates, works[i].req.k) for i in ann]
         queries = np.stack([works[i].uvec for i in ann])
-        found = bundle.index.search_excluding_many(queries, wants, excluded)
+        found = bundle.index.search_excluding_many(queries, wants, [excluded[i] for i in ann])
         if not bundle.index.exact_scores:  # compressed codes (IVF-PQ): rescore with the real vectors
             found = [(bundle.item_embeddings[rows] @ q, rows) for q, (_, rows) in zip(queries, found, strict=True)]
         out.update(zip(ann, found, strict=True))
     for i in live:
         given = works[i].candidate_rows
         if given is not None:
-            excluded_rows = {bundle.row_of[x] for x in works[i].req.exclude if x in bundle.row_of}
-            rows = np.array([r for r in given if r not in excluded_rows], dtype=np.int64)
+            rows = np.array([r for r in given if r not in excluded[i]], dtype=np.int64)
             out[i] = (bundle.item_embeddings[rows] @ works[i].uvec, rows)
     return out
 
@@ -139,10 +138,8 @@ def _score(
     segments = None if bundle.segments is None else assign_segments(bundle.segments, users)
     contexts = np.stack(
         [
-            encode_context(
-                works[i].req.context, bundle.feature_spec, works[i].now, segment=None if segments is None else int(s)
-            )
-            for i, s in zip(rank, segments if segments is not None else [None] * len(rank), strict=True)
+            encode_context(works[i].req.context, bundle.feature_spec, works[i].now, segment=segment)
+            for i, segment in zip(rank, [None] * len(rank) if segments is None else segments.tolist(), strict=True)
         ]
     )
     items = bundle.item_embeddings[padded]

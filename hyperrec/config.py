@@ -292,6 +292,14 @@ class ServerConfig:
             raise ConfigError(f"unknown log_level {self.log_level!r}")
 
 
+def read_file(path: Path, what: str) -> bytes:
+    """The bytes of a file a setting names (a certificate, a key); ConfigError naming the setting if unreadable."""
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc}") from exc
+
+
 def _base_type(tp: Any) -> type:
     """The concrete type of a field annotation, unwrapping `X | None`."""
     if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:

@@ -17,16 +17,12 @@ from typing import Any
 
 import grpc
 
+from hyperrec.config import read_file
 from hyperrec.errors import ConfigError
 
 
 def _read(path: Path | None, what: str) -> bytes | None:
-    if path is None:
-        return None
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {what} {path}: {exc}") from exc
+    return None if path is None else read_file(path, what)
 
 
 @dataclass(frozen=True)

@@ -268,10 +268,9 @@ class Recommender:
 
     def _cutoffs(self, arrived: float, deadline: float | None) -> Cutoffs:
         rank_by = arrived + self._options.ranking_budget_s
-        by_deadline = deadline is not None and deadline - REPLY_MARGIN_S < rank_by
-        if deadline is not None and by_deadline:
-            rank_by = deadline - REPLY_MARGIN_S
-        return Cutoffs(deadline, rank_by, by_deadline)
+        if deadline is not None and deadline - REPLY_MARGIN_S < rank_by:
+            return Cutoffs(deadline, deadline - REPLY_MARGIN_S, rank_by_deadline=True)
+        return Cutoffs(deadline, rank_by)
 
     async def recommend(self, req: RecommendRequest, deadline: float | None = None) -> Recommendation:
         """Answer one request. `deadline` is a time.monotonic() instant after which no work is done."""

@@ -332,15 +332,7 @@ class AnnIndex:
         comes back short, repeats it exhaustively (IVF: every list; HNSW: a four times
         wider graph search), so that min(n, size - |excluded|) rows come back.
         """
-        excluded = set(excluded_rows)
-        want = min(n, self.size - len(excluded))
-        if want <= 0:
-            return np.empty(0, np.float32), np.empty(0, np.int64)
-        fetch = want + len(excluded)
-        scores, rows = self._keep(*self.search(query, fetch), excluded)
-        if len(rows) < want and self.params.kind != FLAT:
-            scores, rows = self._keep(*self.search(query, fetch, exhaustive=True), excluded)
-        return scores[:want], rows[:want]
+        return self.search_excluding_many(np.asarray(query)[None, :], [n], [excluded_rows])[0]
 
     def search_excluding_many(
         self, queries: np.ndarray, wants: Sequence[int], excluded_rows: Sequence[Collection[int]]

@@ -14,7 +14,6 @@ import secrets
 import signal
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -26,7 +25,7 @@ from hyperrec.batching import BatchSettings
 from hyperrec.breaker import CircuitBreaker
 from hyperrec.bundle import Bundle, list_versions
 from hyperrec.cache import CacheSettings
-from hyperrec.config import ServerConfig
+from hyperrec.config import ServerConfig, read_file
 from hyperrec.domain import RequestLimits
 from hyperrec.errors import ConfigError, NotFound, ProfileStoreError
 from hyperrec.ingest import ProfileService
@@ -76,13 +75,6 @@ def build_profile_store(config: ServerConfig) -> ProfileStore:
     return InMemoryProfileStore(pseudonymizer, settings)
 
 
-def _read_pem(path: Path, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {what} {path}: {exc}") from exc
-
-
 def server_options(config: ServerConfig) -> list[tuple[str, int]]:
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -99,25 +91,27 @@ def server_options(config: ServerConfig) -> list[tuple[str, int]]:
     return options
 
 
+def listen(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None, why: str) -> int:
+    """Add a plaintext or TLS port; the bound port, or ConfigError when grpcio cannot bind it. grpcio gives no
+    reason (it raises RuntimeError, or returns 0), so `why` names the likely ones."""
+    try:
+        port = (
+            server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
+        )
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise ConfigError(f"cannot listen on {address}: {why}")
+    return port
+
+
 def bind(server: grpc.aio.Server, config: ServerConfig) -> int:
     """Listen on the configured address (TLS when configured); the bound port, or ConfigError saying why not."""
-    address = f"{config.host}:{config.port}"
     credentials = server_credentials(config)
-    try:
-        if credentials is None:
-            port = server.add_insecure_port(address)
-        else:
-            port = server.add_secure_port(address, credentials)
-    except RuntimeError:  # grpcio gives no reason: name the likely ones
-        port = 0
-    if port == 0 and credentials is not None:
-        raise ConfigError(
-            f"cannot listen on {address}: tls_cert and tls_key are not a usable pair (the key must be the "
-            "certificate's), or the address is in use"
-        )
-    if port == 0:
-        raise ConfigError(f"cannot listen on {address}: the address is in use or not local")
-    return port
+    why = "the address is in use or not local"
+    if credentials is not None:
+        why = "tls_cert and tls_key are not a usable pair (the key must be the certificate's), or " + why
+    return listen(server, f"{config.host}:{config.port}", credentials, why)
 
 
 def health_port(health: health_aio.HealthServicer, config: ServerConfig) -> tuple[grpc.aio.Server, int]:
@@ -125,26 +119,20 @@ def health_port(health: health_aio.HealthServicer, config: ServerConfig) -> tupl
     server = grpc.aio.server()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     address = f"{config.host}:{config.health_port}"
-    try:
-        port = server.add_insecure_port(address)
-    except RuntimeError:
-        port = 0
-    if port == 0:
-        raise ConfigError(f"cannot listen on {address} (health_port): the address is in use or not local")
-    return server, port
+    return server, listen(server, address, None, "health_port: the address is in use or not local")
 
 
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     """TLS credentials from the configured PEM files (mutual TLS when a client CA is set), or None: plaintext."""
     if config.tls_cert is None or config.tls_key is None:
         return None
-    chain = _read_pem(config.tls_cert, "tls_cert")
-    key = _read_pem(config.tls_key, "tls_key")
+    chain = read_file(config.tls_cert, "tls_cert")
+    key = read_file(config.tls_key, "tls_key")
     if b"-----BEGIN CERTIFICATE-----" not in chain:
         raise ConfigError(f"tls_cert {config.tls_cert} holds no PEM certificate")
     if b"PRIVATE KEY-----" not in key:
         raise ConfigError(f"tls_key {config.tls_key} holds no PEM private key")
-    client_ca = None if config.tls_client_ca is None else _read_pem(config.tls_client_ca, "tls_client_ca")
+    client_ca = None if config.tls_client_ca is None else read_file(config.tls_client_ca, "tls_client_ca")
     try:
         return grpc.ssl_server_credentials(
             [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None

@@ -28,13 +28,14 @@ from server.status import status_for
 Handler = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
 
 
-def _code_name(context: grpc.aio.ServicerContext[Any, Any], failed: bool) -> str:
+def _code_name(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """The status a failed call ended with (UNKNOWN when the handler raised without setting one)."""
     code = context.code()
     if isinstance(code, grpc.StatusCode):
         return code.name
     if isinstance(code, int):  # the cython context may hold the raw status number
         return next((c.name for c in grpc.StatusCode if c.value[0] == code), "UNKNOWN")
-    return "UNKNOWN" if failed else "OK"
+    return "UNKNOWN"
 
 
 class CallGate(grpc.aio.ServerInterceptor):
@@ -100,7 +101,7 @@ class CallGate(grpc.aio.ServerInterceptor):
                 raise
             except BaseException:
                 failed = True
-                metrics.REQUESTS.labels(method, _code_name(context, failed)).inc()
+                metrics.REQUESTS.labels(method, _code_name(context)).inc()
                 raise
             finally:
                 if limited:

@@ -114,3 +114,10 @@ def make_contents(
 
 def publish_toy(repo: Path, **kwargs: object) -> Path:
     return publish_bundle(repo, make_contents(**kwargs))  # type: ignore[arg-type]
+
+
+def sample(name: str, labels: dict[str, str] | None = None) -> float:
+    """A Prometheus sample of the default registry (this process's server), 0 when it has none yet."""
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels or {}) or 0.0

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client import REGISTRY
 
 from hyperrec.bundle import Bundle
 from hyperrec.cache import CacheSettings, TopNCache, profile_fingerprint
@@ -20,14 +19,10 @@ from hyperrec.v1 import admin_pb2_grpc as apb_grpc
 from hyperrec.v1 import profiles_pb2 as ppb
 from hyperrec.v1 import profiles_pb2_grpc as ppb_grpc
 from hyperrec.v1 import recommender_pb2 as pb
-from tests.helpers import publish_toy
+from tests.helpers import publish_toy, sample
 from tests.serving import TEST_SECRET, Running, request, running_server
 
 ADMIN = "cache-admin-token-0123456789"
-
-
-def sample(name: str, labels: dict[str, str] | None = None) -> float:
-    return REGISTRY.get_sample_value(name, labels or {}) or 0.0
 
 
 def hits() -> float:

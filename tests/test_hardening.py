@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client import REGISTRY
 
 from hyperrec.bundle import Bundle, publish_bundle
 from hyperrec.compute import Cutoffs, rank_candidates
@@ -31,7 +30,7 @@ from hyperrec.ranker import RankingRun
 from hyperrec.v1 import admin_pb2 as apb
 from hyperrec.v1 import admin_pb2_grpc as apb_grpc
 from hyperrec.v1 import recommender_pb2 as pb
-from tests.helpers import make_contents, make_ranker_onnx
+from tests.helpers import make_contents, make_ranker_onnx, sample
 from tests.serving import TEST_SECRET, Running, request, running_server
 
 RECOMMEND = "/hyperrec.v1.Recommender/Recommend"
@@ -55,10 +54,6 @@ def toy_bundle(toy_repo: Path) -> Bundle:
 
 def fan_of(bundle: Bundle, row: int) -> Profile:
     return Profile(user_vector=bundle.item_embeddings[row].copy(), embedding_space=bundle.manifest.embedding_space)
-
-
-def sample(name: str, labels: dict[str, str] | None = None) -> float:
-    return REGISTRY.get_sample_value(name, labels or {}) or 0.0
 
 
 # --- overload -------------------------------------------------------------------------------------------------

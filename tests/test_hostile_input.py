@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import prometheus_client
 import pytest
 import redis
 from google.protobuf.message import DecodeError, Message
@@ -38,7 +37,7 @@ from hyperrec.v1 import admin_pb2 as apb
 from hyperrec.v1 import profiles_pb2 as ppb
 from hyperrec.v1 import recommender_pb2 as pb
 from tests.conftest import RedisProcess
-from tests.helpers import publish_toy
+from tests.helpers import publish_toy, sample
 from tests.serving import TEST_SECRET, Running, running_server
 
 MAX_MESSAGE_BYTES = 256 * 1024  # small enough to exceed cheaply, large enough for a 100 KB field under it
@@ -120,10 +119,6 @@ class Baseline:
 
 
 FAULT_CODES = ("INTERNAL", "UNKNOWN")
-
-
-def sample(name: str, labels: dict[str, str] | None = None) -> float:
-    return prometheus_client.REGISTRY.get_sample_value(name, labels or {}) or 0.0
 
 
 def fault_counts() -> dict[tuple[str, str], float]:
