@@ -24,25 +24,44 @@ import numpy as np
 
 from hyperrec.errors import BundleError, NotFound
 from hyperrec.features import FeatureSpec
+from hyperrec.items import ItemIds
 from hyperrec.names import check_name
 from hyperrec.ranker import OnnxRanker, RankerOptions
 from index.ann import AnnIndex, IndexParams
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what write_bundle writes
+# Format 1 held the item ids and each item's categories as JSON; parsing a million ids from JSON stalled a serving
+# process's event loop, so format 2 holds them as numpy arrays. Format 1 bundles still load.
+READABLE_FORMATS = (1, 2)
 MANIFEST = "manifest.json"
 RANKER = "ranker.onnx"
 EMBEDDINGS = "item_embeddings.npy"
-ITEM_IDS = "item_ids.json"
+ITEM_IDS = "item_ids.npy"  # uint8: every id's UTF-8 bytes, concatenated in row order
+ITEM_ID_OFFSETS = "item_id_offsets.npy"  # int64 [item_count + 1]: row i's id is ITEM_IDS[offsets[i]:offsets[i + 1]]
+ITEM_IDS_JSON = "item_ids.json"  # format 1: a JSON array of the ids
 INDEX = "index.faiss"
 COLD_START = "cold_start.json"
 ITEM_FEATURES = "item_features.npy"
 SEGMENTS = "segments.npy"
-ITEM_CATEGORIES = "item_categories.json"
-DATA_FILES = (RANKER, EMBEDDINGS, ITEM_IDS, INDEX, COLD_START)
+ITEM_CATEGORIES = "item_categories.json"  # the category names (format 1: and each item's categories)
+ITEM_CATEGORY_COLUMNS = "item_category_columns.npy"  # int64 [item_count, most per item]: names' indexes, -1 pad
+DATA_FILES = (RANKER, EMBEDDINGS, ITEM_IDS, ITEM_ID_OFFSETS, INDEX, COLD_START)
 # Present exactly when the feature spec names item features / has a segment block.
 OPTIONAL_FILES = (ITEM_FEATURES, SEGMENTS)
 # Present when the catalogue has category metadata (live category affinities and declared interests need it).
-CATALOGUE_FILES = (ITEM_CATEGORIES,)
+CATALOGUE_FILES = (ITEM_CATEGORIES, ITEM_CATEGORY_COLUMNS)
+
+
+def data_files(format_version: int) -> tuple[str, ...]:
+    """The files every bundle of this format has."""
+    return DATA_FILES if format_version != 1 else (RANKER, EMBEDDINGS, ITEM_IDS_JSON, INDEX, COLD_START)
+
+
+def catalogue_files(format_version: int) -> tuple[str, ...]:
+    """The files of a bundle of this format with category metadata."""
+    return CATALOGUE_FILES if format_version != 1 else (ITEM_CATEGORIES,)
+
+
 STAGING_PREFIX = ".staging-"
 GLOBAL_SEGMENT = "global"
 
@@ -87,12 +106,13 @@ class ColdStart:
         }
 
     @staticmethod
-    def from_json(data: Mapping[str, Any], known: Mapping[str, int]) -> ColdStart:
+    def from_json(data: Mapping[str, Any], known: ItemIds) -> ColdStart:
         def items(raw: Sequence[Any], where: str) -> tuple[tuple[str, float], ...]:
             out = tuple((str(i), float(s)) for i, s in raw)
-            for item_id, _ in out:
-                if item_id not in known:
-                    raise BundleError(COLD_START, f"{where} names item {item_id!r}, which is not in {ITEM_IDS}")
+            rows = known.rows(item_id for item_id, _ in out)
+            if (rows < 0).any():
+                missing = out[int(np.flatnonzero(rows < 0)[0])][0]
+                raise BundleError(COLD_START, f"{where} names item {missing!r}, which is not in the bundle's ids")
             return out
 
         try:
@@ -145,8 +165,9 @@ class Manifest:
     def from_json(data: Mapping[str, Any]) -> Manifest:
         try:
             version = data["format_version"]
-            if version != FORMAT_VERSION or not isinstance(version, int):
-                raise BundleError(MANIFEST, f"format_version {version} is not supported (expected {FORMAT_VERSION})")
+            if type(version) is not int or version not in READABLE_FORMATS:
+                readable = " or ".join(str(v) for v in READABLE_FORMATS)
+                raise BundleError(MANIFEST, f"format_version {version} is not supported (expected {readable})")
             spec = FeatureSpec.from_json(data["feature_spec"])
             if int(data["embedding_dim"]) != spec.embedding_dim:
                 raise BundleError(MANIFEST, "embedding_dim disagrees with feature_spec.embedding_dim")
@@ -193,10 +214,13 @@ class Categories:
     """The catalogue's categories: names, each item's categories, and each category's mean item embedding."""
 
     names: tuple[str, ...]
-    of_item: tuple[tuple[str, ...], ...]  # by bundle row
     centroids: np.ndarray  # float32 [len(names), embedding_dim]
     columns: np.ndarray  # int64 [items, most categories of an item]: each item's category indexes, -1 padding
     index: Mapping[str, int]  # name -> position in `names` (built once: requests look it up)
+
+    def of_row(self, row: int) -> tuple[str, ...]:
+        """The categories of the item at `row`."""
+        return tuple(self.names[c] for c in self.columns[row].tolist() if c >= 0)
 
     def centroid_of(self, names: Sequence[str]) -> np.ndarray | None:
         """Mean of the named categories' centroids (unknown names ignored); None when none is known."""
@@ -204,36 +228,58 @@ class Categories:
         return None if not rows else np.asarray(self.centroids[rows].mean(axis=0), dtype=np.float32)
 
     def to_json(self) -> dict[str, Any]:
-        return {"names": list(self.names), "items": [[self.index[c] for c in cats] for cats in self.of_item]}
+        return {"names": list(self.names)}
 
     @staticmethod
     def build(of_item: Sequence[Sequence[str]], embeddings: np.ndarray) -> Categories:
+        """From each item's category names (a trainer's catalogue)."""
         names = tuple(sorted({c for cats in of_item for c in cats}))
         index = {name: i for i, name in enumerate(names)}
-        sums = np.zeros((len(names), embeddings.shape[1]), dtype=np.float64)
-        counts = np.zeros(len(names), dtype=np.int64)
-        for row, cats in enumerate(of_item):
-            for c in cats:
-                sums[index[c]] += embeddings[row]
-                counts[index[c]] += 1
-        centroids = (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
         columns = np.full((len(of_item), max((len(c) for c in of_item), default=0) or 1), -1, dtype=np.int64)
         for row, cats in enumerate(of_item):
             columns[row, : len(cats)] = [index[c] for c in cats]
-        return Categories(names, tuple(tuple(cats) for cats in of_item), centroids, columns, index)
+        return Categories.from_columns(names, columns, embeddings)
 
     @staticmethod
-    def from_json(data: Any, embeddings: np.ndarray) -> Categories:
+    def from_columns(names: Sequence[str], columns: np.ndarray, embeddings: np.ndarray) -> Categories:
+        """From the names and the per-item index matrix; ValueError when they do not fit each other or the items.
+
+        Vectorised: a bundle's million items cost a few numpy passes, not a Python loop per item."""
+        if len(set(names)) != len(names):
+            raise ValueError("category names repeat")
+        if columns.ndim != 2 or columns.shape[0] != len(embeddings) or columns.dtype != np.int64:
+            raise ValueError(f"is {columns.dtype} {columns.shape}, expected int64 ({len(embeddings)}, widest)")
+        if columns.size and (columns.min() < -1 or columns.max() >= len(names)):
+            raise ValueError(f"holds a category index outside -1..{len(names) - 1}")
+        sums = np.zeros((len(names), embeddings.shape[1]), dtype=np.float64)
+        counts = np.zeros(len(names), dtype=np.int64)
+        for j in range(columns.shape[1]):
+            column = columns[:, j]
+            present = column >= 0
+            np.add.at(sums, column[present], embeddings[present])
+            counts += np.bincount(column[present], minlength=len(names))
+        centroids = (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
+        return Categories(tuple(names), centroids, columns, {name: i for i, name in enumerate(names)})
+
+    @staticmethod
+    def read(directory: Path, format_version: int, embeddings: np.ndarray) -> Categories:
+        """A bundle's categories: names from ITEM_CATEGORIES, per-item indexes from ITEM_CATEGORY_COLUMNS (format
+        1: both from ITEM_CATEGORIES, as JSON lists)."""
         try:
+            data = json.loads((directory / ITEM_CATEGORIES).read_text())
             names = [str(n) for n in data["names"]]
-            rows = [tuple(names[int(i)] for i in cats) for cats in data["items"]]
+            if format_version == 1:
+                return Categories.build([tuple(names[int(i)] for i in cats) for cats in data["items"]], embeddings)
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise BundleError(ITEM_CATEGORIES, f"malformed: {exc!r}") from exc
-        if len(rows) != len(embeddings):
-            raise BundleError(ITEM_CATEGORIES, f"lists {len(rows)} items, the bundle has {len(embeddings)}")
-        if len(set(names)) != len(names):
-            raise BundleError(ITEM_CATEGORIES, "category names repeat")
-        return Categories.build(rows, embeddings)
+        try:
+            columns = np.load(directory / ITEM_CATEGORY_COLUMNS, allow_pickle=False)
+        except ValueError as exc:
+            raise BundleError(ITEM_CATEGORY_COLUMNS, f"not a numpy array file: {exc}") from exc
+        try:
+            return Categories.from_columns(names, columns, embeddings)
+        except ValueError as exc:
+            raise BundleError(ITEM_CATEGORY_COLUMNS, str(exc)) from exc
 
 
 def sha256_of(path: Path) -> str:
@@ -250,16 +296,19 @@ def write_bundle(
     """Write all bundle files into an existing empty `directory`; the manifest goes last.
 
     `on_index_progress(added, total)` follows the ANN index build (the slow part for large catalogues)."""
-    ids = list(contents.item_ids)
+    try:
+        ids = ItemIds.from_strings(contents.item_ids)
+    except ValueError as exc:
+        raise ValueError(f"item ids: {exc}") from exc
     emb = np.ascontiguousarray(contents.item_embeddings, dtype=np.float32)
     if emb.ndim != 2 or emb.shape[0] != len(ids) or emb.shape[1] != contents.feature_spec.embedding_dim:
         dim = contents.feature_spec.embedding_dim
         raise ValueError(f"embeddings of shape {emb.shape} do not fit {len(ids)} items of dim {dim}")
-    if len(set(ids)) != len(ids):
-        raise ValueError("item ids are not unique")
     (directory / RANKER).write_bytes(contents.ranker_onnx)
     np.save(directory / EMBEDDINGS, emb, allow_pickle=False)
-    (directory / ITEM_IDS).write_text(json.dumps(ids))
+    id_bytes, id_offsets = ids.arrays()
+    np.save(directory / ITEM_IDS, id_bytes, allow_pickle=False)
+    np.save(directory / ITEM_ID_OFFSETS, id_offsets, allow_pickle=False)
     AnnIndex.build(emb, contents.index_params, on_progress=on_index_progress).save(directory / INDEX)
     (directory / COLD_START).write_text(json.dumps(contents.cold_start.to_json()))
     names = list(DATA_FILES)
@@ -286,7 +335,8 @@ def write_bundle(
             raise ValueError(f"item_categories has {len(contents.item_categories)} entries for {len(ids)} items")
         categories = Categories.build(contents.item_categories, emb)
         (directory / ITEM_CATEGORIES).write_text(json.dumps(categories.to_json()))
-        names.append(ITEM_CATEGORIES)
+        np.save(directory / ITEM_CATEGORY_COLUMNS, categories.columns, allow_pickle=False)
+        names += [ITEM_CATEGORIES, ITEM_CATEGORY_COLUMNS]
     files = {name: FileEntry(sha256_of(directory / name), (directory / name).stat().st_size) for name in names}
     manifest = Manifest(
         model_name=contents.model_name,
@@ -386,11 +436,12 @@ def read_manifest(directory: Path) -> Manifest:
 def verify_files(directory: Path, manifest: Manifest) -> None:
     """Every data file is present, listed, and matches its recorded size and SHA-256."""
     spec = manifest.feature_spec
+    version = manifest.format_version
     expected = (
-        list(DATA_FILES)
+        list(data_files(version))
         + ([ITEM_FEATURES] if spec.item_feature_dim else [])
         + ([SEGMENTS] if spec.segments else [])
-        + [name for name in CATALOGUE_FILES if name in manifest.files]
+        + (list(catalogue_files(version)) if ITEM_CATEGORIES in manifest.files else [])
     )
     for name in expected:
         entry = manifest.files.get(name)
@@ -413,8 +464,7 @@ class Bundle:
     version: str
     directory: Path
     manifest: Manifest
-    item_ids: tuple[str, ...]
-    row_of: Mapping[str, int]
+    item_ids: ItemIds  # by row; item_ids.row(id) is an id's row
     item_embeddings: np.ndarray
     index: AnnIndex
     ranker: OnnxRanker
@@ -429,8 +479,10 @@ class Bundle:
 
     def categories_of(self, item_id: str) -> tuple[str, ...]:
         """The item's categories; none for an item the bundle lacks, or a bundle without categories."""
-        row = self.row_of.get(item_id)
-        return () if self.categories is None or row is None else self.categories.of_item[row]
+        if self.categories is None:
+            return ()
+        row = self.item_ids.row(item_id)
+        return () if row is None else self.categories.of_row(row)
 
     @classmethod
     def load(cls, directory: Path, options: RankerOptions | None = None, index_device: str | None = None) -> Bundle:
@@ -442,17 +494,9 @@ class Bundle:
         manifest = read_manifest(directory)
         verify_files(directory, manifest)
         spec = manifest.feature_spec
-        try:
-            ids = json.loads((directory / ITEM_IDS).read_text())
-        except ValueError as exc:
-            raise BundleError(ITEM_IDS, f"not valid JSON: {exc}") from exc
-        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-            raise BundleError(ITEM_IDS, "must be a JSON array of strings")
+        ids = _read_item_ids(directory, manifest.format_version)
         if len(ids) != manifest.item_count:
             raise BundleError(ITEM_IDS, f"has {len(ids)} ids, manifest says item_count {manifest.item_count}")
-        row_of = {item_id: row for row, item_id in enumerate(ids)}
-        if len(row_of) != len(ids):
-            raise BundleError(ITEM_IDS, "ids are not unique")
         try:
             emb = np.load(directory / EMBEDDINGS, allow_pickle=False)
         except ValueError as exc:
@@ -490,16 +534,12 @@ class Bundle:
             spec.ranker_feature_dim,
         )
         try:
-            cold = ColdStart.from_json(json.loads((directory / COLD_START).read_text()), row_of)
+            cold = ColdStart.from_json(json.loads((directory / COLD_START).read_text()), ids)
         except ValueError as exc:
             raise BundleError(COLD_START, f"not valid JSON: {exc}") from exc
         categories = None
         if ITEM_CATEGORIES in manifest.files:
-            try:
-                raw_categories = json.loads((directory / ITEM_CATEGORIES).read_text())
-            except ValueError as exc:
-                raise BundleError(ITEM_CATEGORIES, f"not valid JSON: {exc}") from exc
-            categories = Categories.from_json(raw_categories, emb)
+            categories = Categories.read(directory, manifest.format_version, emb)
         if spec.behaviour_features and categories is None:
             raise BundleError(
                 ITEM_CATEGORIES, "missing: the feature spec has behaviour features, which need categories"
@@ -509,8 +549,7 @@ class Bundle:
             version=directory.name,
             directory=directory,
             manifest=manifest,
-            item_ids=tuple(ids),
-            row_of=row_of,
+            item_ids=ids,
             item_embeddings=emb,
             index=index,
             ranker=ranker,
@@ -519,6 +558,30 @@ class Bundle:
             segments=segments,
             categories=categories,
         )
+
+
+def _read_item_ids(directory: Path, format_version: int) -> ItemIds:
+    """The bundle's item ids (format 1: from JSON, which builds a Python string per id first)."""
+    if format_version == 1:
+        try:
+            raw = json.loads((directory / ITEM_IDS_JSON).read_text())
+        except ValueError as exc:
+            raise BundleError(ITEM_IDS_JSON, f"not valid JSON: {exc}") from exc
+        if not isinstance(raw, list) or not all(isinstance(i, str) for i in raw):
+            raise BundleError(ITEM_IDS_JSON, "must be a JSON array of strings")
+        try:
+            return ItemIds.from_strings(raw)
+        except ValueError as exc:
+            raise BundleError(ITEM_IDS_JSON, str(exc)) from exc
+    try:
+        id_bytes = np.load(directory / ITEM_IDS, allow_pickle=False)
+        offsets = np.load(directory / ITEM_ID_OFFSETS, allow_pickle=False)
+    except ValueError as exc:
+        raise BundleError(ITEM_IDS, f"{ITEM_IDS} or {ITEM_ID_OFFSETS} is not a numpy array file: {exc}") from exc
+    try:
+        return ItemIds.from_arrays(id_bytes, offsets)
+    except ValueError as exc:
+        raise BundleError(ITEM_IDS, str(exc)) from exc
 
 
 def _load_matrix(directory: Path, name: str, expected: tuple[int, int]) -> np.ndarray | None:

@@ -100,13 +100,21 @@ def _expired(work: Work) -> bool:
     return work.cutoffs.deadline is not None and time.monotonic() >= work.cutoffs.deadline
 
 
+def _known_rows(bundle: Bundle, item_ids: Sequence[str]) -> set[int]:
+    """Rows of the ids the bundle knows (an excluded id it lacks excludes nothing)."""
+    if not item_ids:
+        return set()
+    rows = bundle.item_ids.rows(item_ids)
+    return set(rows[rows >= 0].tolist())
+
+
 def _retrieve(
     bundle: Bundle, works: Sequence[Work], live: list[int], candidates: int
 ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """(retrieval scores, rows) per live request: one FAISS search for all ANN requests, inner products for
     given candidate sets."""
     out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    excluded = {i: {bundle.row_of[x] for x in works[i].req.exclude if x in bundle.row_of} for i in live}
+    excluded = {i: _known_rows(bundle, works[i].req.exclude) for i in live}
     ann = [i for i in live if works[i].candidate_rows is None]
     if ann:
         wants = [max(candidates, works[i].req.k) for i in ann]

@@ -149,7 +149,7 @@ def fold_recent(bundle: Bundle, profile: Profile) -> np.ndarray | None:
             seen.add(item)
             items.append(item)
             engagement.append(weight)
-    rows = np.array([bundle.row_of.get(i, -1) for i in items], dtype=np.int64)
+    rows = bundle.item_ids.rows(items)
     if not (rows >= 0).any():
         return None
     weights = np.asarray(engagement, dtype=np.float32)[None, :]
@@ -176,7 +176,7 @@ def user_vector(
         return history, Strategy.PERSONALIZED if history is not None else Strategy.COLD_START
     if history is None:
         return interests, Strategy.INTERESTS
-    known = sum(1 for item in profile.recent_items if item in bundle.row_of)
+    known = int((bundle.item_ids.rows(profile.recent_items) >= 0).sum())
     share = max(0.0, 1.0 - known / max(interest_events, 1))
     return np.asarray(share * interests + (1.0 - share) * history, dtype=np.float32), Strategy.PERSONALIZED
 
@@ -213,8 +213,8 @@ def segment_candidates(bundle: Bundle, uvec: np.ndarray, req: RecommendRequest) 
         return None
     segment = int(assign_segments(bundle.segments, uvec[None, :])[0])
     excluded = set(req.exclude)
-    rows = [bundle.row_of[item] for item, _ in bundle.cold_start.for_segment(segment) if item not in excluded]
-    return np.array(rows, dtype=np.int64) if len(rows) >= req.k else None
+    rows = bundle.item_ids.rows(item for item, _ in bundle.cold_start.for_segment(segment) if item not in excluded)
+    return rows if len(rows) >= req.k else None
 
 
 def record_stage_spans(ranked: Ranked) -> None:

@@ -36,7 +36,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from hyperrec.bundle import Bundle, list_versions, resolve_version
+from hyperrec.bundle import FORMAT_VERSION, Bundle, list_versions, read_manifest, resolve_version
 from hyperrec.domain import Context, DeviceType, RecommendRequest, RequestLimits
 from hyperrec.pipeline import BundleSlot, PipelineOptions, Recommender
 from hyperrec.profiles import ProfileStore
@@ -85,10 +85,14 @@ def wait_serving(target: str, timeout_s: float = 600) -> None:
 
 
 def ensure_bundle(repo: Path, items: int, dim: int, users: int) -> tuple[str, Path]:
-    """The cached synthetic bundle for this size, built when missing; returns (model, profiles path)."""
+    """The cached synthetic bundle for this size, built when missing or of an older bundle format (so the bench
+    measures what a new bundle costs to load); returns (model, profiles path)."""
     model = f"bench-{items}x{dim}"
     profiles = repo / f"{model}-profiles.npz"
-    if not list_versions(repo, model) or not profiles.is_file():
+    versions = list_versions(repo, model)
+    current = bool(versions) and read_manifest(repo / model / str(versions[-1])).format_version == FORMAT_VERSION
+    if not current or not profiles.is_file():
+        shutil.rmtree(repo / model, ignore_errors=True)
         from training.synth_bundle import make_synth_bundle
 
         started = time.perf_counter()

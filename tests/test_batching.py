@@ -175,7 +175,7 @@ async def test_batches_respect_max_batch_and_never_mix_bundles(
     got = await asyncio.wait_for(asyncio.gather(primer, *ours, *theirs), timeout=10)
     assert [r.batch_size for r in got[1:11]] == [4] * 8 + [2] * 2  # ten of ours: 4 + 4 + 2
     assert [r.batch_size for r in got[11:]] == [3, 3, 3]  # the other bundle's three, on their own
-    assert all(i.item_id in other.row_of for r in got[10:] for i in r.items)
+    assert all(i.item_id in other.item_ids for r in got[10:] for i in r.items)
 
 
 async def test_a_cancelled_call_is_left_out_of_its_batch(bundle: Bundle, one_thread: ThreadPoolExecutor) -> None:
@@ -196,5 +196,5 @@ def test_compressed_index_candidates_are_rescored_with_the_real_vectors(tmp_path
     work = works(pq, 1)[0]
     ranked = rank_candidates(pq, work.uvec, work.req, work.now, 100)
     for item in ranked.items:
-        exact = float(pq.item_embeddings[pq.row_of[item.item_id]] @ work.uvec)
+        exact = float(pq.item_embeddings[pq.item_ids.row(item.item_id)] @ work.uvec)
         assert item.retrieval_score == pytest.approx(exact, abs=1e-5)

@@ -15,11 +15,15 @@ from hyperrec.bundle import (
     COLD_START,
     EMBEDDINGS,
     INDEX,
+    ITEM_CATEGORIES,
+    ITEM_CATEGORY_COLUMNS,
     ITEM_FEATURES,
+    ITEM_ID_OFFSETS,
     ITEM_IDS,
     MANIFEST,
     RANKER,
     Bundle,
+    BundleContents,
     list_versions,
     publish_bundle,
     resolve_version,
@@ -36,13 +40,14 @@ def test_publish_then_load_round_trip(tmp_path: Path) -> None:
     assert path == tmp_path / "toy" / "1"
     bundle = Bundle.load(path)
     assert bundle.version == "1" and bundle.model_name == "toy"
-    assert bundle.item_ids == tuple(contents.item_ids)
+    assert tuple(bundle.item_ids) == tuple(contents.item_ids)
+    assert [bundle.item_ids.row(i) for i in contents.item_ids] == list(range(120))
     np.testing.assert_array_equal(bundle.item_embeddings, contents.item_embeddings)
     assert bundle.index.size == 120
     assert bundle.manifest.embedding_space == contents.embedding_space
     manifest = json.loads((path / MANIFEST).read_text())
-    assert manifest["format_version"] == 1 and manifest["item_count"] == 120 and manifest["embedding_dim"] == 8
-    assert set(manifest["files"]) == {RANKER, EMBEDDINGS, ITEM_IDS, INDEX, COLD_START}
+    assert manifest["format_version"] == 2 and manifest["item_count"] == 120 and manifest["embedding_dim"] == 8
+    assert set(manifest["files"]) == {RANKER, EMBEDDINGS, ITEM_IDS, ITEM_ID_OFFSETS, INDEX, COLD_START}
     assert not [p for p in (tmp_path / "toy").iterdir() if p.name.startswith(".")], "staging dir left behind"
 
 
@@ -281,3 +286,81 @@ def test_loading_pauses_the_garbage_collector_only_while_it_runs(
     with pytest.raises(BundleError):
         load_without_gc_pauses(tmp_path / "toy" / "99", RankerOptions(), None)
     assert bundle.version == "1" and seen == [False, False] and gc.isenabled()
+
+
+def _refresh_checksums(directory: Path, format_version: int | None = None, drop: tuple[str, ...] = ()) -> None:
+    """Record the files' current sizes and SHA-256 in the manifest (a deliberately edited bundle that is
+    otherwise consistent), optionally as another format version and without some files."""
+    manifest = json.loads((directory / MANIFEST).read_text())
+    names = [n for n in manifest["files"] if n not in drop]
+    names += [n for n in ("item_ids.json",) if (directory / n).exists() and n not in names]
+    manifest["files"] = {
+        n: {"sha256": sha256_of(directory / n), "bytes": (directory / n).stat().st_size} for n in names
+    }
+    if format_version is not None:
+        manifest["format_version"] = format_version
+    (directory / MANIFEST).write_text(json.dumps(manifest))
+
+
+def _multi_category_contents() -> BundleContents:
+    contents = make_contents(n_items=90, dim=8, categories=3)
+    cats = [(f"cat-{i % 3}", "sale") if i % 4 == 0 else () if i % 7 == 0 else (f"cat-{i % 3}",) for i in range(90)]
+    return replace(contents, item_categories=cats)
+
+
+def test_format_1_bundles_with_json_ids_and_categories_still_load(tmp_path: Path) -> None:
+    """Bundles published before format 2 (ids and item categories as JSON) load to the same ids, rows,
+    categories and category centroids."""
+    contents = _multi_category_contents()
+    path = publish_bundle(tmp_path, contents)
+    current = Bundle.load(path)
+    assert current.manifest.format_version == 2
+    names = list(current.categories.names) if current.categories else []
+    (path / "item_ids.json").write_text(json.dumps(list(contents.item_ids)))
+    items = [[names.index(c) for c in cats] for cats in contents.item_categories or ()]
+    (path / ITEM_CATEGORIES).write_text(json.dumps({"names": names, "items": items}))
+    for name in (ITEM_IDS, ITEM_ID_OFFSETS, ITEM_CATEGORY_COLUMNS):
+        (path / name).unlink()
+    _refresh_checksums(path, format_version=1, drop=(ITEM_IDS, ITEM_ID_OFFSETS, ITEM_CATEGORY_COLUMNS))
+    old = Bundle.load(path)
+    assert old.manifest.format_version == 1
+    assert tuple(old.item_ids) == tuple(contents.item_ids)
+    assert [old.item_ids.row(i) for i in contents.item_ids] == list(range(90))
+    assert [old.categories_of(i) for i in contents.item_ids] == [tuple(c) for c in contents.item_categories or ()]
+    assert old.categories is not None and current.categories is not None
+    np.testing.assert_allclose(old.categories.centroids, current.categories.centroids)
+    sale = np.mean([contents.item_embeddings[i] for i in range(0, 90, 4)], axis=0)
+    np.testing.assert_allclose(current.categories.centroids[names.index("sale")], sale, rtol=1e-5, atol=1e-6)
+    assert current.categories_of(contents.item_ids[7]) == () and current.categories_of("no-such-item") == ()
+
+
+@pytest.mark.parametrize(
+    ("id_bytes", "offsets", "message"),
+    [
+        (b"abcd", [0, 3, 2, 4], "offsets must rise"),
+        (b"abcd", [0, 2, 5], "offsets must rise from 0 to the length"),
+        (b"ab\xffd", [0, 2, 4], "not UTF-8"),
+        ("aé".encode(), [0, 2, 3], "boundary falls inside a UTF-8 character"),
+        (b"abab", [0, 2, 4], "'ab' repeats"),
+    ],
+    ids=["falling-offsets", "offsets-past-the-end", "not-utf8", "split-character", "repeated-id"],
+)
+def test_broken_item_id_files_are_named(tmp_path: Path, id_bytes: bytes, offsets: list[int], message: str) -> None:
+    path = publish_toy(tmp_path, n_items=80)
+    np.save(path / ITEM_IDS, np.frombuffer(id_bytes, dtype=np.uint8))
+    np.save(path / ITEM_ID_OFFSETS, np.array(offsets, dtype=np.int64))
+    _refresh_checksums(path)
+    with pytest.raises(BundleError, match=message) as err:
+        Bundle.load(path)
+    assert err.value.file == ITEM_IDS
+
+
+def test_category_columns_naming_an_unknown_category_are_named(tmp_path: Path) -> None:
+    path = publish_bundle(tmp_path, _multi_category_contents())
+    columns = np.load(path / ITEM_CATEGORY_COLUMNS)
+    columns[5, 0] = 4  # four names: cat-0..2 and sale
+    np.save(path / ITEM_CATEGORY_COLUMNS, columns)
+    _refresh_checksums(path)
+    with pytest.raises(BundleError, match=r"category index outside -1\.\.3") as err:
+        Bundle.load(path)
+    assert err.value.file == ITEM_CATEGORY_COLUMNS

@@ -92,7 +92,7 @@ def test_manifest_records_data_code_split_and_parity(factory: FactoryResult, eve
 
 def test_item_without_interactions_gets_a_vector_from_its_metadata(factory: FactoryResult) -> None:
     bundle = Bundle.load(factory.version_dir)
-    vector = bundle.item_embeddings[bundle.row_of["never-seen"]]
+    vector = bundle.item_embeddings[bundle.item_ids.row("never-seen")]
     assert np.linalg.norm(vector) > 0
 
 
@@ -157,7 +157,7 @@ def test_bundle_carries_item_features_as_of_its_cut_off(factory: FactoryResult) 
     assert spec.item_features[:4] == ("log_count", "log_count_30d", "log_days_since_first", "log_days_since_last")
     assert bundle.item_features is not None and bundle.item_features.shape == (401, spec.item_feature_dim)
     assert set(spec.item_feature_stats) == set(spec.item_features[:4])
-    never_seen = bundle.item_features[bundle.row_of["never-seen"]]
+    never_seen = bundle.item_features[bundle.item_ids.row("never-seen")]
     stats = spec.item_feature_stats["log_count"]
     assert never_seen[0] == pytest.approx((0.0 - stats["mean"]) / stats["std"], rel=1e-5)  # zero events, standardised
 
@@ -182,5 +182,5 @@ def test_published_bundle_carries_behaviour_features_categories_and_segment_list
     assert bundle.categories is not None and bundle.segments is not None
     lists = [bundle.cold_start.for_segment(k) for k in range(len(bundle.segments))]
     assert sum(1 for items in lists if items) >= 2  # segments with users have their own popular items
-    assert all(item in bundle.row_of for items in lists for item, _ in items)
+    assert all(item in bundle.item_ids for items in lists for item, _ in items)
     assert segment_key(0) == "segment=0"

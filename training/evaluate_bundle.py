@@ -49,14 +49,11 @@ def evaluate_bundle(
     vectors = np.zeros((data.n_items, dim), dtype=np.float32)
     width = bundle.feature_spec.item_feature_dim
     features = np.zeros((data.n_items, width), dtype=np.float32)
-    known = np.zeros(data.n_items, dtype=bool)
-    for row, item_id in enumerate(data.catalog.item_ids):
-        bundle_row = bundle.row_of.get(item_id)
-        if bundle_row is not None:
-            vectors[row] = bundle.item_embeddings[bundle_row]
-            if bundle.item_features is not None:
-                features[row] = bundle.item_features[bundle_row]
-            known[row] = True
+    bundle_rows = bundle.item_ids.rows(data.catalog.item_ids)
+    known = bundle_rows >= 0
+    vectors[known] = bundle.item_embeddings[bundle_rows[known]]
+    if bundle.item_features is not None:
+        features[known] = bundle.item_features[bundle_rows[known]]
     # The bundle's item features are frozen at its publication, exactly as the server uses them.
     frozen = (lambda _log: features) if width else None
     behaviour = None

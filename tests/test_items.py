@@ -1,0 +1,62 @@
+"""ItemIds: the catalogue's ids in numpy arrays, by row, with id-to-row lookup through 64-bit hashes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import hyperrec.items as items_module
+from hyperrec.items import ItemIds, hash_id
+
+IDS = st.lists(st.text(max_size=40), unique=True, max_size=60)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ids=IDS, strangers=st.lists(st.text(max_size=40), max_size=10))
+def test_every_id_finds_its_row_and_strangers_find_none(ids: list[str], strangers: list[str]) -> None:
+    catalogue = ItemIds.from_strings(ids)
+    assert len(catalogue) == len(ids) and list(catalogue) == ids
+    assert [catalogue[r] for r in range(len(ids))] == ids
+    assert [catalogue.row(i) for i in ids] == list(range(len(ids)))
+    unknown = [s for s in strangers if s not in set(ids)]
+    assert catalogue.rows([*unknown, *ids]).tolist() == [-1] * len(unknown) + list(range(len(ids)))
+    assert all(s not in catalogue for s in unknown) and all(i in catalogue for i in ids)
+    again = ItemIds.from_arrays(*(a.copy() for a in catalogue.arrays()))  # what a bundle writes and reads back
+    assert list(again) == ids and again.rows(ids).tolist() == list(range(len(ids)))
+
+
+@settings(max_examples=100, deadline=None)
+@given(ids=IDS)
+def test_the_vectorised_hash_agrees_with_the_scalar_one(ids: list[str]) -> None:
+    catalogue = ItemIds.from_strings(ids)
+    blob, offsets = catalogue.arrays()
+    assert items_module._hash_all(blob, offsets).tolist() == [hash_id(i.encode()) for i in ids]
+
+
+def test_colliding_hashes_still_find_the_right_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the hash cut to 2 bits every lookup meets collisions; each id still finds its own row, unknown ids
+    none, and a real repeat is still caught."""
+    scalar, vector = items_module.hash_id, items_module._hash_rows
+    monkeypatch.setattr(items_module, "hash_id", lambda data: scalar(data) & 3)
+    monkeypatch.setattr(items_module, "_hash_rows", lambda *a: vector(*a) & np.uint64(3))
+    ids = [f"item-{i}" for i in range(50)] + ["", "é", "x" * 300]
+    catalogue = ItemIds.from_strings(ids)
+    assert catalogue.rows(ids).tolist() == list(range(len(ids)))
+    assert catalogue.rows(["item-50", "y"]).tolist() == [-1, -1]
+    with pytest.raises(ValueError, match="'item-3' repeats"):
+        ItemIds.from_strings([*ids, "item-3"])
+
+
+def test_rows_by_position_follow_sequence_rules() -> None:
+    catalogue = ItemIds.from_strings(["a", "b", "c"])
+    assert catalogue[-1] == "c" and catalogue[np.int64(1)] == "b" and catalogue[0:3:2] == ("a", "c")
+    with pytest.raises(IndexError):
+        catalogue[3]
+    assert ItemIds.from_strings([]).rows(["a"]).tolist() == [-1] and ItemIds.from_strings([]).row("a") is None
+
+
+def test_a_long_catalogue_is_iterated_across_blocks() -> None:
+    ids = [f"s{i:05d}" for i in range(3000)]
+    assert list(ItemIds.from_strings(ids)) == ids
