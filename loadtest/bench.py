@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import timeit
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -37,7 +38,15 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hyperrec.bundle import FORMAT_VERSION, Bundle, list_versions, read_manifest, resolve_version
-from hyperrec.domain import Context, DeviceType, RecommendRequest, RequestLimits
+from hyperrec.domain import (
+    Context,
+    DeviceType,
+    Recommendation,
+    RecommendRequest,
+    RequestLimits,
+    ScoredItem,
+    Strategy,
+)
 from hyperrec.pipeline import BundleSlot, PipelineOptions, Recommender
 from hyperrec.profiles import ProfileStore
 from hyperrec.profiles.keys import Pseudonymizer
@@ -52,11 +61,13 @@ from loadtest.capacity import capacity_table, search
 from loadtest.runner import LoadSettings, run
 from loadtest.scenario import Scenario
 from loadtest.slo import parse_slo
+from server.codec import decode_request, encode_response
 
 SLO = {"latency_ms": {"p99": 10.0}, "max_error_rate": 0.001}
 # Throughput whatever the latency: the highest rate still answered in full (the saturation point).
 THROUGHPUT_SLO = {"max_error_rate": 0.001, "min_achieved_ratio": 0.95}
 ECHO_METHOD = "/hyperrec.bench.Echo/Echo"
+LOW_RATE = 50.0  # calls a second of the low-load runs
 
 
 def percentiles(ms: list[float]) -> dict[str, float]:
@@ -103,9 +114,11 @@ def ensure_bundle(repo: Path, items: int, dim: int, users: int) -> tuple[str, Pa
 
 
 async def in_process_floor(
-    bundle: Bundle, profiles: Path, calls: int, k: int, redis_url: str | None, secret: bytes
+    bundle: Bundle, profiles: Path, calls: int, k: int, redis_url: str | None, secret: bytes, rate: float = 0.0
 ) -> list[float]:
-    """The pipeline alone: same bundle, profiles and profile store, called one request at a time in this process."""
+    """The pipeline alone: same bundle, profiles and profile store, called one request at a time in this process:
+    back to back, or at most `rate` calls a second (then the process idles between calls, as a server at that
+    rate does, and pays for waking up)."""
     store: ProfileStore = InMemoryProfileStore(Pseudonymizer(secret))
     if redis_url is not None:
         store = RedisProfileStore(RedisStoreOptions(redis_url), Pseudonymizer(secret))
@@ -117,16 +130,38 @@ async def in_process_floor(
     executor = ThreadPoolExecutor(2, initializer=set_threads, initargs=(1,))
     pipeline = Recommender(store, slot, PipelineOptions(500, RequestLimits()), executor)
     rng = np.random.default_rng(1)
-    out = []
+    out, took = [], 0.0
     for i in range(calls + calls // 10):
         user = users[int(rng.integers(len(users)))]
         req = RecommendRequest(user, k=k, context=Context(device=DeviceType(int(rng.integers(1, 5)))))
+        if rate:  # one call every 1/rate seconds
+            await asyncio.sleep(max(0.0, 1 / rate - took))
         started = time.perf_counter()
         await pipeline.recommend(req)
+        took = time.perf_counter() - started
         if i >= calls // 10:
-            out.append((time.perf_counter() - started) * 1e3)
+            out.append(took * 1e3)
     await store.close()
     return out
+
+
+def protobuf_cost(k: int, repeat: int = 30, number: int = 200) -> dict[str, float]:
+    """Microseconds per call (median of `repeat` timings of `number` calls) for the server's protobuf work on one
+    Recommend: parsing and decoding the request, and encoding and serialising a k-item answer (server/codec.py)."""
+    context = pb.Context(device_type=pb.DEVICE_TYPE_MOBILE, surface=pb.SURFACE_HOME, country="DE")
+    request = pb.RecommendRequest(
+        user_id="bench-user-000001", k=k, context=context, exclude_item_ids=["s0000001", "s0000002", "s0000003"]
+    ).SerializeToString()
+    items = tuple(ScoredItem(f"s{i:07d}", 1.0 - i / 100, 0.5) for i in range(k))
+    answer = Recommendation(items, "bench-1000000x64", "1", Strategy.PERSONALIZED, "0" * 32)
+
+    def per_call(fn: Any) -> float:
+        return float(np.median(timeit.repeat(fn, repeat=repeat, number=number))) / number * 1e6
+
+    return {
+        "decode_request_us": per_call(lambda: decode_request(pb.RecommendRequest.FromString(request), "0" * 32)),
+        "encode_response_us": per_call(lambda: encode_response(answer).SerializeToString()),
+    }
 
 
 def echo_server(port: int) -> None:
@@ -207,7 +242,7 @@ def measure_server(
     try:
         wait_serving(target)
         scenario = Scenario(k=k, unknown_user_share=0.0)
-        base = LoadSettings(target, rate=50.0, duration_s=duration_s, warmup_s=3.0, scenario=scenario, users=users)
+        base = LoadSettings(target, rate=LOW_RATE, duration_s=duration_s, warmup_s=3.0, scenario=scenario, users=users)
         low = run(base)
         capacity, steps = search(base, rates, parse_slo(SLO, "make bench"))
         saturation, load_steps = search(base, throughput_rates, parse_slo(THROUGHPUT_SLO, "make bench throughput"))
@@ -315,9 +350,12 @@ def main() -> int:
     bundle = Bundle.load(resolve_version(args.repo, model), RankerOptions())
     floor_ms = asyncio.run(in_process_floor(bundle, profiles, args.calls, k, redis_url, secret.encode()))
     floor = percentiles(floor_ms)
+    paced_ms = asyncio.run(in_process_floor(bundle, profiles, args.calls, k, redis_url, secret.encode(), LOW_RATE))
+    paced = percentiles(paced_ms)
     del bundle
     echo = percentiles(echo_floor(args.calls, k))
-    print(f"in-process floor {floor}\ngRPC echo floor {echo}", flush=True)
+    codec = protobuf_cost(k)
+    print(f"in-process floor {floor}\n  paced at {LOW_RATE:g}/s {paced}\ngRPC echo floor {echo}\nprotobuf {codec}")
 
     users = tuple(load_profiles(profiles))
     serve = ServeSpec(args.repo, model, profiles, redis_url, secret)
@@ -341,9 +379,12 @@ def main() -> int:
         "candidates": 500,
         "profile_store": "redis" if redis_proc is not None else "in-process",
         "in_process_floor_ms": floor,
+        "in_process_floor_paced_ms": paced,  # the same calls at the low-load rate, idle between calls
         "grpc_echo_floor_ms": echo,
-        "low_load": {"rate": 50.0, "latency_ms": low_ms, "status_counts": main_run["low_status"]},
+        "protobuf_us": codec,
+        "low_load": {"rate": LOW_RATE, "latency_ms": low_ms, "status_counts": main_run["low_status"]},
         "ratio_p50_to_floor": low_ms["p50"] / floor["p50"],
+        "ratio_p50_to_paced_floor": low_ms["p50"] / paced["p50"],
         "capacity_per_s": capacity,
         "steps": [step.to_json() for step in main_run["steps"]],
         "saturation_per_s": main_run["saturation"],  # highest rate answered in full (errors <= 0.1 %), any latency
@@ -351,7 +392,7 @@ def main() -> int:
         "redis_outage": outage,
         "model_swap": swap,
         "batched": {  # the same server with --batch-max-size 16
-            "low_load": {"rate": 50.0, "latency_ms": batched["low_ms"], "status_counts": batched["low_status"]},
+            "low_load": {"rate": LOW_RATE, "latency_ms": batched["low_ms"], "status_counts": batched["low_status"]},
             "capacity_per_s": batched_capacity,
             "steps": [step.to_json() for step in batched["steps"]],
             "saturation_per_s": batched["saturation"],
@@ -371,10 +412,12 @@ def main() -> int:
     print(
         f"\n| measure | p50 ms | p99 ms |\n|---|---|---|\n"
         f"| in-process floor | {floor['p50']:.2f} | {floor['p99']:.2f} |\n"
+        f"| in-process floor paced at {LOW_RATE:g}/s | {paced['p50']:.2f} | {paced['p99']:.2f} |\n"
         f"| gRPC echo floor | {echo['p50']:.2f} | {echo['p99']:.2f} |\n"
         f"| server at 50/s (open loop) | {low_ms['p50']:.2f} | {low_ms['p99']:.2f} |\n"
         f"| server at 50/s, batches of up to 16 | {b_ms['p50']:.2f} | {b_ms['p99']:.2f} |\n\n"
-        f"p50 ratio server / in-process floor: {result['ratio_p50_to_floor']:.2f}; "
+        f"p50 ratio server / in-process floor: {result['ratio_p50_to_floor']:.2f} "
+        f"(to the paced floor: {result['ratio_p50_to_paced_floor']:.2f}); "
         f"capacity at p99 <= 10 ms: {capacity or 'none'} (batched: {batched_capacity or 'none'}); "
         f"saturation: {main_run['saturation'] or 'none'}/s (batched: {batched['saturation'] or 'none'}/s)"
     )
