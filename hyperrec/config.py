@@ -102,8 +102,7 @@ class ServerConfig:
         default=0,
         metadata=_doc(
             "Most concurrent Recommend calls computed together (one FAISS search, one ONNX Runtime run); 1 turns "
-            "dynamic batching off; 0 chooses: 16 when the ranker runs on a GPU (CUDA, TensorRT), 1 on the CPU, "
-            "where make bench measured no reliable gain (docs/performance.md)."
+            "dynamic batching off; 0 chooses 16, on the CPU as on a GPU (measured in docs/performance.md)."
         ),
     )
     batch_max_wait_us: float = field(

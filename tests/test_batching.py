@@ -21,8 +21,11 @@ from hyperrec.compute import Cutoffs, Ranked, Work, rank_batch, rank_candidates
 from hyperrec.domain import Context, DeviceType, RecommendRequest
 from hyperrec.errors import DeadlineExceeded
 from hyperrec.features import default_feature_spec
+from hyperrec.profiles import Profile
+from hyperrec.v1 import recommender_pb2 as pb
 from index.ann import IndexParams
-from tests.helpers import make_contents, make_ranker_onnx
+from tests.helpers import make_contents, make_ranker_onnx, publish_toy, sample
+from tests.serving import request, running_server
 
 DIM = 8
 NOW = datetime(2026, 11, 29, 12, tzinfo=UTC)
@@ -198,3 +201,34 @@ def test_compressed_index_candidates_are_rescored_with_the_real_vectors(tmp_path
     for item in ranked.items:
         exact = float(pq.item_embeddings[pq.item_ids.row(item.item_id)] @ work.uvec)
         assert item.retrieval_score == pytest.approx(exact, abs=1e-5)
+
+
+@pytest.mark.parametrize(("overrides", "batched"), [({}, True), ({"batch_max_size": 1}, False)], ids=["default", "off"])
+async def test_the_default_server_batches_concurrent_calls_and_size_one_turns_batching_off(
+    tmp_path: Path, overrides: dict[str, int], batched: bool
+) -> None:
+    """Over a real channel, 48 concurrent calls to a server with one compute thread: by default they share batches
+    (fewer batches than calls, at most 16 each); with batch_max_size 1 every call is computed alone."""
+    publish_toy(tmp_path, model_name="toy", n_items=3000)
+    async with running_server(tmp_path, "toy", compute_threads=1, **overrides) as running:
+        bundle = running.app.slot.active
+        assert bundle is not None
+        space = bundle.manifest.embedding_space
+        users = {
+            f"u{i}": Profile(user_vector=bundle.item_embeddings[i].copy(), embedding_space=space) for i in range(48)
+        }
+        await running.app.store.put_many(users)
+        calls_before, batches_before = sample("hyperrec_batch_size_sum"), sample("hyperrec_batch_size_count")
+        over_16 = sample("hyperrec_batch_size_bucket", {"le": "+Inf"}) - sample(
+            "hyperrec_batch_size_bucket", {"le": "16.0"}
+        )
+        replies = await asyncio.gather(*(running.stub.Recommend(request(u, 10), timeout=30) for u in users))
+        assert all(r.strategy == pb.STRATEGY_PERSONALIZED and len(r.items) == 10 for r in replies)
+        calls = sample("hyperrec_batch_size_sum") - calls_before
+        batches = sample("hyperrec_batch_size_count") - batches_before
+        assert calls == 48
+        assert (batches < 48) if batched else (batches == 48)
+        after_16 = sample("hyperrec_batch_size_bucket", {"le": "+Inf"}) - sample(
+            "hyperrec_batch_size_bucket", {"le": "16.0"}
+        )
+        assert after_16 == over_16  # no batch above the default limit

@@ -364,3 +364,22 @@ def test_category_columns_naming_an_unknown_category_are_named(tmp_path: Path) -
     with pytest.raises(BundleError, match=r"category index outside -1\.\.3") as err:
         Bundle.load(path)
     assert err.value.file == ITEM_CATEGORY_COLUMNS
+
+
+def test_the_load_stall_probe_reports_the_load_and_the_loops_gaps(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = Path(__file__).parent.parent / "scripts" / "load_stall_probe.py"
+    path = publish_bundle(tmp_path, _multi_category_contents())
+    done = subprocess.run(
+        [sys.executable, str(script), str(path), "--runs", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    runs = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(runs) == 2 and all(r["load_ms"] > 0 and r["worst_gap_ms"] >= 0 for r in runs)
+    assert set(runs[0]) == {"load_ms", "worst_gap_ms", "gaps_over_10_ms", "ms_lost_to_gaps_over_5_ms"}

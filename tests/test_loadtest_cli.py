@@ -100,10 +100,14 @@ def test_bench_runs_end_to_end_on_a_tiny_catalogue(tmp_path: Path) -> None:
     bench = json.loads((tmp_path / "out" / "bench.json").read_text())
     assert bench["items"] == 3000 and bench["in_process_floor_ms"]["p50"] > 0 and bench["grpc_echo_floor_ms"]["p50"] > 0
     assert bench["low_load"]["status_counts"] == {"OK": 50} and bench["ratio_p50_to_floor"] > 0
+    assert bench["in_process_floor_paced_ms"]["p50"] > 0 and bench["ratio_p50_to_paced_floor"] > 0
+    assert bench["protobuf_us"]["decode_request_us"] > 0 and bench["protobuf_us"]["encode_response_us"] > 0
     assert [step["rate"] for step in bench["steps"]] == [50.0] and "capacity" in done.stdout
-    assert bench["batched"]["low_load"]["status_counts"] == {"OK": 50}  # the same server, batches of up to 16
-    assert [step["rate"] for step in bench["batched"]["steps"]] == [50.0]
-    assert bench["saturation_per_s"] == 50.0 and bench["batched"]["saturation_per_s"] == 50.0
+    assert bench["unbatched"]["low_load"]["status_counts"] == {"OK": 50}  # the same server, without batching
+    assert [step["rate"] for step in bench["unbatched"]["steps"]] == [50.0]
+    assert bench["saturation_per_s"] == 50.0 and bench["unbatched"]["saturation_per_s"] == 50.0
+    capacity, unbatched = bench["capacity_per_s"], bench["unbatched"]["capacity_per_s"]  # 50/s, or None on a slow day
+    assert bench["capacity_ratio_to_unbatched"] == (capacity / unbatched if capacity and unbatched else None)
     swap = bench["model_swap"]  # a version published mid-run and picked up by the watcher
     assert set(swap["status_counts"]) == {"OK"} and swap["events"][0]["ok"] and swap["p99_ratio_to_steady"] > 0
     assert not list((tmp_path / "repo").glob("*/2"))  # the published copy is removed again
@@ -209,3 +213,19 @@ def test_scale_curve_measures_every_index_type_against_exact_search(tmp_path: Pa
     assert all(0.0 < r["recall"] <= 1.0 and r["p50_ms"] > 0 and r["index_mb"] > 0 for r in rows)
     assert {r["candidates"] for r in rows} == {10, 100}
     assert (tmp_path / "scale.png").stat().st_size > 0 and "| items | index |" in done.stdout
+
+
+def test_the_bench_rebuilds_a_cached_bundle_of_an_older_format(tmp_path: Path) -> None:
+    """A bundle cached by an older release would measure the old loading cost: the bench builds a new one."""
+    from hyperrec.bundle import MANIFEST, read_manifest
+    from loadtest.bench import ensure_bundle
+
+    model, _ = ensure_bundle(tmp_path, 300, 8, 5)
+    version = tmp_path / model / "1"
+    space = read_manifest(version).embedding_space
+    assert ensure_bundle(tmp_path, 300, 8, 5)[0] == model and read_manifest(version).embedding_space == space  # kept
+    manifest = json.loads((version / MANIFEST).read_text())
+    (version / MANIFEST).write_text(json.dumps({**manifest, "format_version": 1}))
+    ensure_bundle(tmp_path, 300, 8, 5)
+    rebuilt = read_manifest(tmp_path / model / "1")
+    assert rebuilt.format_version == 2 and rebuilt.embedding_space != space
