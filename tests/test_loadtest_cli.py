@@ -229,3 +229,16 @@ def test_the_bench_rebuilds_a_cached_bundle_of_an_older_format(tmp_path: Path) -
     ensure_bundle(tmp_path, 300, 8, 5)
     rebuilt = read_manifest(tmp_path / model / "1")
     assert rebuilt.format_version == 2 and rebuilt.embedding_space != space
+
+
+def test_the_batching_ab_script_alternates_the_two_servers(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = Path(__file__).parent.parent / "scripts" / "batching_ab.py"
+    args = [sys.executable, str(script), "--items", "2000", "--rounds", "1", "--rates", "50", "--duration", "1"]
+    done = subprocess.run([*args, "--repo", str(tmp_path)], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [r["flags"] for r in rows] == [["--batch-max-size", "16"], ["--batch-max-size", "1"]]
+    assert all(r["low_p50_ms"] > 0 and list(r["p99_ms_by_rate"]) == ["50"] for r in rows)
