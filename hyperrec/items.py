@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Iterator, Sequence
-from typing import overload
+from typing import Any, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -141,12 +141,12 @@ class ItemIds(Sequence[str]):
         return len(self._offsets) - 1
 
     @overload
-    def __getitem__(self, row: int) -> str: ...
+    def __getitem__(self, row: int | np.integer[Any]) -> str: ...
 
     @overload
     def __getitem__(self, row: slice) -> Sequence[str]: ...
 
-    def __getitem__(self, row: int | slice) -> str | Sequence[str]:
+    def __getitem__(self, row: int | np.integer[Any] | slice) -> str | Sequence[str]:
         if isinstance(row, slice):
             return tuple(self[r] for r in range(*row.indices(len(self))))
         n = len(self)

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -205,7 +206,7 @@ def test_compressed_index_candidates_are_rescored_with_the_real_vectors(tmp_path
 
 @pytest.mark.parametrize(("overrides", "batched"), [({}, True), ({"batch_max_size": 1}, False)], ids=["default", "off"])
 async def test_the_default_server_batches_concurrent_calls_and_size_one_turns_batching_off(
-    tmp_path: Path, overrides: dict[str, int], batched: bool
+    tmp_path: Path, overrides: dict[str, Any], batched: bool
 ) -> None:
     """Over a real channel, 48 concurrent calls to a server with one compute thread: by default they share batches
     (fewer batches than calls, at most 16 each); with batch_max_size 1 every call is computed alone."""

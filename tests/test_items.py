@@ -23,7 +23,8 @@ def test_every_id_finds_its_row_and_strangers_find_none(ids: list[str], stranger
     unknown = [s for s in strangers if s not in set(ids)]
     assert catalogue.rows([*unknown, *ids]).tolist() == [-1] * len(unknown) + list(range(len(ids)))
     assert all(s not in catalogue for s in unknown) and all(i in catalogue for i in ids)
-    again = ItemIds.from_arrays(*(a.copy() for a in catalogue.arrays()))  # what a bundle writes and reads back
+    blob, offsets = catalogue.arrays()
+    again = ItemIds.from_arrays(blob.copy(), offsets.copy())  # what a bundle writes and reads back
     assert list(again) == ids and again.rows(ids).tolist() == list(range(len(ids)))
 
 

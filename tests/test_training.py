@@ -119,7 +119,7 @@ def test_published_bundle_loads(
 ) -> None:
     first = published[0]
     assert first.version_dir.parent.name == MODEL and first.version_dir.name == "1"
-    assert bundle.item_ids == data.item_ids
+    assert tuple(bundle.item_ids) == data.item_ids
     assert bundle.manifest.embedding_space == first.embedding_space
     assert bundle.feature_spec == first.train.feature_spec
     assert bundle.index.size == data.n_items
