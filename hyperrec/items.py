@@ -10,6 +10,7 @@ only briefly, and dropping an old version frees a handful of arrays instead of m
 
 from __future__ import annotations
 
+import codecs
 import struct
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, overload
@@ -22,7 +23,8 @@ _SEED = 0x9E3779B97F4A7C15  # any odd constant; the id's length is mixed into it
 _PRIME = 0x100000001B3  # FNV-1a's 64-bit prime, applied per 8-byte word
 _FMIX1 = 0xFF51AFD7ED558CCD  # MurmurHash3's 64-bit finaliser
 _FMIX2 = 0xC4CEB9FE1A85EC53
-_CHUNK = 1 << 16  # ids hashed per numpy pass (bounds the temporary arrays)
+_CHUNK_BYTES = 1 << 22  # id bytes hashed per numpy pass: bounds the temporaries (8 bytes of index per id byte)
+_DECODE_CHUNK = 1 << 20  # bytes checked per UTF-8 decoding step (each step holds the GIL)
 
 
 def hash_id(data: bytes) -> int:
@@ -64,8 +66,9 @@ def _hash_all(blob: npt.NDArray[np.uint8], offsets: npt.NDArray[np.int64]) -> np
     sorted_lengths = lengths[by_length]
     for length in np.unique(sorted_lengths):
         lo, hi = np.searchsorted(sorted_lengths, [length, length + 1])
-        for at in range(lo, hi, _CHUNK):
-            rows = by_length[at : min(hi, at + _CHUNK)]
+        step = max(1, _CHUNK_BYTES // max(int(length), 1))
+        for at in range(lo, hi, step):
+            rows = by_length[at : min(hi, at + step)]
             out[rows] = _hash_rows(blob, starts[rows], int(length))
     return out
 
@@ -109,8 +112,11 @@ class ItemIds(Sequence[str]):
         if offsets[0] != 0 or offsets[-1] != len(blob) or (np.diff(offsets) < 0).any():
             raise ValueError("the offsets must rise from 0 to the length of the id bytes")
         data = blob.tobytes()
-        try:
-            data.decode()
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        try:  # in steps, without building one string of the whole buffer
+            for at in range(0, len(data), _DECODE_CHUNK):
+                decoder.decode(data[at : at + _DECODE_CHUNK])
+            decoder.decode(b"", final=True)
         except UnicodeDecodeError as exc:
             raise ValueError(f"the id bytes are not UTF-8: {exc}") from exc
         # Valid as a whole, so each id is valid unless a boundary splits a character (a continuation byte).

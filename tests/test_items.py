@@ -61,3 +61,14 @@ def test_rows_by_position_follow_sequence_rules() -> None:
 def test_a_long_catalogue_is_iterated_across_blocks() -> None:
     ids = [f"s{i:05d}" for i in range(3000)]
     assert list(ItemIds.from_strings(ids)) == ids
+
+
+def test_utf8_is_checked_across_decoding_steps_and_to_the_last_byte() -> None:
+    """The buffer is decoded a MiB at a time: a character split between two steps is valid; a truncated one at
+    the very end is not."""
+    ids = ["a" * ((1 << 20) - 1) + "é", "b"]
+    blob, offsets = ItemIds.from_strings(ids).arrays()
+    assert list(ItemIds.from_arrays(blob.copy(), offsets.copy())) == ids
+    cut = np.frombuffer(b"ab\xc3", dtype=np.uint8)
+    with pytest.raises(ValueError, match="not UTF-8"):
+        ItemIds.from_arrays(cut, np.array([0, 2, 3], dtype=np.int64))
