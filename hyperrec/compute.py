@@ -91,9 +91,8 @@ def candidate_features(bundle: Bundle, profile: Profile | None, rows: np.ndarray
 def retrieval_order(bundle: Bundle, rows: np.ndarray, retrieval_scores: np.ndarray, k: int) -> tuple[ScoredItem, ...]:
     """The top k candidates by retrieval score (ties by row), each scored by its retrieval score."""
     order = np.lexsort((rows, -retrieval_scores))[:k]
-    return tuple(
-        ScoredItem(bundle.item_ids[rows[i]], float(retrieval_scores[i]), float(retrieval_scores[i])) for i in order
-    )
+    ids, scores = bundle.item_ids.take(rows[order]), retrieval_scores[order].tolist()
+    return tuple(ScoredItem(i, s, s) for i, s in zip(ids, scores, strict=True))
 
 
 def _expired(work: Work) -> bool:
@@ -212,8 +211,10 @@ def rank_batch(
                 retrieval_scores, rows = found[i]
                 mine = np.where(np.isnan(scores[b, : len(rows)]), -np.inf, scores[b, : len(rows)])
                 order = np.lexsort((rows, -retrieval_scores, -mine))[: works[i].req.k]
+                ids = bundle.item_ids.take(rows[order])
                 items = tuple(
-                    ScoredItem(bundle.item_ids[rows[j]], float(mine[j]), float(retrieval_scores[j])) for j in order
+                    ScoredItem(*entry)
+                    for entry in zip(ids, mine[order].tolist(), retrieval_scores[order].tolist(), strict=True)
                 )
                 results[i] = Ranked(items, retrieval_ms, ranking_ms, None, started_ns, size)
     assert all(r is not None for r in results)

@@ -168,6 +168,16 @@ class ItemIds(Sequence[str]):
             for row in range(len(offsets) - 1):
                 yield blob[offsets[row] : offsets[row + 1]].decode()
 
+    def take(self, rows: npt.ArrayLike) -> list[str]:
+        """The ids at `rows`, in order (one offsets lookup for all: an answer's k ids)."""
+        at = np.asarray(rows, dtype=np.int64)
+        at = np.where(at < 0, at + len(self), at)
+        if at.size and (at.min() < 0 or at.max() >= len(self)):
+            raise IndexError(f"a row outside the {len(self)} ids")
+        blob = self._blob
+        starts, ends = self._offsets[at].tolist(), self._offsets[at + 1].tolist()
+        return [blob[a:b].decode() for a, b in zip(starts, ends, strict=True)]
+
     def __contains__(self, item_id: object) -> bool:
         return isinstance(item_id, str) and self.row(item_id) is not None
 

@@ -19,6 +19,7 @@ def test_every_id_finds_its_row_and_strangers_find_none(ids: list[str], stranger
     catalogue = ItemIds.from_strings(ids)
     assert len(catalogue) == len(ids) and list(catalogue) == ids
     assert [catalogue[r] for r in range(len(ids))] == ids
+    assert catalogue.take(np.arange(len(ids))[::-1]) == ids[::-1]
     assert [catalogue.row(i) for i in ids] == list(range(len(ids)))
     unknown = [s for s in strangers if s not in set(ids)]
     assert catalogue.rows([*unknown, *ids]).tolist() == [-1] * len(unknown) + list(range(len(ids)))
@@ -55,6 +56,9 @@ def test_rows_by_position_follow_sequence_rules() -> None:
     assert catalogue[-1] == "c" and catalogue[np.int64(1)] == "b" and catalogue[0:3:2] == ("a", "c")
     with pytest.raises(IndexError):
         catalogue[3]
+    assert catalogue.take([2, -3, 1]) == ["c", "a", "b"] and catalogue.take([]) == []
+    with pytest.raises(IndexError):
+        catalogue.take([0, 3])
     assert ItemIds.from_strings([]).rows(["a"]).tolist() == [-1] and ItemIds.from_strings([]).row("a") is None
 
 
