@@ -4,7 +4,8 @@ Calls queue on the event loop. A batch (calls of one bundle, at most `max_batch`
 compute thread
 - at once when no batch is running: a lone call on an idle server never waits;
 - at once when `max_batch` calls are waiting;
-- otherwise when a compute thread is free and the oldest waiting call has waited `max_wait_s`.
+- otherwise when a compute thread is free and the oldest waiting call has waited `max_wait_s` (by default 0:
+  at once, so batches form only while every compute thread is busy).
 While every compute thread is busy, calls simply accumulate; the next free thread takes them together. So
 batches grow with the load, and at low load nothing changes.
 
@@ -36,7 +37,7 @@ AUTO_BATCH = 16
 @dataclass(frozen=True)
 class BatchSettings:
     max_batch: int = 0  # 0: automatic (AUTO_BATCH); 1: no batching
-    max_wait_s: float = 0.0005
+    max_wait_s: float = 0.0  # a free thread takes waiting calls at once
     workers: int = 2  # compute threads: batches run at most this many at a time
 
     @property
