@@ -268,14 +268,13 @@ class Categories:
         try:
             data = json.loads((directory / ITEM_CATEGORIES).read_text())
             names = [str(n) for n in data["names"]]
+            if len(set(names)) != len(names):
+                raise BundleError(ITEM_CATEGORIES, "category names repeat")
             if format_version == 1:
                 return Categories.build([tuple(names[int(i)] for i in cats) for cats in data["items"]], embeddings)
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise BundleError(ITEM_CATEGORIES, f"malformed: {exc!r}") from exc
-        try:
-            columns = np.load(directory / ITEM_CATEGORY_COLUMNS, allow_pickle=False)
-        except ValueError as exc:
-            raise BundleError(ITEM_CATEGORY_COLUMNS, f"not a numpy array file: {exc}") from exc
+        columns = load_array(directory, ITEM_CATEGORY_COLUMNS)
         try:
             return Categories.from_columns(names, columns, embeddings)
         except ValueError as exc:
@@ -441,7 +440,7 @@ def verify_files(directory: Path, manifest: Manifest) -> None:
         list(data_files(version))
         + ([ITEM_FEATURES] if spec.item_feature_dim else [])
         + ([SEGMENTS] if spec.segments else [])
-        + (list(catalogue_files(version)) if ITEM_CATEGORIES in manifest.files else [])
+        + (list(catalogue_files(version)) if set(catalogue_files(version)) & set(manifest.files) else [])
     )
     for name in expected:
         entry = manifest.files.get(name)
@@ -496,11 +495,9 @@ class Bundle:
         spec = manifest.feature_spec
         ids = _read_item_ids(directory, manifest.format_version)
         if len(ids) != manifest.item_count:
-            raise BundleError(ITEM_IDS, f"has {len(ids)} ids, manifest says item_count {manifest.item_count}")
-        try:
-            emb = np.load(directory / EMBEDDINGS, allow_pickle=False)
-        except ValueError as exc:
-            raise BundleError(EMBEDDINGS, f"not a numpy array file: {exc}") from exc
+            ids_file = ITEM_IDS_JSON if manifest.format_version == 1 else ITEM_IDS
+            raise BundleError(ids_file, f"has {len(ids)} ids, manifest says item_count {manifest.item_count}")
+        emb = load_array(directory, EMBEDDINGS)
         if emb.dtype != np.float32 or emb.shape != (manifest.item_count, spec.embedding_dim):
             raise BundleError(
                 EMBEDDINGS,
@@ -538,7 +535,7 @@ class Bundle:
         except ValueError as exc:
             raise BundleError(COLD_START, f"not valid JSON: {exc}") from exc
         categories = None
-        if ITEM_CATEGORIES in manifest.files:
+        if set(catalogue_files(manifest.format_version)) & set(manifest.files):
             categories = Categories.read(directory, manifest.format_version, emb)
         if spec.behaviour_features and categories is None:
             raise BundleError(
@@ -573,25 +570,30 @@ def _read_item_ids(directory: Path, format_version: int) -> ItemIds:
             return ItemIds.from_strings(raw)
         except ValueError as exc:
             raise BundleError(ITEM_IDS_JSON, str(exc)) from exc
-    try:
-        id_bytes = np.load(directory / ITEM_IDS, allow_pickle=False)
-        offsets = np.load(directory / ITEM_ID_OFFSETS, allow_pickle=False)
-    except ValueError as exc:
-        raise BundleError(ITEM_IDS, f"{ITEM_IDS} or {ITEM_ID_OFFSETS} is not a numpy array file: {exc}") from exc
+    id_bytes, offsets = load_array(directory, ITEM_IDS), load_array(directory, ITEM_ID_OFFSETS)
     try:
         return ItemIds.from_arrays(id_bytes, offsets)
     except ValueError as exc:
         raise BundleError(ITEM_IDS, str(exc)) from exc
 
 
+def load_array(directory: Path, name: str) -> np.ndarray:
+    """One `.npy` file of the bundle; BundleError naming it when it is not one plain numpy array (empty,
+    truncated, an .npz archive, pickled objects)."""
+    try:
+        array = np.load(directory / name, allow_pickle=False)
+    except (ValueError, EOFError, OSError) as exc:
+        raise BundleError(name, f"not a numpy array file: {exc}") from exc
+    if not isinstance(array, np.ndarray):
+        raise BundleError(name, "not a numpy array file (an .npz archive?)")
+    return array
+
+
 def _load_matrix(directory: Path, name: str, expected: tuple[int, int]) -> np.ndarray | None:
     """An optional float32 matrix file of the bundle; None when the spec does not call for it (width 0)."""
     if not expected[0] or not expected[1]:
         return None
-    try:
-        matrix: np.ndarray = np.load(directory / name, allow_pickle=False)
-    except ValueError as exc:
-        raise BundleError(name, f"not a numpy array file: {exc}") from exc
+    matrix = load_array(directory, name)
     if matrix.dtype != np.float32 or matrix.shape != expected:
         raise BundleError(name, f"is {matrix.dtype} {matrix.shape}, expected float32 {expected}")
     if not np.isfinite(matrix).all():

@@ -11,6 +11,7 @@ only briefly, and dropping an old version frees a handful of arrays instead of m
 from __future__ import annotations
 
 import codecs
+import operator
 import struct
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, overload
@@ -90,7 +91,8 @@ class ItemIds(Sequence[str]):
         order: npt.NDArray[np.int64],
     ) -> None:
         self._blob = blob
-        self._offsets = offsets
+        self._offsets = np.array(offsets, dtype=np.int64)  # a copy nobody else can change
+        self._offsets.flags.writeable = False  # `arrays()` hands it out: the ids are immutable
         self._hashes = hashes  # sorted
         self._order = order  # rows in the order of `_hashes`
 
@@ -155,10 +157,10 @@ class ItemIds(Sequence[str]):
     def __getitem__(self, row: int | np.integer[Any] | slice) -> str | Sequence[str]:
         if isinstance(row, slice):
             return tuple(self[r] for r in range(*row.indices(len(self))))
-        n = len(self)
+        n, row = len(self), operator.index(row)
         if not -n <= row < n:
             raise IndexError(f"row {row} of {n} ids")
-        row = int(row) % n
+        row %= n
         return self._blob[int(self._offsets[row]) : int(self._offsets[row + 1])].decode()
 
     def __iter__(self) -> Iterator[str]:
@@ -170,7 +172,10 @@ class ItemIds(Sequence[str]):
 
     def take(self, rows: npt.ArrayLike) -> list[str]:
         """The ids at `rows`, in order (one offsets lookup for all: an answer's k ids)."""
-        at = np.asarray(rows, dtype=np.int64)
+        at = np.asarray(rows)
+        if at.size and at.dtype.kind not in "iu":
+            raise TypeError(f"rows must be integers, not {at.dtype}")
+        at = at.astype(np.int64, copy=False)
         at = np.where(at < 0, at + len(self), at)
         if at.size and (at.min() < 0 or at.max() >= len(self)):
             raise IndexError(f"a row outside the {len(self)} ids")
@@ -188,7 +193,8 @@ class ItemIds(Sequence[str]):
 
     def rows(self, item_ids: Iterable[str]) -> npt.NDArray[np.int64]:
         """Rows of `item_ids`, in order, -1 for each id the catalogue lacks (one vectorised search for all)."""
-        wanted = [i.encode() for i in item_ids]
+        # surrogatepass: an id with a lone surrogate (never valid UTF-8, so never stored) is simply not found
+        wanted = [i.encode("utf-8", "surrogatepass") for i in item_ids]
         out = np.full(len(wanted), -1, dtype=np.int64)
         if not wanted or not len(self):
             return out

@@ -48,6 +48,7 @@ from hyperrec.domain import (
     ScoredItem,
     Strategy,
 )
+from hyperrec.errors import BundleError
 from hyperrec.pipeline import BundleSlot, PipelineOptions, Recommender
 from hyperrec.profiles import ProfileStore
 from hyperrec.profiles.keys import Pseudonymizer
@@ -102,7 +103,10 @@ def ensure_bundle(repo: Path, items: int, dim: int, users: int) -> tuple[str, Pa
     model = f"bench-{items}x{dim}"
     profiles = repo / f"{model}-profiles.npz"
     versions = list_versions(repo, model)
-    current = bool(versions) and read_manifest(repo / model / str(versions[-1])).format_version == FORMAT_VERSION
+    try:
+        current = bool(versions) and read_manifest(repo / model / str(versions[-1])).format_version == FORMAT_VERSION
+    except BundleError:  # a format this code cannot read, or a broken cache: build anew
+        current = False
     if not current or not profiles.is_file():
         shutil.rmtree(repo / model, ignore_errors=True)
         from training.synth_bundle import make_synth_bundle

@@ -200,7 +200,9 @@ def test_compressed_index_candidates_are_rescored_with_the_real_vectors(tmp_path
     work = works(pq, 1)[0]
     ranked = rank_candidates(pq, work.uvec, work.req, work.now, 100)
     for item in ranked.items:
-        exact = float(pq.item_embeddings[pq.item_ids.row(item.item_id)] @ work.uvec)
+        row = pq.item_ids.row(item.item_id)
+        assert row is not None
+        exact = float(pq.item_embeddings[row] @ work.uvec)
         assert item.retrieval_score == pytest.approx(exact, abs=1e-5)
 
 

@@ -164,6 +164,7 @@ async def test_serving_computes_the_behaviour_features_training_computes(tmp_pat
             assert answer.strategy == pb.STRATEGY_PERSONALIZED
             for item in answer.items:
                 row = bundle.item_ids.row(item.item_id)
+                assert row is not None
                 assert item.score - item.retrieval_score == pytest.approx(float(trained[0, row].sum()), abs=1e-4)
     await store.close()
 

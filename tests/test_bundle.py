@@ -383,3 +383,43 @@ def test_the_load_stall_probe_reports_the_load_and_the_loops_gaps(tmp_path: Path
     runs = [json.loads(line) for line in done.stdout.splitlines()]
     assert len(runs) == 2 and all(r["load_ms"] > 0 and r["worst_gap_ms"] >= 0 for r in runs)
     assert set(runs[0]) == {"load_ms", "worst_gap_ms", "gaps_over_10_ms", "ms_lost_to_gaps_over_5_ms"}
+
+
+@pytest.mark.parametrize("name", [ITEM_IDS, ITEM_ID_OFFSETS, EMBEDDINGS])
+@pytest.mark.parametrize("content", ["empty", "npz"])
+def test_an_array_file_that_is_not_one_numpy_array_is_named(tmp_path: Path, name: str, content: str) -> None:
+    """A 0-byte file or an .npz archive under a .npy name (checksums matching) is a BundleError naming the file,
+    not an EOFError or AttributeError that would leave the version stuck in LOADING."""
+    path = publish_toy(tmp_path, n_items=80)
+    if content == "empty":
+        (path / name).write_bytes(b"")
+    else:
+        with (path / name).open("wb") as fh:
+            np.savez(fh, a=np.zeros(3))
+    _refresh_checksums(path)
+    with pytest.raises(BundleError, match="not a numpy array file") as err:
+        Bundle.load(path)
+    assert err.value.file == name
+
+
+def test_format_1_category_names_that_repeat_are_rejected(tmp_path: Path) -> None:
+    contents = _multi_category_contents()
+    path = publish_bundle(tmp_path, contents)
+    items = [[0] for _ in range(90)]
+    (path / ITEM_CATEGORIES).write_text(json.dumps({"names": ["a", "b", "a"], "items": items}))
+    (path / "item_ids.json").write_text(json.dumps(list(contents.item_ids)))
+    for name in (ITEM_IDS, ITEM_ID_OFFSETS, ITEM_CATEGORY_COLUMNS):
+        (path / name).unlink()
+    _refresh_checksums(path, format_version=1, drop=(ITEM_IDS, ITEM_ID_OFFSETS, ITEM_CATEGORY_COLUMNS))
+    with pytest.raises(BundleError, match="category names repeat") as err:
+        Bundle.load(path)
+    assert err.value.file == ITEM_CATEGORIES
+
+
+def test_category_columns_listed_without_the_names_are_named(tmp_path: Path) -> None:
+    path = publish_bundle(tmp_path, _multi_category_contents())
+    (path / ITEM_CATEGORIES).unlink()
+    _refresh_checksums(path, drop=(ITEM_CATEGORIES,))
+    with pytest.raises(BundleError, match="not listed") as err:
+        Bundle.load(path)
+    assert err.value.file == ITEM_CATEGORIES

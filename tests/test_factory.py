@@ -35,6 +35,12 @@ SMALL = FactoryConfig(
 )
 
 
+def _row(bundle: Bundle, item_id: str) -> int:
+    row = bundle.item_ids.row(item_id)
+    assert row is not None, f"{item_id} is not in the bundle"
+    return row
+
+
 @pytest.fixture(scope="module")
 def events_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A synthetic log (200 users, 400 items, 10 categories) written as interactions.csv + items.csv."""
@@ -92,7 +98,7 @@ def test_manifest_records_data_code_split_and_parity(factory: FactoryResult, eve
 
 def test_item_without_interactions_gets_a_vector_from_its_metadata(factory: FactoryResult) -> None:
     bundle = Bundle.load(factory.version_dir)
-    vector = bundle.item_embeddings[bundle.item_ids.row("never-seen")]
+    vector = bundle.item_embeddings[_row(bundle, "never-seen")]
     assert np.linalg.norm(vector) > 0
 
 
@@ -157,7 +163,7 @@ def test_bundle_carries_item_features_as_of_its_cut_off(factory: FactoryResult) 
     assert spec.item_features[:4] == ("log_count", "log_count_30d", "log_days_since_first", "log_days_since_last")
     assert bundle.item_features is not None and bundle.item_features.shape == (401, spec.item_feature_dim)
     assert set(spec.item_feature_stats) == set(spec.item_features[:4])
-    never_seen = bundle.item_features[bundle.item_ids.row("never-seen")]
+    never_seen = bundle.item_features[_row(bundle, "never-seen")]
     stats = spec.item_feature_stats["log_count"]
     assert never_seen[0] == pytest.approx((0.0 - stats["mean"]) / stats["std"], rel=1e-5)  # zero events, standardised
 

@@ -62,6 +62,20 @@ def test_rows_by_position_follow_sequence_rules() -> None:
     assert ItemIds.from_strings([]).rows(["a"]).tolist() == [-1] and ItemIds.from_strings([]).row("a") is None
 
 
+def test_ids_that_cannot_be_stored_are_not_found_and_rows_must_be_integers() -> None:
+    catalogue = ItemIds.from_strings(["a", "b"])
+    assert catalogue.rows(["\ud800", "b"]).tolist() == [-1, 1] and "\ud800" not in catalogue  # a lone surrogate
+    with pytest.raises(TypeError):
+        catalogue[1.0]  # type: ignore[call-overload]
+    with pytest.raises(TypeError):
+        catalogue.take(np.array([0.0, 1.0]))
+    with pytest.raises(TypeError):
+        catalogue.take(np.array([True, False]))
+    _, offsets = catalogue.arrays()
+    with pytest.raises(ValueError, match="read-only"):
+        offsets[0] = 5
+
+
 def test_a_long_catalogue_is_iterated_across_blocks() -> None:
     ids = [f"s{i:05d}" for i in range(3000)]
     assert list(ItemIds.from_strings(ids)) == ids

@@ -59,7 +59,8 @@ def evaluate_bundle(
     behaviour = None
     spec = bundle.feature_spec
     if spec.behaviour_features and bundle.categories is not None:
-        columns = category_columns([bundle.categories_of(i) for i in data.catalog.item_ids])
+        cats = bundle.categories
+        columns = category_columns([cats.of_row(r) if r >= 0 else () for r in bundle_rows.tolist()])
         behaviour = BehaviourFeatures(columns, spec.affinity_half_life_s, spec.behaviour_stats)
     candidates = cfg.ranker.candidates
     ours: list[Recommender] = [
