@@ -65,10 +65,6 @@ class MicroBatcher:
         self._running = 0
         self._timer: asyncio.TimerHandle | None = None
 
-    @property
-    def settings(self) -> BatchSettings:
-        return self._settings
-
     async def rank(self, bundle: Bundle, work: Work) -> Ranked:
         """The compute stage for one call, batched with whatever else is waiting. Raises its failure."""
         loop = asyncio.get_running_loop()

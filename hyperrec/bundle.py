@@ -242,11 +242,10 @@ class Categories:
 
     @staticmethod
     def from_columns(names: Sequence[str], columns: np.ndarray, embeddings: np.ndarray) -> Categories:
-        """From the names and the per-item index matrix; ValueError when they do not fit each other or the items.
+        """From the names (distinct: `read` checks a bundle's, `build` makes them so) and the per-item index
+        matrix; ValueError when they do not fit each other or the items.
 
         Vectorised: a bundle's million items cost a few numpy passes, not a Python loop per item."""
-        if len(set(names)) != len(names):
-            raise ValueError("category names repeat")
         if columns.ndim != 2 or columns.shape[0] != len(embeddings) or columns.dtype != np.int64:
             raise ValueError(f"is {columns.dtype} {columns.shape}, expected int64 ({len(embeddings)}, widest)")
         if columns.size and (columns.min() < -1 or columns.max() >= len(names)):
@@ -432,6 +431,11 @@ def read_manifest(directory: Path) -> Manifest:
     return Manifest.from_json(data)
 
 
+def lists_categories(manifest: Manifest) -> bool:
+    """Whether the bundle carries category metadata (any of its format's category files listed)."""
+    return bool(set(catalogue_files(manifest.format_version)) & set(manifest.files))
+
+
 def verify_files(directory: Path, manifest: Manifest) -> None:
     """Every data file is present, listed, and matches its recorded size and SHA-256."""
     spec = manifest.feature_spec
@@ -440,7 +444,7 @@ def verify_files(directory: Path, manifest: Manifest) -> None:
         list(data_files(version))
         + ([ITEM_FEATURES] if spec.item_feature_dim else [])
         + ([SEGMENTS] if spec.segments else [])
-        + (list(catalogue_files(version)) if set(catalogue_files(version)) & set(manifest.files) else [])
+        + (list(catalogue_files(version)) if lists_categories(manifest) else [])
     )
     for name in expected:
         entry = manifest.files.get(name)
@@ -535,7 +539,7 @@ class Bundle:
         except ValueError as exc:
             raise BundleError(COLD_START, f"not valid JSON: {exc}") from exc
         categories = None
-        if set(catalogue_files(manifest.format_version)) & set(manifest.files):
+        if lists_categories(manifest):
             categories = Categories.read(directory, manifest.format_version, emb)
         if spec.behaviour_features and categories is None:
             raise BundleError(

@@ -94,9 +94,5 @@ class TopNCache:
         if self._entries is not None and strategy in CACHED_STRATEGIES:
             self._entries[key] = Cached(items, strategy)
 
-    def clear(self) -> None:
-        if self._entries is not None:
-            self._entries.clear()
-
     def __len__(self) -> int:
         return 0 if self._entries is None else len(self._entries)

@@ -30,14 +30,12 @@ class Cutoffs:
 
     Past `deadline` nothing more is computed (the caller has given up). Ranking must finish by `rank_by`
     (the ranking budget, or just before the deadline): the run is stopped at that instant by the event loop, and
-    the answer then keeps retrieval order. `rank_by_deadline` says which of the two set `rank_by`. `run` is the
-    stop handle when the request is computed alone (a batch has one handle for all its requests).
+    the answer then keeps retrieval order. `rank_by_deadline` says which of the two set `rank_by`.
     """
 
     deadline: float | None = None
     rank_by: float | None = None
     rank_by_deadline: bool = False
-    run: RankingRun | None = None
 
     @property
     def fallback_reason(self) -> str:
@@ -91,8 +89,15 @@ def candidate_features(bundle: Bundle, profile: Profile | None, rows: np.ndarray
 def retrieval_order(bundle: Bundle, rows: np.ndarray, retrieval_scores: np.ndarray, k: int) -> tuple[ScoredItem, ...]:
     """The top k candidates by retrieval score (ties by row), each scored by its retrieval score."""
     order = np.lexsort((rows, -retrieval_scores))[:k]
-    ids, scores = bundle.item_ids.take(rows[order]), retrieval_scores[order].tolist()
-    return tuple(ScoredItem(i, s, s) for i, s in zip(ids, scores, strict=True))
+    return _answer(bundle, rows[order], retrieval_scores[order], retrieval_scores[order])
+
+
+def _answer(
+    bundle: Bundle, rows: np.ndarray, scores: np.ndarray, retrieval_scores: np.ndarray
+) -> tuple[ScoredItem, ...]:
+    """The answer's items, in the order given: ids looked up together, scores as Python floats."""
+    ids = bundle.item_ids.take(rows)
+    return tuple(map(ScoredItem, ids, scores.tolist(), retrieval_scores.tolist()))
 
 
 def _expired(work: Work) -> bool:
@@ -211,11 +216,7 @@ def rank_batch(
                 retrieval_scores, rows = found[i]
                 mine = np.where(np.isnan(scores[b, : len(rows)]), -np.inf, scores[b, : len(rows)])
                 order = np.lexsort((rows, -retrieval_scores, -mine))[: works[i].req.k]
-                ids = bundle.item_ids.take(rows[order])
-                items = tuple(
-                    ScoredItem(*entry)
-                    for entry in zip(ids, mine[order].tolist(), retrieval_scores[order].tolist(), strict=True)
-                )
+                items = _answer(bundle, rows[order], mine[order], retrieval_scores[order])
                 results[i] = Ranked(items, retrieval_ms, ranking_ms, None, started_ns, size)
     assert all(r is not None for r in results)
     return results  # type: ignore[return-value]
@@ -230,9 +231,11 @@ def rank_candidates(
     cutoffs: Cutoffs = Cutoffs(),  # frozen: one shared default is safe
     profile: Profile | None = None,
     candidate_rows: np.ndarray | None = None,
+    run: RankingRun | None = None,
 ) -> Ranked:
-    """Retrieve and rank for one user (blocking): `rank_batch` with a batch of one; raises its failure."""
-    (result,) = rank_batch(bundle, [Work(uvec, req, now, cutoffs, profile, candidate_rows)], candidates, cutoffs.run)
+    """Retrieve and rank for one user (blocking): `rank_batch` with a batch of one; raises its failure. `run` is
+    the ranking run's stop handle (a batch has one for all its requests)."""
+    (result,) = rank_batch(bundle, [Work(uvec, req, now, cutoffs, profile, candidate_rows)], candidates, run)
     if isinstance(result, HyperrecError):
         raise result
     return result

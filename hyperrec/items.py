@@ -211,7 +211,3 @@ class ItemIds(Sequence[str]):
                     break
                 at_i += 1
         return out
-
-    @property
-    def nbytes(self) -> int:
-        return len(self._blob) + self._offsets.nbytes + self._hashes.nbytes + self._order.nbytes

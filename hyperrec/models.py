@@ -71,13 +71,12 @@ class LoadSettings:
 def load_without_gc_pauses(directory: Path, ranker: RankerOptions, index_device: str | None) -> Bundle:
     """Bundle.load with the cyclic garbage collector paused, then the loaded objects frozen.
 
-    Loading a large catalogue creates millions of objects (item ids, the id-to-row map). With the collector on,
-    their allocation triggers full collections that hold the GIL and stall the event loop while it serves; a probe
-    loading the 1M-item bench bundle beside an asyncio loop measured the load 40 % faster and the worst loop stall
-    20-30 % shorter without them (docs/performance.md). Freezing moves
-    what exists after the load (the bundle's objects included) out of later collections, so the serving
-    process does not rescan a million ids on every full collection. The collector is paused process-wide, for
-    the load's few seconds only.
+    A format 1 bundle's load creates a Python object per item (its ids come as JSON). With the collector on, their
+    allocation triggers full collections that hold the GIL and stall the event loop while it serves; a probe
+    loading a 1M-item format 1 bundle beside an asyncio loop measured the load 40 % faster and the worst loop stall
+    20-30 % shorter without them (docs/performance.md). Format 2 bundles create few objects, and pausing costs them
+    nothing. Freezing moves what exists after the load out of later collections. The collector is paused
+    process-wide, for the load's few seconds only.
     """
     gc.disable()
     try:

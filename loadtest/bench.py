@@ -29,7 +29,9 @@ import sys
 import tempfile
 import time
 import timeit
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -222,6 +224,37 @@ class ServeSpec:
     secret: str
 
 
+def start_redis() -> tuple[subprocess.Popen[bytes], int]:
+    """A run-owned redis-server on a free port that keeps nothing on disk: (process, port)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL
+    )
+    time.sleep(0.5)
+    return proc, port
+
+
+@contextmanager
+def started_server(spec: ServeSpec, flags: Sequence[str]) -> Iterator[str]:
+    """`hyperrec serve` on the bench's model with `flags`, on a free port; yields its address once SERVING and
+    stops it on leaving."""
+    port = free_port()
+    env = dict(os.environ)
+    cmd = [sys.executable, "-m", "hyperrec.cli", "serve", "--port", str(port), "--model-repo", str(spec.repo)]
+    cmd += ["--model-name", spec.model, "--seed-profiles", str(spec.profiles), "--log-level", "WARNING", *flags]
+    if spec.redis_url is not None:
+        cmd += ["--redis-url", spec.redis_url]
+        env["HYPERREC_PROFILE_SECRET"] = spec.secret
+    server = subprocess.Popen(cmd, env=env)
+    try:
+        target = f"127.0.0.1:{port}"
+        wait_serving(target)
+        yield target
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def measure_server(
     spec: ServeSpec,
     flags: list[str],
@@ -234,18 +267,8 @@ def measure_server(
 ) -> dict[str, Any]:
     """Start a server with `flags`, run the low-rate run and the capacity search (and the Redis outage run when
     `outage_port` is given) against it, stop it."""
-    port = free_port()
-    env = dict(os.environ)
-    cmd = [sys.executable, "-m", "hyperrec.cli", "serve", "--port", str(port), "--model-repo", str(spec.repo)]
-    cmd += ["--model-name", spec.model, "--seed-profiles", str(spec.profiles), "--log-level", "WARNING"]
-    cmd += ["--watch-interval-s", "1", *flags]  # the swap run publishes a version mid-run
-    if spec.redis_url is not None:
-        cmd += ["--redis-url", spec.redis_url]
-        env["HYPERREC_PROFILE_SECRET"] = spec.secret
-    server = subprocess.Popen(cmd, env=env)
-    target = f"127.0.0.1:{port}"
-    try:
-        wait_serving(target)
+    # --watch-interval-s 1: the swap run publishes a version mid-run
+    with started_server(spec, ["--watch-interval-s", "1", *flags]) as target:
         scenario = Scenario(k=k, unknown_user_share=0.0)
         base = LoadSettings(target, rate=LOW_RATE, duration_s=duration_s, warmup_s=3.0, scenario=scenario, users=users)
         low = run(base)
@@ -253,9 +276,6 @@ def measure_server(
         saturation, load_steps = search(base, throughput_rates, parse_slo(THROUGHPUT_SLO, "make bench throughput"))
         swap = None if outage_port is None else swap_run(base, spec, duration_s)
         outage = None if outage_port is None else redis_outage(base, outage_port, duration_s)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     low_ms = low.to_json(with_histograms=False)["latency_ms"]
     return {
         "low_ms": low_ms,
@@ -345,12 +365,8 @@ def main() -> int:
     redis_proc, redis_url, redis_port = None, None, None
     secret = os.urandom(16).hex()
     if shutil.which("redis-server"):
-        redis_port = free_port()
-        redis_proc = subprocess.Popen(
-            ["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL
-        )
+        redis_proc, redis_port = start_redis()
         redis_url = f"redis://127.0.0.1:{redis_port}/0"
-        time.sleep(0.5)
     set_threads(1)
     bundle = Bundle.load(resolve_version(args.repo, model), RankerOptions())
     floor_ms = asyncio.run(in_process_floor(bundle, profiles, args.calls, k, redis_url, secret.encode()))

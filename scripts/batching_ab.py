@@ -14,46 +14,26 @@ import argparse
 import json
 import os
 import shlex
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 from hyperrec.profiles.snapshot import load_profiles
-from loadtest.bench import LOW_RATE, SLO, ensure_bundle, free_port, wait_serving
+from loadtest.bench import LOW_RATE, SLO, ServeSpec, ensure_bundle, start_redis, started_server
 from loadtest.capacity import search
 from loadtest.runner import LoadSettings, run
 from loadtest.scenario import Scenario
 from loadtest.slo import parse_slo
 
 
-def measure(
-    flags: list[str], args: argparse.Namespace, model: str, profiles: Path, redis_url: str, secret: str
-) -> dict[str, object]:
-    repo = args.repo
-    port = free_port()
-    cmd = [sys.executable, "-m", "hyperrec.cli", "serve", "--port", str(port), "--model-repo", str(repo)]
-    cmd += ["--model-name", model, "--seed-profiles", str(profiles), "--log-level", "WARNING"]
-    cmd += ["--redis-url", redis_url, *flags]
-    server = subprocess.Popen(cmd, env=dict(os.environ, HYPERREC_PROFILE_SECRET=secret))
-    try:
-        wait_serving(f"127.0.0.1:{port}")
+def measure(flags: list[str], args: argparse.Namespace, spec: ServeSpec) -> dict[str, object]:
+    with started_server(spec, flags) as target:
         scenario = Scenario(k=20, unknown_user_share=0.0)
-        users = tuple(load_profiles(profiles))
+        users = tuple(load_profiles(spec.profiles))
         base = LoadSettings(
-            f"127.0.0.1:{port}",
-            rate=LOW_RATE,
-            duration_s=args.duration,
-            warmup_s=args.duration / 3,
-            scenario=scenario,
-            users=users,
+            target, rate=LOW_RATE, duration_s=args.duration, warmup_s=args.duration / 3, scenario=scenario, users=users
         )
         low = run(base).to_json(with_histograms=False)["latency_ms"]
         capacity, steps = search(base, [float(r) for r in args.rates.split(",")], parse_slo(SLO, "batching A/B"))
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     return {
         "flags": flags,
         "low_p50_ms": low["p50"],
@@ -74,23 +54,12 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per run")
     args = parser.parse_args()
     model, profiles = ensure_bundle(args.repo, args.items, 64, 1000)
-    redis_port = free_port()
-    redis = subprocess.Popen(
-        ["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL
-    )
-    time.sleep(0.5)
+    redis, redis_port = start_redis()
     try:
         for _ in range(args.rounds):
             for flags in (args.a, args.b):
-                row = measure(
-                    shlex.split(flags),
-                    args,
-                    model,
-                    profiles,
-                    f"redis://127.0.0.1:{redis_port}/0",
-                    os.urandom(16).hex(),
-                )
-                print(json.dumps(row), flush=True)
+                spec = ServeSpec(args.repo, model, profiles, f"redis://127.0.0.1:{redis_port}/0", os.urandom(16).hex())
+                print(json.dumps(measure(shlex.split(flags), args, spec)), flush=True)
     finally:
         redis.terminate()
         redis.wait(timeout=10)

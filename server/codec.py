@@ -54,9 +54,10 @@ def _timestamp(msg: pb.Context | ppb.Event, field: str) -> datetime | None:
     return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(seconds=ts.seconds, microseconds=ts.nanos // 1000)
 
 
-def decode_context(msg: pb.Context) -> Context:
+def decode_context(msg: pb.Context, with_time: bool = True) -> Context:
+    """The request context; `with_time=False` leaves its event_time out (undecoded, so it cannot reject)."""
     return Context(
-        event_time=_timestamp(msg, "context.event_time"),
+        event_time=_timestamp(msg, "context.event_time") if with_time else None,
         utc_offset_minutes=msg.utc_offset_minutes,
         device=_enum(DeviceType, msg.device_type, "context.device_type"),
         country=msg.country,
@@ -83,12 +84,7 @@ def decode_event(msg: ppb.Event) -> Event:
 
     The event's own event_time is when it happened; its context's event_time is ignored (profiles.proto), so it
     is not decoded and cannot reject the event."""
-    context_msg = msg.context
-    if context_msg.HasField("event_time"):
-        context_msg = type(context_msg)()
-        context_msg.CopyFrom(msg.context)
-        context_msg.ClearField("event_time")
-    context = decode_context(context_msg)
+    context = decode_context(msg.context, with_time=False)
     return Event(
         event_id=msg.event_id,
         user_id=msg.user_id,

@@ -155,8 +155,8 @@ def test_a_ranking_run_stopped_by_its_budget_falls_back_to_retrieval_order(toy_b
     for by_deadline, reason in ((False, "budget"), (True, "deadline")):
         run = RankingRun()
         run.stop()  # as the event loop does when the cut-off passes during the run
-        cut = Cutoffs(deadline=None, rank_by=time.monotonic() + 60, rank_by_deadline=by_deadline, run=run)
-        stopped = rank_candidates(toy_bundle, uvec, req, now, 50, cut)
+        cut = Cutoffs(deadline=None, rank_by=time.monotonic() + 60, rank_by_deadline=by_deadline)
+        stopped = rank_candidates(toy_bundle, uvec, req, now, 50, cut, run=run)
         assert stopped.fallback == reason
         assert stopped.items[0].item_id == "item-00007"
         assert all(i.score == i.retrieval_score for i in stopped.items)
