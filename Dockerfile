@@ -10,10 +10,6 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY hyperrec ./hyperrec
-COPY server ./server
-COPY index ./index
-COPY training ./training
-COPY loadtest ./loadtest
 # The gpu extra's onnxruntime-gpu and faiss-gpu provide the same modules as the default CPU builds; remove the
 # CPU builds and reinstall the GPU ones so the GPU build is the one that imports.
 RUN python -m venv /opt/venv \

@@ -27,11 +27,11 @@ test: $(STAMP) lint proto-check pytest
 
 ## bench: the server against its in-process and gRPC echo floors at 1M items, then a capacity search (minutes)
 bench: $(STAMP)
-	$(BIN)/python -m loadtest.bench --out benchmarks/results
+	$(BIN)/python -m benchmarks.bench --out benchmarks/results
 
 ## scale: retrieval latency, memory and recall across catalogue sizes and index types (tens of minutes)
 scale: $(STAMP)
-	$(BIN)/python -m loadtest.scale --out benchmarks/results --plot docs/images/scale-curve.png
+	$(BIN)/python -m benchmarks.scale --out benchmarks/results --plot docs/images/scale-curve.png
 
 pytest: $(STAMP)
 	$(BIN)/pytest

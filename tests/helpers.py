@@ -13,9 +13,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from hyperrec.bundle import BundleContents, ColdStart, publish_bundle
-from hyperrec.features import FeatureSpec, default_feature_spec
-from index.ann import IndexParams
+from hyperrec.core.bundle import BundleContents, ColdStart, publish_bundle
+from hyperrec.core.features import FeatureSpec, default_feature_spec
+from hyperrec.index.ann import IndexParams
 
 
 def make_ranker_onnx(

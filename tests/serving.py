@@ -10,11 +10,11 @@ from typing import Any
 
 import grpc
 
-from hyperrec.config import load_config
-from hyperrec.profiles import ProfileStore
+from hyperrec.app.config import load_config
+from hyperrec.core.profile_store import ProfileStore
+from hyperrec.server.app import HyperrecServer, create_server
 from hyperrec.v1 import recommender_pb2 as pb
 from hyperrec.v1 import recommender_pb2_grpc as pb_grpc
-from server.app import HyperrecServer, create_server
 
 TEST_SECRET = "serving-test-secret-0123456789"
 

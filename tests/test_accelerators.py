@@ -20,13 +20,13 @@ import onnxruntime as ort
 import pytest
 from prometheus_client import REGISTRY
 
-from hyperrec import metrics
-from hyperrec.bundle import Bundle
-from hyperrec.models import LoadSettings, ModelManager, record_accelerators
-from hyperrec.pipeline import BundleSlot
-from hyperrec.ranker import ACCELERATOR_DEVICES, PREFERRED_PROVIDERS, choose_providers, device_of
-from index import ann
-from index.ann import FLAT, IVF, AnnIndex, IndexParams
+from hyperrec.core import metrics
+from hyperrec.core.bundle import Bundle
+from hyperrec.core.model_manager import ModelManager, VersionLoadSettings, record_accelerators
+from hyperrec.core.pipeline import BundleSlot
+from hyperrec.core.ranker import ACCELERATOR_DEVICES, PREFERRED_PROVIDERS, choose_providers, device_of
+from hyperrec.index import ann
+from hyperrec.index.ann import FLAT, IVF, AnnIndex, IndexParams
 from tests.helpers import publish_toy
 
 # The "for real" tests describe a machine without a GPU (CI); where FAISS or ONNX Runtime sees one, they do not apply.
@@ -58,7 +58,7 @@ def test_this_machine_has_no_gpu_for_faiss_so_auto_stays_on_cpu(tmp_path: Path, 
     built = AnnIndex.build(emb, IndexParams(IVF, nlist=16, nprobe=4))
     assert built.device == "cpu"
     built.save(tmp_path / "index.faiss")
-    with caplog.at_level(logging.INFO, logger="index.ann"):
+    with caplog.at_level(logging.INFO, logger="hyperrec.index.ann"):
         loaded = AnnIndex.load(tmp_path / "index.faiss", built.params)
     assert loaded.device == "cpu"
     assert "on cpu (device auto: FAISS has no GPU support or sees no GPU)" in caplog.text
@@ -89,7 +89,7 @@ async def test_activating_a_real_bundle_reports_cpu_for_ranker_and_index(tmp_pat
     metrics.ACCELERATOR.labels("ranker", "tensorrt").set(1)
     loader = ThreadPoolExecutor(max_workers=1)
     try:
-        manager = ModelManager(repo, "toy", BundleSlot(), LoadSettings(warmup_requests=2), loader)
+        manager = ModelManager(repo, "toy", BundleSlot(), VersionLoadSettings(warmup_requests=2), loader)
         assert await manager.reconcile() == 1
     finally:
         loader.shutdown(wait=True)

@@ -11,8 +11,8 @@ import pytest
 import redis
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from hyperrec.bundle import Bundle
-from hyperrec.cli import main
+from hyperrec.app.cli import main
+from hyperrec.core.bundle import Bundle
 from hyperrec.profiles.keys import Pseudonymizer
 from hyperrec.profiles.redis_store import RedisProfileStore, RedisStoreOptions
 from hyperrec.v1 import profiles_pb2 as ppb

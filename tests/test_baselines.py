@@ -5,19 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training import baselines
-from training.baselines import (
+from hyperrec.training import baselines
+from hyperrec.training.baselines import (
     ImplicitALS,
     ItemKNN,
     MostPopular,
-    Recommender,
+    OfflineRecommender,
     ScoringRecommender,
     evaluate_recommender,
     top_k_items,
 )
-from training.interactions import EVENT_CODE, Interactions, ItemCatalog
-from training.metrics import METRIC_NAMES
-from training.splits import leave_last_out_split, seen_items
+from hyperrec.training.interactions import EVENT_CODE, Interactions, ItemCatalog
+from hyperrec.training.metrics import METRIC_NAMES
+from hyperrec.training.splits import leave_last_out_split, seen_items
 
 EMPTY = np.zeros(0, dtype=np.int64)
 
@@ -142,7 +142,7 @@ def test_als_is_reproducible() -> None:
 
 
 def test_models_satisfy_the_protocol() -> None:
-    models: list[Recommender] = [MostPopular(), ItemKNN(), ImplicitALS(factors=4, iterations=2)]
+    models: list[OfflineRecommender] = [MostPopular(), ItemKNN(), ImplicitALS(factors=4, iterations=2)]
     for model in models:
         assert isinstance(model, ScoringRecommender)
         assert model.name

@@ -16,15 +16,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from hyperrec.batching import BatchSettings, MicroBatcher
-from hyperrec.bundle import Bundle, publish_bundle
-from hyperrec.compute import Cutoffs, Ranked, Work, rank_batch, rank_candidates
-from hyperrec.domain import Context, DeviceType, RecommendRequest
-from hyperrec.errors import DeadlineExceeded
-from hyperrec.features import default_feature_spec
-from hyperrec.profiles import Profile
+from hyperrec.core.batching import BatchSettings, MicroBatcher
+from hyperrec.core.bundle import Bundle, publish_bundle
+from hyperrec.core.compute import Cutoffs, Ranked, Work, rank_batch, rank_candidates
+from hyperrec.core.domain import Context, DeviceType, RecommendRequest
+from hyperrec.core.errors import DeadlineExceeded
+from hyperrec.core.features import default_feature_spec
+from hyperrec.core.profile import Profile
+from hyperrec.index.ann import IndexParams
 from hyperrec.v1 import recommender_pb2 as pb
-from index.ann import IndexParams
 from tests.helpers import make_contents, make_ranker_onnx, publish_toy, sample
 from tests.serving import request, running_server
 
@@ -100,7 +100,7 @@ def test_one_call_past_its_deadline_fails_and_the_rest_of_the_batch_is_answered(
 
 
 def test_a_stopped_batch_run_leaves_every_call_in_retrieval_order_with_its_own_reason(bundle: Bundle) -> None:
-    from hyperrec.ranker import RankingRun
+    from hyperrec.core.ranker import RankingRun
 
     later = time.monotonic() + 60
     batch = works(bundle, 2)

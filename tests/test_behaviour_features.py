@@ -18,22 +18,22 @@ import numpy as np
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from hyperrec.behaviour import BEHAVIOUR_FEATURES, affinity_arrays, behaviour_raw
-from hyperrec.bundle import Bundle, BundleContents, ColdStart, publish_bundle
-from hyperrec.compute import candidate_features
-from hyperrec.errors import BundleError
-from hyperrec.features import default_feature_spec
+from hyperrec.core.behaviour import BEHAVIOUR_FEATURES, affinity_arrays, behaviour_raw
+from hyperrec.core.bundle import Bundle, BundleContents, ColdStart, publish_bundle
+from hyperrec.core.compute import candidate_features
+from hyperrec.core.errors import BundleError
+from hyperrec.core.features import default_feature_spec
+from hyperrec.core.profile import CategoryAffinity
+from hyperrec.index.ann import IndexParams
 from hyperrec.profiles.keys import Pseudonymizer
-from hyperrec.profiles.model import CategoryAffinity
 from hyperrec.profiles.redis_store import RedisProfileStore, RedisStoreOptions
+from hyperrec.training.behaviour_features import fit_behaviour_features, replay_states
+from hyperrec.training.interactions import EVENT_CODE, Interactions, ItemCatalog
 from hyperrec.v1 import profiles_pb2 as ppb
 from hyperrec.v1 import profiles_pb2_grpc as ppb_grpc
 from hyperrec.v1 import recommender_pb2 as pb
-from index.ann import IndexParams
 from tests.helpers import make_ranker_onnx
 from tests.serving import TEST_SECRET, request, running_server
-from training.behaviour_features import fit_behaviour_features, replay_states
-from training.interactions import EVENT_CODE, Interactions, ItemCatalog
 
 DAY = 86_400.0
 HALF_LIFE = 14 * DAY

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hyperrec.bundle import (
+from hyperrec.core.bundle import (
     COLD_START,
     EMBEDDINGS,
     INDEX,
@@ -29,8 +29,8 @@ from hyperrec.bundle import (
     resolve_version,
     sha256_of,
 )
-from hyperrec.errors import BundleError, NotFound
-from hyperrec.features import default_feature_spec
+from hyperrec.core.errors import BundleError, NotFound
+from hyperrec.core.features import default_feature_spec
 from tests.helpers import make_contents, make_ranker_onnx, publish_toy
 
 
@@ -235,11 +235,11 @@ def test_ranker_output_of_the_wrong_rank_is_named(tmp_path: Path) -> None:
 
 
 def test_index_file_that_is_not_what_the_manifest_says_is_named(tmp_path: Path) -> None:
-    from index.ann import IVF, IndexParams
+    from hyperrec.index.ann import IVF, IndexParams
 
     path = publish_toy(tmp_path, n_items=600, dim=8)  # flat per the manifest
     ivf = IndexParams(IVF, nlist=8, nprobe=1)
-    from index.ann import AnnIndex
+    from hyperrec.index.ann import AnnIndex
 
     AnnIndex.build(np.load(path / EMBEDDINGS), ivf).save(path / INDEX)
     manifest = json.loads((path / MANIFEST).read_text())
@@ -269,8 +269,8 @@ def test_loading_pauses_the_garbage_collector_only_while_it_runs(
     version is broken (a full collection during a large load would stall the serving event loop)."""
     import gc
 
-    from hyperrec.models import load_without_gc_pauses
-    from hyperrec.ranker import RankerOptions
+    from hyperrec.core.model_manager import load_without_gc_pauses
+    from hyperrec.core.ranker import RankerOptions
     from tests.helpers import publish_toy
 
     seen: list[bool] = []
@@ -370,10 +370,10 @@ def test_the_load_stall_probe_reports_the_load_and_the_loops_gaps(tmp_path: Path
     import subprocess
     import sys
 
-    script = Path(__file__).parent.parent / "scripts" / "load_stall_probe.py"
     path = publish_bundle(tmp_path, _multi_category_contents())
     done = subprocess.run(
-        [sys.executable, str(script), str(path), "--runs", "2"],
+        [sys.executable, "-m", "benchmarks.load_stall_probe", str(path), "--runs", "2"],
+        cwd=Path(__file__).parent.parent,
         capture_output=True,
         text=True,
         timeout=120,

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from hyperrec.bundle import Bundle
-from hyperrec.cache import CacheSettings, TopNCache, profile_fingerprint
-from hyperrec.domain import ScoredItem, Strategy
-from hyperrec.profiles import Profile
+from hyperrec.core.bundle import Bundle
+from hyperrec.core.cache import CacheSettings, TopNCache, profile_fingerprint
+from hyperrec.core.domain import ScoredItem, Strategy
+from hyperrec.core.profile import Profile
 from hyperrec.v1 import admin_pb2 as apb
 from hyperrec.v1 import admin_pb2_grpc as apb_grpc
 from hyperrec.v1 import profiles_pb2 as ppb

@@ -14,7 +14,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from hyperrec.cli import main
+from hyperrec.app.cli import main
 from tests.conftest import free_port
 from tests.helpers import publish_toy
 from tests.serving import running_server
@@ -48,7 +48,7 @@ async def test_recommend_reports_the_status_code(repo: Path, capsys: pytest.Capt
 
 def test_serve_process_becomes_serving_answers_and_drains_on_sigterm(repo: Path) -> None:
     port = free_port()
-    cmd = [sys.executable, "-m", "hyperrec.cli", "serve", "--port", str(port), "--model-repo", str(repo)]
+    cmd = [sys.executable, "-m", "hyperrec.app.cli", "serve", "--port", str(port), "--model-repo", str(repo)]
     proc = subprocess.Popen([*cmd, "--model-name", "toy", "--grace-s", "1"], stderr=subprocess.PIPE, text=True)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -87,7 +87,7 @@ def test_train_command_publishes_a_version_and_profiles(tmp_path: Path, capsys: 
 
 def test_demo_trains_serves_personalized_answers_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     """`hyperrec demo` end to end in a scratch directory, shrunk to 200 users and 300 items."""
-    cmd = [sys.executable, "-m", "hyperrec.cli", "demo", "--port", "0", "--users", "200", "--items", "300"]
+    cmd = [sys.executable, "-m", "hyperrec.app.cli", "demo", "--port", "0", "--users", "200", "--items", "300"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         assert proc.stdout is not None
@@ -126,7 +126,7 @@ def _wait_serving(health: Any, timeout: float = 60) -> None:
 
 def test_sigterm_reports_not_serving_while_still_answering_during_the_drain(repo: Path) -> None:
     port = free_port()
-    cmd = [sys.executable, "-m", "hyperrec.cli", "serve", "--port", str(port), "--model-repo", str(repo)]
+    cmd = [sys.executable, "-m", "hyperrec.app.cli", "serve", "--port", str(port), "--model-repo", str(repo)]
     proc = subprocess.Popen([*cmd, "--model-name", "toy", "--drain-s", "3", "--grace-s", "1"])
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -154,7 +154,7 @@ def test_sigterm_reports_not_serving_while_still_answering_during_the_drain(repo
     ],
 )
 def test_start_up_failures_exit_2_with_a_message(repo: Path, args: list[str], message: str) -> None:
-    cmd = [sys.executable, "-m", "hyperrec.cli", "serve", "--port", "0", "--model-repo", str(repo), *args]
+    cmd = [sys.executable, "-m", "hyperrec.app.cli", "serve", "--port", "0", "--model-repo", str(repo), *args]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert message in done.stderr

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from hyperrec.config import ServerConfig, add_arguments, describe_fields, load_config
-from hyperrec.errors import ConfigError
+from hyperrec.app.config import ServerConfig, add_arguments, describe_fields, load_config
+from hyperrec.core.errors import ConfigError
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

@@ -15,9 +15,9 @@ import pytest
 import yaml
 from prometheus_client import REGISTRY
 
-import hyperrec.metrics  # noqa: F401  (registers the metrics in the default registry)
-from hyperrec.config import ENV_PREFIX, ServerConfig, load_config
-from hyperrec.tokens import parse_tokens
+import hyperrec.core.metrics  # noqa: F401  (registers the metrics in the default registry)
+from hyperrec.app.config import ENV_PREFIX, ServerConfig, load_config
+from hyperrec.core.tokens import parse_tokens
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
@@ -110,7 +110,7 @@ def test_dashboard_queries_only_metrics_that_exist() -> None:
     used = {name for expr in queries(dashboard) for name in METRIC_NAME.findall(expr)}
     known = exposed_names()
     assert used, "no PromQL found in the dashboard"
-    assert sorted(used - known) == [], "the dashboard queries metrics hyperrec/metrics.py does not define"
+    assert sorted(used - known) == [], "the dashboard queries metrics hyperrec/core/metrics.py does not define"
     assert sorted(COVERED - used) == [], "metrics with no panel"
 
 

@@ -10,9 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hyperrec.domain import Context, DeviceType, RecommendRequest, RequestLimits, Surface, validate_request
-from hyperrec.errors import BundleError, InvalidArgument
-from hyperrec.features import FeatureSpec, daypart, default_feature_spec, encode_context, stable_bucket
+from hyperrec.core.domain import Context, DeviceType, RecommendRequest, RequestLimits, Surface, validate_request
+from hyperrec.core.errors import BundleError, InvalidArgument
+from hyperrec.core.features import FeatureSpec, daypart, default_feature_spec, encode_context, stable_bucket
+from hyperrec.core.profile import CategoryAffinity, Profile
 from hyperrec.profiles.keys import (
     Pseudonymizer,
     decode_profile,
@@ -21,7 +22,6 @@ from hyperrec.profiles.keys import (
     profile_key,
     recent_key,
 )
-from hyperrec.profiles.model import CategoryAffinity, Profile
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 LIMITS = RequestLimits(max_k=50, max_exclusions=10)
@@ -204,7 +204,7 @@ def test_nothing_stored_decodes_to_none() -> None:
 def test_segment_block_is_a_one_hot_of_the_nearest_centroid() -> None:
     from dataclasses import replace
 
-    from hyperrec.features import FeatureBlock, assign_segments
+    from hyperrec.core.features import FeatureBlock, assign_segments
 
     spec = default_feature_spec(2, country_buckets=4)
     spec = replace(spec, blocks=(*spec.blocks, FeatureBlock("segment", "segment", "user_vector", buckets=3)))

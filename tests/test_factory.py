@@ -16,15 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hyperrec.bundle import Bundle, read_manifest
-from hyperrec.cli import main
+from hyperrec.app.cli import main
+from hyperrec.core.bundle import Bundle, read_manifest
+from hyperrec.training.evaluate_bundle import evaluate_bundle
+from hyperrec.training.factory import FactoryConfig, FactoryResult, run_factory
+from hyperrec.training.history_model import RetrievalConfig
+from hyperrec.training.ranker_fit import RankerConfig
+from hyperrec.training.synthetic import SyntheticConfig, generate
 from hyperrec.v1 import recommender_pb2 as pb
 from tests.serving import request, running_server
-from training.evaluate_bundle import evaluate_bundle
-from training.factory import FactoryConfig, FactoryResult, run_factory
-from training.history_model import RetrievalConfig
-from training.ranker_fit import RankerConfig
-from training.synthetic import SyntheticConfig, generate
 
 SMALL = FactoryConfig(
     retrieval=RetrievalConfig(embedding_dim=16, epochs=3, batch_size=256, shared_negatives=256),
@@ -178,8 +178,8 @@ def test_bundle_carries_behavioural_segments_used_as_a_ranker_feature(factory: F
 
 
 def test_published_bundle_carries_behaviour_features_categories_and_segment_lists(factory: FactoryResult) -> None:
-    from hyperrec.behaviour import BEHAVIOUR_FEATURES
-    from hyperrec.bundle import Bundle, segment_key
+    from hyperrec.core.behaviour import BEHAVIOUR_FEATURES
+    from hyperrec.core.bundle import Bundle, segment_key
 
     bundle = Bundle.load(factory.version_dir)
     spec = bundle.feature_spec

@@ -19,14 +19,14 @@ import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from hyperrec.bundle import Bundle, publish_bundle
-from hyperrec.compute import Cutoffs, rank_candidates
-from hyperrec.domain import RecommendRequest
-from hyperrec.features import default_feature_spec
-from hyperrec.logs import RequestIdFilter, formatter
-from hyperrec.pipeline import REPLY_MARGIN_S, PipelineOptions, Recommender
-from hyperrec.profiles import Profile
-from hyperrec.ranker import RankingRun
+from hyperrec.core.bundle import Bundle, publish_bundle
+from hyperrec.core.compute import Cutoffs, rank_candidates
+from hyperrec.core.domain import RecommendRequest
+from hyperrec.core.features import default_feature_spec
+from hyperrec.core.logs import RequestIdFilter, formatter
+from hyperrec.core.pipeline import REPLY_MARGIN_S, PipelineOptions, RecommendPipeline
+from hyperrec.core.profile import Profile
+from hyperrec.core.ranker import RankingRun
 from hyperrec.v1 import admin_pb2 as apb
 from hyperrec.v1 import admin_pb2_grpc as apb_grpc
 from hyperrec.v1 import recommender_pb2 as pb
@@ -165,7 +165,7 @@ def test_a_ranking_run_stopped_by_its_budget_falls_back_to_retrieval_order(toy_b
 
 def test_the_ranking_cut_off_is_the_budget_or_just_before_the_deadline(toy_bundle: Bundle) -> None:
     options = PipelineOptions(ranking_budget_s=0.1)
-    recommender = Recommender(store=None, slot=None, options=options, executor=None)  # type: ignore[arg-type]
+    recommender = RecommendPipeline(store=None, slot=None, options=options, executor=None)  # type: ignore[arg-type]
     arrived = time.monotonic()
     far = recommender._cutoffs(arrived, arrived + 10)
     assert far.rank_by == pytest.approx(arrived + 0.1) and not far.rank_by_deadline
@@ -221,7 +221,7 @@ async def test_json_logs_carry_the_request_id_of_the_call_being_served(
     toy_repo: Path, toy_bundle: Bundle, json_log: io.StringIO, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Concurrent calls on one event loop each log their own id (the ranking fallback logs a DEBUG record)."""
-    caplog.set_level(logging.DEBUG, logger="hyperrec.pipeline")  # restored after the test
+    caplog.set_level(logging.DEBUG, logger="hyperrec.core.pipeline")  # restored after the test
     async with running_server(toy_repo, "toy", ranking_budget_ms=1e-6) as running:
         await running.app.store.put_many({"alice": fan_of(toy_bundle, 7)})
         ids = [f"req-json-{i}" for i in range(6)]
@@ -294,7 +294,7 @@ def test_serve_with_log_format_json_writes_one_json_object_per_line(tmp_path: Pa
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "hyperrec.cli", "serve", "--port", "0", "--model-repo", str(tmp_path)]
+    cmd = [sys.executable, "-m", "hyperrec.app.cli", "serve", "--port", "0", "--model-repo", str(tmp_path)]
     done = subprocess.run(
         [*cmd, "--model-name", "nosuch", "--log-format", "json"], capture_output=True, text=True, timeout=60
     )

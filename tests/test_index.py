@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from index.ann import FLAT, HNSW, IVF, IVFPQ, AnnIndex, IndexParams
+from hyperrec.index.ann import FLAT, HNSW, IVF, IVFPQ, AnnIndex, IndexParams
 
 
 def unit_vectors(n: int, dim: int, seed: int = 0) -> np.ndarray:
@@ -120,7 +120,7 @@ def test_index_params_from_manifest_are_checked(bad: dict[str, object]) -> None:
 
 
 def test_building_reports_progress_chunk_by_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
-    import index.ann as ann
+    import hyperrec.index.ann as ann
 
     monkeypatch.setattr(ann, "ADD_CHUNK", 100)
     calls: list[tuple[int, int]] = []

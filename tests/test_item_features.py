@@ -6,8 +6,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from training.interactions import EVENT_CODE, Interactions, ItemCatalog
-from training.item_features import DAY, NUMERIC, ItemHistory, fit_item_features, fit_stats, transform
+from hyperrec.training.interactions import EVENT_CODE, Interactions, ItemCatalog
+from hyperrec.training.item_features import DAY, NUMERIC, ItemHistory, fit_item_features, fit_stats, transform
 
 CATALOG = ItemCatalog(("a", "b", "c"), (("drama",), ("comedy", "drama"), ()), ("A", "B", "C"))
 

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import hyperrec.items as items_module
-from hyperrec.items import ItemIds, hash_id
+import hyperrec.core.items as items_module
+from hyperrec.core.items import ItemIds, hash_id
 
 IDS = st.lists(st.text(max_size=40), unique=True, max_size=60)
 

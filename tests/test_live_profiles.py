@@ -16,12 +16,11 @@ import numpy as np
 import pytest
 import redis
 
-from hyperrec.behaviour import engagement_weight, replay
-from hyperrec.bundle import Bundle
-from hyperrec.domain import EventType
-from hyperrec.profiles import Profile
+from hyperrec.core.behaviour import engagement_weight, replay
+from hyperrec.core.bundle import Bundle
+from hyperrec.core.domain import EventType
+from hyperrec.core.profile import Profile, StoredEvent
 from hyperrec.profiles.keys import Pseudonymizer
-from hyperrec.profiles.model import StoredEvent
 from hyperrec.v1 import profiles_pb2 as ppb
 from hyperrec.v1 import profiles_pb2_grpc as ppb_grpc
 from hyperrec.v1 import recommender_pb2 as pb
@@ -659,9 +658,9 @@ def segmented_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     items of the *next* category, so an answer drawn from a segment list is told apart from retrieval."""
     from dataclasses import replace as with_fields
 
-    from hyperrec.bundle import ColdStart, publish_bundle, segment_key
+    from hyperrec.core.bundle import ColdStart, publish_bundle, segment_key
+    from hyperrec.training.segments import with_segment_block
     from tests.helpers import make_contents, make_ranker_onnx
-    from training.segments import with_segment_block
 
     contents = make_contents(n_items=N_ITEMS, dim=8, seed=7, categories=N_CATEGORIES)
     spec = with_segment_block(contents.feature_spec, N_CATEGORIES)

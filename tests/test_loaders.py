@@ -1,4 +1,4 @@
-"""Tests of training.loaders: MovieLens (both layouts), MovieTweetings and the generic event format.
+"""Tests of hyperrec.training.loaders: MovieLens (both layouts), MovieTweetings and the generic event format.
 
 Every test writes its own small files under tmp_path; none reads the real datasets.
 """
@@ -17,9 +17,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from training import loaders, progress
-from training.interactions import EVENT_CODE, EVENT_TYPES, DataError, Interactions
-from training.loaders import (
+from hyperrec.training import loaders, progress
+from hyperrec.training.interactions import EVENT_CODE, EVENT_TYPES, DataError, Interactions
+from hyperrec.training.loaders import (
     BAD_GENRE_FLAG,
     BAD_RATING,
     BAD_TIMESTAMP,

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from hyperrec.cli import main
-from hyperrec.profiles import Profile
+from hyperrec.app.cli import main
+from hyperrec.core.profile import Profile
 from tests.helpers import publish_toy
 from tests.serving import TEST_SECRET, running_server
+
+ROOT = Path(__file__).parent.parent  # benchmarks/ is run from the repository root, not installed
 
 
 async def test_loadtest_command_reports_and_exits_by_the_slo_verdict(
@@ -52,12 +54,12 @@ def test_loadtest_usage_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixt
 
 
 def test_capacity_search_stops_at_the_first_breach_and_reports_the_last_passing_rate() -> None:
-    from loadtest.capacity import capacity_table, search
-    from loadtest.results import RunResult
-    from loadtest.runner import LoadSettings
-    from loadtest.slo import parse_slo
+    from hyperrec.loadtest.capacity import capacity_table, search
+    from hyperrec.loadtest.results import RunResult
+    from hyperrec.loadtest.runner import LoadTestSettings
+    from hyperrec.loadtest.slo import parse_slo
 
-    def fake_run(settings: LoadSettings) -> RunResult:
+    def fake_run(settings: LoadTestSettings) -> RunResult:
         """Latency grows with the rate: 1 ms per 100 requests/s."""
         assert settings.rate is not None
         result = RunResult({}, 1.0)
@@ -67,7 +69,7 @@ def test_capacity_search_stops_at_the_first_breach_and_reports_the_last_passing_
         return result
 
     objectives = parse_slo({"latency_ms": {"p99": 5}}, "inline")
-    capacity, steps = search(LoadSettings(target="x", rate=1.0), [800, 200, 400, 1000], objectives, fake_run)
+    capacity, steps = search(LoadTestSettings(target="x", rate=1.0), [800, 200, 400, 1000], objectives, fake_run)
     assert capacity == 400 and [s.rate for s in steps] == [200, 400, 800]  # 1000 never run
     assert [s.passed for s in steps] == [True, True, False]
     assert "capacity: 400/s meets the SLO" in capacity_table(capacity, steps)
@@ -92,10 +94,10 @@ def test_bench_runs_end_to_end_on_a_tiny_catalogue(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    args = [sys.executable, "-m", "loadtest.bench", "--items", "3000", "--users", "50", "--rates", "50"]
+    args = [sys.executable, "-m", "benchmarks.bench", "--items", "3000", "--users", "50", "--rates", "50"]
     args += ["--throughput-rates", "50"]
     args += ["--duration", "1", "--calls", "20", "--repo", str(tmp_path / "repo"), "--out", str(tmp_path / "out")]
-    done = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False)
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     bench = json.loads((tmp_path / "out" / "bench.json").read_text())
     assert bench["items"] == 3000 and bench["in_process_floor_ms"]["p50"] > 0 and bench["grpc_echo_floor_ms"]["p50"] > 0
@@ -202,9 +204,9 @@ def test_scale_curve_measures_every_index_type_against_exact_search(tmp_path: Pa
     import subprocess
     import sys
 
-    args = [sys.executable, "-m", "loadtest.scale", "--sizes", "30000", "--candidates", "10,100", "--queries", "10"]
+    args = [sys.executable, "-m", "benchmarks.scale", "--sizes", "30000", "--candidates", "10,100", "--queries", "10"]
     args += ["--out", str(tmp_path), "--plot", str(tmp_path / "scale.png")]
-    done = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False)
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads((tmp_path / "scale.json").read_text())["rows"]
     kinds = {r["params"]["type"] for r in rows}
@@ -217,8 +219,8 @@ def test_scale_curve_measures_every_index_type_against_exact_search(tmp_path: Pa
 
 def test_the_bench_rebuilds_a_cached_bundle_of_an_older_format(tmp_path: Path) -> None:
     """A bundle cached by an older release would measure the old loading cost: the bench builds a new one."""
-    from hyperrec.bundle import MANIFEST, read_manifest
-    from loadtest.bench import ensure_bundle
+    from benchmarks.bench import ensure_bundle
+    from hyperrec.core.bundle import MANIFEST, read_manifest
 
     model, _ = ensure_bundle(tmp_path, 300, 8, 5)
     version = tmp_path / model / "1"
@@ -235,9 +237,22 @@ def test_the_batching_ab_script_alternates_the_two_servers(tmp_path: Path) -> No
     import subprocess
     import sys
 
-    script = Path(__file__).parent.parent / "scripts" / "batching_ab.py"
-    args = [sys.executable, str(script), "--items", "2000", "--rounds", "1", "--rates", "50", "--duration", "1"]
-    done = subprocess.run([*args, "--repo", str(tmp_path)], capture_output=True, text=True, timeout=300, check=False)
+    args = [
+        sys.executable,
+        "-m",
+        "benchmarks.batching_ab",
+        "--items",
+        "2000",
+        "--rounds",
+        "1",
+        "--rates",
+        "50",
+        "--duration",
+        "1",
+    ]
+    done = subprocess.run(
+        [*args, "--repo", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert [r["flags"] for r in rows] == [["--batch-max-size", "16"], ["--batch-max-size", "1"]]

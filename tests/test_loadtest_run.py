@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loadtest.runner import LoadSettings, run, run_worker, schedule
-from loadtest.scenario import RequestSource, Scenario, ScenarioError, load_scenario
+from hyperrec.loadtest.runner import LoadTestSettings, run, run_worker, schedule
+from hyperrec.loadtest.scenario import RequestSource, Scenario, ScenarioError, load_scenario
 from tests.helpers import publish_toy
 from tests.serving import Running, running_server
 
@@ -64,7 +64,7 @@ def test_scenario_file_errors_name_the_key(tmp_path: Path) -> None:
 
 
 async def test_open_loop_sends_on_schedule_and_measures_every_answer(served: Running) -> None:
-    settings = LoadSettings(target=f"127.0.0.1:{served.port}", rate=200.0, duration_s=1.5, warmup_s=0.5)
+    settings = LoadTestSettings(target=f"127.0.0.1:{served.port}", rate=200.0, duration_s=1.5, warmup_s=0.5)
     result = await run_worker(settings, 0)
     assert result.offered == 300  # 200/s over the measured 1.5 s; the warm-up's 100 are not counted
     assert result.completed == 300 and result.status_counts == {"OK": 300}
@@ -74,11 +74,11 @@ async def test_open_loop_sends_on_schedule_and_measures_every_answer(served: Run
 
 
 async def test_closed_loop_keeps_the_concurrency_and_counts_errors(served: Running) -> None:
-    settings = LoadSettings(target=f"127.0.0.1:{served.port}", concurrency=4, duration_s=1.0, warmup_s=0.2)
+    settings = LoadTestSettings(target=f"127.0.0.1:{served.port}", concurrency=4, duration_s=1.0, warmup_s=0.2)
     result = await run_worker(settings, 0)
     assert result.completed == result.offered > 20 and result.errors == 0
-    bad = LoadSettings(target=f"127.0.0.1:{served.port}", concurrency=2, duration_s=0.5, warmup_s=0.0)
-    bad = LoadSettings(**{**bad.__dict__, "scenario": Scenario(k=1000)})  # k above the server's max_k
+    bad = LoadTestSettings(target=f"127.0.0.1:{served.port}", concurrency=2, duration_s=0.5, warmup_s=0.0)
+    bad = LoadTestSettings(**{**bad.__dict__, "scenario": Scenario(k=1000)})  # k above the server's max_k
     failed = await run_worker(bad, 0)
     assert failed.status_counts.get("INVALID_ARGUMENT", 0) == failed.completed > 0 and failed.error_rate == 1.0
 
@@ -86,7 +86,7 @@ async def test_closed_loop_keeps_the_concurrency_and_counts_errors(served: Runni
 async def test_a_stall_shows_in_the_latency_of_requests_scheduled_during_it(served: Running) -> None:
     """Coordinated omission: while the process stalls nothing is sent, but the requests scheduled meanwhile are
     sent late and their latency counts from when they should have gone out."""
-    settings = LoadSettings(target=f"127.0.0.1:{served.port}", rate=100.0, duration_s=2.0, warmup_s=0.2)
+    settings = LoadTestSettings(target=f"127.0.0.1:{served.port}", rate=100.0, duration_s=2.0, warmup_s=0.2)
     loop = asyncio.get_running_loop()
     loop.call_later(1.2, time.sleep, 0.5)  # blocks client and server alike for half a second
     result = await run_worker(settings, 0)
@@ -102,7 +102,7 @@ async def test_a_stall_shows_in_the_latency_of_requests_scheduled_during_it(serv
 
 
 async def test_worker_processes_share_the_rate_and_results_merge(served: Running) -> None:
-    settings = LoadSettings(target=f"127.0.0.1:{served.port}", rate=100.0, duration_s=1.0, warmup_s=0.3, workers=2)
+    settings = LoadTestSettings(target=f"127.0.0.1:{served.port}", rate=100.0, duration_s=1.0, warmup_s=0.3, workers=2)
     result = await asyncio.to_thread(run, settings)  # spawns two processes; the server keeps serving here
     assert result.offered == 100 and result.status_counts == {"OK": 100}
     assert result.settings["workers"] == 2 and result.settings["mode"] == "open"

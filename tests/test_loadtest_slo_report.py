@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from loadtest.report import write_report
-from loadtest.results import RunResult, merged, summary_ms
-from loadtest.slo import (
+from hyperrec.loadtest.report import write_report
+from hyperrec.loadtest.results import RunResult, merged, summary_ms
+from hyperrec.loadtest.slo import (
     ACHIEVED_RATE,
     ACHIEVED_RATIO,
     ERROR_RATE,

@@ -13,7 +13,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from hyperrec.cli import main
+from hyperrec.app.cli import main
 from hyperrec.v1 import admin_pb2 as apb
 from hyperrec.v1 import admin_pb2_grpc as apb_grpc
 from tests.helpers import publish_toy
@@ -240,9 +240,9 @@ async def test_without_keeping_previous_versions_a_swap_frees_the_old_one(repo: 
 def test_warm_up_replays_recorded_request_shapes_until_latency_settles(
     repo: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from hyperrec import compute, pipeline
-    from hyperrec.bundle import Bundle
-    from hyperrec.domain import Context, DeviceType, RecommendRequest
+    from hyperrec.core import compute, pipeline
+    from hyperrec.core.bundle import Bundle
+    from hyperrec.core.domain import Context, DeviceType, RecommendRequest
 
     bundle = Bundle.load(repo / "toy" / "1")
     seen: list[RecommendRequest] = []

@@ -25,11 +25,11 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from hyperrec.bundle import EMBEDDINGS, MANIFEST, RANKER, Bundle, BundleContents, ColdStart, publish_bundle
-from hyperrec.errors import BundleError
-from hyperrec.features import default_feature_spec
-from hyperrec.pipeline import fold_in
-from hyperrec.profiles import Profile
+from hyperrec.core.bundle import EMBEDDINGS, MANIFEST, RANKER, Bundle, BundleContents, ColdStart, publish_bundle
+from hyperrec.core.errors import BundleError
+from hyperrec.core.features import default_feature_spec
+from hyperrec.core.pipeline import fold_in
+from hyperrec.core.profile import Profile
 from hyperrec.v1 import admin_pb2 as apb
 from hyperrec.v1 import admin_pb2_grpc as apb_grpc
 from hyperrec.v1 import recommender_pb2 as pb

@@ -14,8 +14,8 @@ import prometheus_client
 import pytest
 import redis
 
-from hyperrec.config import load_config
-from hyperrec.errors import ConfigError
+from hyperrec.app.config import load_config
+from hyperrec.core.errors import ConfigError
 from hyperrec.profiles.keys import Pseudonymizer, user_keys
 from hyperrec.v1 import profiles_pb2 as ppb
 from hyperrec.v1 import profiles_pb2_grpc as ppb_grpc

@@ -19,9 +19,9 @@ import pytest
 import redis
 from prometheus_client import REGISTRY
 
-from hyperrec.breaker import BreakerState, CircuitBreaker
-from hyperrec.bundle import Bundle
-from hyperrec.profiles import Profile
+from hyperrec.core.breaker import BreakerState, CircuitBreaker
+from hyperrec.core.bundle import Bundle
+from hyperrec.core.profile import Profile
 from hyperrec.profiles.keys import Pseudonymizer
 from hyperrec.profiles.redis_store import RedisProfileStore, RedisStoreOptions
 from hyperrec.v1 import profiles_pb2 as ppb
@@ -445,8 +445,8 @@ async def test_redis_slower_than_the_budget_degrades_with_reason_timeout(toy_rep
 
 
 async def test_breaker_call_counts_store_failures_refuses_while_open_and_frees_the_probe_on_other_errors() -> None:
-    from hyperrec.breaker import CircuitOpen
-    from hyperrec.errors import ProfileStoreError
+    from hyperrec.core.breaker import CircuitOpen
+    from hyperrec.core.errors import ProfileStoreError
 
     now = [0.0]
     breaker = CircuitBreaker(failure_threshold=2, open_s=1.0, clock=lambda: now[0], failures=(ProfileStoreError,))

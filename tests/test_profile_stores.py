@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import redis
 
-from hyperrec.behaviour import EVENT_WEIGHTS, replay
-from hyperrec.domain import EventType
-from hyperrec.errors import ProfileStoreError
-from hyperrec.profiles import Profile, ProfileStore
+from hyperrec.core.behaviour import EVENT_WEIGHTS, replay
+from hyperrec.core.domain import EventType
+from hyperrec.core.errors import ProfileStoreError
+from hyperrec.core.profile import CategoryAffinity, Profile, ProfileSettings, StoredEvent
+from hyperrec.core.profile_store import ProfileStore
 from hyperrec.profiles.keys import Pseudonymizer
 from hyperrec.profiles.memory import InMemoryProfileStore
-from hyperrec.profiles.model import CategoryAffinity, ProfileSettings, StoredEvent
 from hyperrec.profiles.redis_store import RedisProfileStore, RedisStoreOptions
 from tests.conftest import free_port
 

@@ -25,15 +25,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import REGISTRY
 
-from hyperrec.config import ServerConfig, load_config
-from hyperrec.errors import ConfigError
+from hyperrec.app.config import ServerConfig, load_config
+from hyperrec.core.errors import ConfigError
+from hyperrec.server.app import create_server
 from hyperrec.v1 import admin_pb2 as apb
 from hyperrec.v1 import admin_pb2_grpc as apb_grpc
 from hyperrec.v1 import profiles_pb2 as ppb
 from hyperrec.v1 import profiles_pb2_grpc as ppb_grpc
 from hyperrec.v1 import recommender_pb2 as pb
 from hyperrec.v1 import recommender_pb2_grpc as pb_grpc
-from server.app import create_server
 from tests.helpers import publish_toy
 from tests.serving import Running, request, running_server
 
@@ -307,7 +307,7 @@ def test_unusable_tls_files_are_config_errors(tmp_path: Path, pki: Pki, which: s
 
 
 def _serve(repo: Path, *flags: str) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "hyperrec.cli", "serve", "--port", "0", "--model-repo", str(repo), *flags]
+    cmd = [sys.executable, "-m", "hyperrec.app.cli", "serve", "--port", "0", "--model-repo", str(repo), *flags]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
 
 
@@ -548,7 +548,7 @@ async def test_the_health_port_answers_health_in_plaintext_and_nothing_else(
 ) -> None:
     import asyncio
 
-    from hyperrec.cli import main
+    from hyperrec.app.cli import main
 
     _, health_port = locked_server
     assert await asyncio.to_thread(main, ["health", "--target", f"127.0.0.1:{health_port}"]) == 0
@@ -568,7 +568,7 @@ async def test_command_line_clients_speak_mutual_tls_with_tokens(
     import asyncio
     import json
 
-    from hyperrec.cli import main
+    from hyperrec.app.cli import main
 
     running, _ = locked_server
     target = f"localhost:{running.port}"

@@ -17,9 +17,9 @@ import redis.asyncio as aredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from hyperrec.bundle import Bundle
-from hyperrec.config import load_config
-from hyperrec.profiles import Profile
+from hyperrec.app.config import load_config
+from hyperrec.core.bundle import Bundle
+from hyperrec.core.profile import Profile
 from hyperrec.profiles.keys import Pseudonymizer
 from hyperrec.profiles.memory import InMemoryProfileStore
 from hyperrec.profiles.redis_store import RedisProfileStore
@@ -260,7 +260,7 @@ async def test_expired_deadline_is_deadline_exceeded(served: Running) -> None:
 
 
 def test_redis_without_secret_refuses_to_start() -> None:
-    from hyperrec.errors import ConfigError
+    from hyperrec.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="profile_secret"):
         load_config(env={}, redis_url="redis://127.0.0.1:1/0")
@@ -330,15 +330,15 @@ async def test_deadline_passing_inside_the_pipeline_is_deadline_exceeded(served:
     """The server's own DEADLINE_EXCEEDED path (the client-side timeout test never reaches it)."""
     import time
 
-    from hyperrec.domain import RecommendRequest
-    from hyperrec.errors import DeadlineExceeded
-    from hyperrec.pipeline import BundleSlot, PipelineOptions, Recommender
-    from server.status import status_for
+    from hyperrec.core.domain import RecommendRequest
+    from hyperrec.core.errors import DeadlineExceeded
+    from hyperrec.core.pipeline import BundleSlot, PipelineOptions, RecommendPipeline
+    from hyperrec.server.status import status_for
 
     slot = BundleSlot()
     assert served.app.slot.active is not None
     slot.swap(served.app.slot.active)
-    pipeline = Recommender(served.app.store, slot, PipelineOptions(), served.app._executor)
+    pipeline = RecommendPipeline(served.app.store, slot, PipelineOptions(), served.app._executor)
     with pytest.raises(DeadlineExceeded) as err:
         await pipeline.recommend(RecommendRequest("alice", 5, request_id="r1"), deadline=time.monotonic() - 1)
     assert status_for(err.value, "r1")[0] == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -350,9 +350,9 @@ def test_a_request_that_expired_while_queued_computes_nothing(
     """Under overload, work waits for a compute thread; once its deadline has passed it must not use the index."""
     import time
 
-    from hyperrec.compute import Cutoffs, rank_candidates
-    from hyperrec.domain import RecommendRequest
-    from hyperrec.errors import DeadlineExceeded
+    from hyperrec.core.compute import Cutoffs, rank_candidates
+    from hyperrec.core.domain import RecommendRequest
+    from hyperrec.core.errors import DeadlineExceeded
 
     searched: list[int] = []
     monkeypatch.setattr(toy_bundle.index, "search_excluding", lambda *a: searched.append(1))

@@ -104,9 +104,9 @@ class ServerProcess:
 
 @contextmanager
 def serve(repo: Path, tmp_path: Path, *args: str, redis_url: str | None = None) -> Iterator[ServerProcess]:
-    """`python -m hyperrec.cli serve` on a free port, killed at the end if it is still running."""
+    """`python -m hyperrec.app.cli serve` on a free port, killed at the end if it is still running."""
     port = free_port()
-    cmd = [sys.executable, "-m", "hyperrec.cli", "serve", "--port", str(port), "--model-repo", str(repo)]
+    cmd = [sys.executable, "-m", "hyperrec.app.cli", "serve", "--port", str(port), "--model-repo", str(repo)]
     cmd += ["--model-name", "toy", "--warmup-requests", "2", "--watch-interval-s", "0", *args]
     env = {k: v for k, v in os.environ.items() if not k.startswith("HYPERREC_")}
     if redis_url is not None:

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from training.interactions import EVENT_CODE, Interactions, ItemCatalog
-from training.metrics import (
+from hyperrec.training.interactions import EVENT_CODE, Interactions, ItemCatalog
+from hyperrec.training.metrics import (
     catalogue_coverage,
     evaluate_topk,
     hit_matrix,
@@ -21,7 +21,7 @@ from training.metrics import (
     precision_at_k,
     recall_at_k,
 )
-from training.splits import (
+from hyperrec.training.splits import (
     Split,
     filter_min_history,
     leave_last_out_split,

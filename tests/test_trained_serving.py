@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hyperrec.training.synthetic import MOBILE_CATEGORIES, NIGHT_CATEGORIES, SyntheticConfig, SyntheticData, generate
+from hyperrec.training.train import PublishResult, TrainConfig, train_and_publish
 from hyperrec.v1 import recommender_pb2 as pb
 from tests.serving import TEST_SECRET, Running, request, running_server
-from training.synthetic import MOBILE_CATEGORIES, NIGHT_CATEGORIES, SyntheticConfig, SyntheticData, generate
-from training.train import PublishResult, TrainConfig, train_and_publish
 
 TINY_DATA = SyntheticConfig(n_users=300, n_items=600, n_categories=10, events_per_user=30, seed=11)
 TINY_TRAIN = TrainConfig(epochs=8, batch_size=256, seed=5)
@@ -93,7 +93,7 @@ async def test_trained_users_get_personal_lists(
 
 
 async def test_manifest_records_training_and_parity(trained: tuple[Path, SyntheticData, PublishResult]) -> None:
-    from hyperrec.bundle import read_manifest
+    from hyperrec.core.bundle import read_manifest
 
     _, _, result = trained
     manifest = read_manifest(result.version_dir)

@@ -15,13 +15,13 @@ import numpy.typing as npt
 import pytest
 import torch
 
-from hyperrec.bundle import Bundle, list_versions
-from hyperrec.domain import Context, DeviceType, Surface, validate_context
-from hyperrec.features import default_feature_spec, encode_context
-from training import train as train_module
-from training.export import ParityError, check_parity, export_ranker_onnx
-from training.model import Ranker
-from training.synthetic import (
+from hyperrec.core.bundle import Bundle, list_versions
+from hyperrec.core.domain import Context, DeviceType, Surface, validate_context
+from hyperrec.core.features import default_feature_spec, encode_context
+from hyperrec.training import train as train_module
+from hyperrec.training.export import ParityError, check_parity, export_ranker_onnx
+from hyperrec.training.networks import Ranker
+from hyperrec.training.synthetic import (
     END_TIMESTAMP,
     MOBILE_CATEGORIES,
     NIGHT_CATEGORIES,
@@ -30,7 +30,7 @@ from training.synthetic import (
     generate,
     is_night_hour,
 )
-from training.train import PublishResult, TrainConfig, build_cold_start, train, train_and_publish
+from hyperrec.training.train import PublishResult, TrainConfig, build_cold_start, train, train_and_publish
 
 TINY_DATA = SyntheticConfig(n_users=300, n_items=600, n_categories=10, events_per_user=30, seed=7)
 TINY_TRAIN = TrainConfig(epochs=8, batch_size=256, seed=3)

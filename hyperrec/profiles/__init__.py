@@ -1,6 +1,5 @@
-"""User profiles: what the pipeline knows about a user, and where it is stored."""
+"""Profile stores: the in-process store, the Redis store (and its key schema and Lua scripts), snapshots.
 
-from hyperrec.profiles.model import Profile
-from hyperrec.profiles.store import ProfileStore
-
-__all__ = ["Profile", "ProfileStore"]
+The profile model and the store protocol the pipeline depends on live in the core (`hyperrec.core.profile`,
+`hyperrec.core.profile_store`); this package owns where profiles are kept.
+"""

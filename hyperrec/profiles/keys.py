@@ -12,14 +12,14 @@ import hmac
 
 import numpy as np
 
-from hyperrec.profiles.model import CategoryAffinity, Profile
+from hyperrec.core.profile import CategoryAffinity, Profile
 
 KEY_PREFIX = "hr"
 FIELD_VECTOR = b"vec"
 FIELD_SPACE = b"space"
 FIELD_UPDATED = b"upd"
 FIELD_LAST_SEEN = b"seen"
-FIELD_SEQ = b"seq"
+# "seq" (the refold sequence number) is read and written only inside the Lua scripts (scripts.py)
 FIELD_INTERESTS = b"int"
 COUNT_PREFIX = b"n:"
 CATEGORY_PREFIX = b"c:"

@@ -2,7 +2,7 @@
 
 Profiles live in this process only and vanish with it (the TTL is not applied: they die
 with the process first). Keys are pseudonymised exactly as in Redis, and updates apply
-`hyperrec.behaviour.apply_events`, so both stores behave the same.
+`hyperrec.core.behaviour.apply_events`, so both stores behave the same.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from dataclasses import replace
 
 import numpy as np
 
-from hyperrec.behaviour import apply_events
+from hyperrec.core.behaviour import apply_events
+from hyperrec.core.profile import OPTED_OUT, Profile, ProfileSettings, StoredEvent
+from hyperrec.core.profile_store import ProfileStore, RecordOutcome
 from hyperrec.profiles.keys import Pseudonymizer
-from hyperrec.profiles.model import OPTED_OUT, Profile, ProfileSettings, StoredEvent
-from hyperrec.profiles.store import ProfileStore, RecordOutcome
 
 
 class InMemoryProfileStore(ProfileStore):

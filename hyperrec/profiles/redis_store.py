@@ -15,7 +15,9 @@ import numpy as np
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
-from hyperrec.errors import ProfileStoreError
+from hyperrec.core.errors import ProfileStoreError
+from hyperrec.core.profile import OPTED_OUT, Profile, ProfileSettings, StoredEvent
+from hyperrec.core.profile_store import ProfileStore, RecordOutcome
 from hyperrec.profiles import scripts
 from hyperrec.profiles.keys import (
     INTEREST_SEPARATOR,
@@ -27,8 +29,6 @@ from hyperrec.profiles.keys import (
     format_float,
     user_keys,
 )
-from hyperrec.profiles.model import OPTED_OUT, Profile, ProfileSettings, StoredEvent
-from hyperrec.profiles.store import ProfileStore, RecordOutcome
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Lua scripts of the Redis profile store: each one user's atomic read or update, in one round trip.
 
 Every script touches one user's keys only (they share a `{hash tag}`, so one Redis Cluster slot).
-RECORD performs, in the same order, the arithmetic of `hyperrec.behaviour.apply_events`;
+RECORD performs, in the same order, the arithmetic of `hyperrec.core.behaviour.apply_events`;
 the store contract tests check both give the same profile.
 KEYS are always: profile hash, recent list, event-id set, opt-out marker.
 """

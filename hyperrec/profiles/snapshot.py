@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hyperrec.profiles.model import CategoryAffinity, Profile
+from hyperrec.core.profile import CategoryAffinity, Profile
 
 
 def _extras(profile: Profile) -> str:

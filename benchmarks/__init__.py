@@ -1,0 +1,1 @@
+"""Benchmarks and probes of hyperrec (make bench, make scale); not part of the product."""

@@ -1,0 +1,1 @@
+"""The application layer: configuration, assembly of components, process lifecycle, CLI and demo."""

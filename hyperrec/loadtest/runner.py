@@ -1,0 +1,223 @@
+"""Send load: open loop at a rate (constant or Poisson arrivals) or closed loop at a concurrency, from several
+worker processes so one Python core does not cap the offered load.
+
+Open loop: each worker computes its send schedule up front and fires every request at its scheduled time without
+waiting for earlier answers; latency counts from the scheduled time, so when the server (or the client) stalls,
+the requests that should have gone out meanwhile carry the stall in their latency instead of silently not being
+sent (coordinated omission). Requests still unanswered at the end get their deadline to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from hyperrec.client.connect import Connection, TlsClient
+from hyperrec.loadtest.actions import Action, ActionRunner
+from hyperrec.loadtest.results import RunResult, merged
+from hyperrec.loadtest.scenario import RequestSource, Scenario
+from hyperrec.v1 import recommender_pb2 as pb
+from hyperrec.v1 import recommender_pb2_grpc as pb_grpc
+
+STRATEGY_NAMES = {v.number: v.name.removeprefix("STRATEGY_").lower() for v in pb.Strategy.DESCRIPTOR.values}
+MAX_IN_FLIGHT = 20_000  # per worker: beyond it a request is counted as CLIENT_OVERLOADED instead of sent
+
+
+@dataclass(frozen=True)
+class LoadTestSettings:
+    target: str
+    rate: float | None = None  # requests per second over all workers (open loop)
+    concurrency: int | None = None  # callers (closed loop)
+    arrival: str = "constant"  # or "poisson"
+    duration_s: float = 10.0
+    warmup_s: float = 2.0
+    workers: int = 1
+    deadline_s: float = 1.0
+    seed: int = 0
+    token: str | None = None  # sent with every Recommend
+    admin_token: str | None = None  # for the admin actions
+    tls: TlsClient = field(default_factory=TlsClient)
+    scenario: Scenario = field(default_factory=Scenario)
+    users: tuple[str, ...] = ()
+    actions: tuple[Action, ...] = ()  # model swaps, commands: run by the parent at their times, marked as events
+    start_at: float | None = None  # unix time all workers start at (set by `run`)
+
+    def check(self) -> None:
+        if (self.rate is None) == (self.concurrency is None):
+            raise ValueError("give either a rate (open loop) or a concurrency (closed loop)")
+        if self.rate is not None and not self.rate > 0:
+            raise ValueError("rate must be positive")
+        if self.concurrency is not None and self.concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        if self.arrival not in ("constant", "poisson"):
+            raise ValueError("arrival must be constant or poisson")
+        if self.duration_s <= 0 or self.warmup_s < 0 or self.workers < 1 or self.deadline_s <= 0:
+            raise ValueError("duration and deadline must be positive, warm-up >= 0, workers >= 1")
+
+    def connection(self, admin: bool = False) -> Connection:
+        return Connection(self.target, self.tls, self.admin_token if admin else self.token)
+
+    def described(self) -> dict[str, Any]:
+        """The settings as reported in the results (without the token and the user list)."""
+        out = asdict(self)
+        out.pop("token")
+        out.pop("admin_token")
+        out.pop("start_at")
+        out["tls"] = self.tls.on
+        out["users"] = len(self.users)
+        out["actions"] = [f"{a.at_s:g}s: {a.label}" for a in self.actions]
+        out["mode"] = "open" if self.rate is not None else "closed"
+        return out
+
+
+def schedule(rate: float, duration_s: float, arrival: str, rng: np.random.Generator) -> np.ndarray:
+    """Send offsets in seconds within [0, duration): evenly spaced, or with exponential gaps (Poisson)."""
+    expected = int(rate * duration_s)
+    if arrival == "constant":
+        return np.arange(expected, dtype=np.float64) / rate
+    gaps = rng.exponential(1.0 / rate, size=int(expected * 1.5) + 16)
+    times = np.cumsum(gaps) - gaps[0]
+    while times[-1] < duration_s:  # rare: extend
+        more = rng.exponential(1.0 / rate, size=expected + 16)
+        times = np.concatenate([times, times[-1] + np.cumsum(more)])
+    kept: np.ndarray = times[times < duration_s]
+    return kept
+
+
+async def _call(
+    stub: Any, request: pb.RecommendRequest, settings: LoadTestSettings, metadata: Sequence[tuple[str, str]]
+) -> tuple[str, str, str]:
+    """(status code name, model version that answered, its strategy); both "" on errors."""
+    try:
+        reply = await stub.Recommend(request, timeout=settings.deadline_s, metadata=metadata)
+        return "OK", str(reply.model_version), STRATEGY_NAMES.get(reply.strategy, "")
+    except grpc.aio.AioRpcError as exc:
+        return str(exc.code().name), "", ""
+
+
+async def run_worker(settings: LoadTestSettings, worker: int) -> RunResult:
+    """One worker's share of the run, measured after the warm-up."""
+    settings.check()
+    total_s = settings.warmup_s + settings.duration_s
+    result = RunResult(settings.described(), settings.duration_s)
+    source = RequestSource(settings.scenario, settings.users, settings.seed * 1000 + worker)
+    connection = settings.connection()
+    metadata = connection.metadata()
+    async with connection.aio_channel() as channel:
+        stub: Any = pb_grpc.RecommenderStub(channel)
+        await channel.channel_ready()
+        start = time.perf_counter() + (0.05 if settings.start_at is None else max(0.0, settings.start_at - time.time()))
+        if settings.rate is not None:
+            await _open_loop(stub, settings, worker, source, result, start, total_s, metadata)
+        else:
+            await _closed_loop(stub, settings, worker, source, result, start, total_s, metadata)
+    return result
+
+
+async def _open_loop(
+    stub: Any,
+    settings: LoadTestSettings,
+    worker: int,
+    source: RequestSource,
+    result: RunResult,
+    start: float,
+    total_s: float,
+    metadata: Sequence[tuple[str, str]],
+) -> None:
+    assert settings.rate is not None
+    rng = np.random.default_rng(settings.seed * 7919 + worker)
+    offsets = schedule(settings.rate / settings.workers, total_s, settings.arrival, rng)
+    offsets += rng.random() / (settings.rate / settings.workers) if settings.workers > 1 else 0.0  # stagger workers
+    in_flight: set[asyncio.Task[None]] = set()
+
+    async def send(request: pb.RecommendRequest, scheduled: float, measured: bool, second: int) -> None:
+        status, version, strategy = await _call(stub, request, settings, metadata)
+        if measured:
+            result.add(second, time.perf_counter() - scheduled, status, version, strategy)
+
+    for offset in offsets:
+        scheduled = start + float(offset)
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        measured = offset >= settings.warmup_s
+        second = int(offset - settings.warmup_s)
+        if measured:
+            result.scheduled(second)
+        if len(in_flight) >= MAX_IN_FLIGHT:
+            if measured:
+                result.add(second, 0.0, "CLIENT_OVERLOADED")
+            continue
+        task = asyncio.ensure_future(send(source.next(), scheduled, measured, second))
+        in_flight.add(task)
+        task.add_done_callback(in_flight.discard)
+    if in_flight:
+        await asyncio.wait(in_flight)
+
+
+async def _closed_loop(
+    stub: Any,
+    settings: LoadTestSettings,
+    worker: int,
+    source: RequestSource,
+    result: RunResult,
+    start: float,
+    total_s: float,
+    metadata: Sequence[tuple[str, str]],
+) -> None:
+    assert settings.concurrency is not None
+    callers = max(1, settings.concurrency // settings.workers + (worker < settings.concurrency % settings.workers))
+    end = start + total_s
+
+    async def caller() -> None:
+        while (sent := time.perf_counter()) < end:
+            offset = sent - start
+            measured = offset >= settings.warmup_s
+            second = int(offset - settings.warmup_s)
+            if measured:
+                result.scheduled(second)
+            status, version, strategy = await _call(stub, source.next(), settings, metadata)
+            if measured:
+                result.add(second, time.perf_counter() - sent, status, version, strategy)
+
+    await asyncio.sleep(max(0.0, start - time.perf_counter()))
+    await asyncio.gather(*(caller() for _ in range(callers)))
+
+
+def _worker_main(settings: LoadTestSettings, worker: int) -> dict[str, Any]:
+    """Entry point of a worker process: run, and hand the result back as JSON-ready data."""
+    return asyncio.run(run_worker(settings, worker)).to_json()
+
+
+def run(settings: LoadTestSettings) -> RunResult:
+    """The whole run: one worker in this process, or `workers` processes whose results are merged. Actions run
+    on a thread of this process at their times after the warm-up, and come back as the result's events."""
+    settings.check()
+    lead_s = 0.5 if settings.workers == 1 else 3.0  # time for workers to start and connect
+    settings = replace(settings, start_at=time.time() + lead_s)
+    actions = ActionRunner(settings.actions, settings.connection(admin=True))
+    actions.start(time.perf_counter() + lead_s + settings.warmup_s)
+    if settings.workers == 1:
+        result = asyncio.run(run_worker(settings, 0))
+    else:
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(settings.workers) as pool:
+            parts = pool.starmap(_worker_main, [(settings, w) for w in range(settings.workers)])
+        result = merged(RunResult.from_json(p) for p in parts)
+    result.events.extend(actions.join())
+    return result
+
+
+def write_json(result: RunResult, path: Path) -> None:
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result.to_json(), indent=1))
