@@ -70,7 +70,7 @@ def _shared_resources() -> Any:
     return _gpu_resources
 
 
-def place(index: Any, device: str) -> tuple[Any, str]:
+def _place(index: Any, device: str) -> tuple[Any, str]:
     """(a GPU copy of the CPU FAISS `index` or None, why). ValueError when `device` is "gpu" and it cannot be."""
     if device == CPU:
         return None, "device cpu asked for"
@@ -119,7 +119,7 @@ class FaissIndex(AnnIndex):
         self._gpu_index: Any = None
         self._index = index
         self.params = params
-        self._gpu_index, self._placement = place(index, check_device(device))
+        self._gpu_index, self._placement = _place(index, check_device(device))
         self._asked = device
         self.device = CPU if self._gpu_index is None else CUDA
 
