@@ -54,7 +54,7 @@ from hyperrec.core.errors import BundleError
 from hyperrec.core.pipeline import BundleSlot, PipelineOptions, RecommendPipeline
 from hyperrec.core.profile_store import ProfileStore
 from hyperrec.core.ranker import RankerOptions
-from hyperrec.index.ann import set_threads
+from hyperrec.index import set_threads
 from hyperrec.loadtest.actions import parse_action
 from hyperrec.loadtest.capacity import capacity_table, search
 from hyperrec.loadtest.runner import LoadTestSettings, run

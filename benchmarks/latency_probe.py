@@ -30,7 +30,7 @@ from hyperrec.core.bundle import Bundle, resolve_version
 from hyperrec.core.domain import Context, DeviceType, RecommendRequest, RequestLimits
 from hyperrec.core.pipeline import BundleSlot, PipelineOptions, RecommendPipeline
 from hyperrec.core.ranker import RankerOptions
-from hyperrec.index.ann import set_threads
+from hyperrec.index import set_threads
 from hyperrec.profiles.keys import Pseudonymizer
 from hyperrec.profiles.memory import InMemoryProfileStore
 from hyperrec.profiles.snapshot import load_profiles

@@ -24,7 +24,7 @@ from hyperrec.core.ranker import RankerOptions
 async def probe(directory: Path) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     started = time.perf_counter()
-    loading = loop.run_in_executor(None, load_without_gc_pauses, directory, RankerOptions(), None)
+    loading = loop.run_in_executor(None, load_without_gc_pauses, directory, RankerOptions(), "auto")
     gaps, last = [], time.perf_counter()
     while not loading.done():
         await asyncio.sleep(0.001)

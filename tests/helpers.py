@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from hyperrec.core.bundle import BundleContents, ColdStart, publish_bundle
 from hyperrec.core.features import FeatureSpec, default_feature_spec
-from hyperrec.index.ann import IndexParams
+from hyperrec.index import IndexParams
 
 
 def make_ranker_onnx(

@@ -25,13 +25,12 @@ from hyperrec.core.bundle import Bundle
 from hyperrec.core.model_manager import ModelManager, VersionLoadSettings, record_accelerators
 from hyperrec.core.pipeline import BundleSlot
 from hyperrec.core.ranker import ACCELERATOR_DEVICES, PREFERRED_PROVIDERS, choose_providers, device_of
-from hyperrec.index import ann
-from hyperrec.index.ann import FLAT, IVF, AnnIndex, IndexParams
+from hyperrec.index import FLAT, HNSW, IVF, IndexParams, build, faiss_common, load
 from tests.helpers import publish_toy
 
 # The "for real" tests describe a machine without a GPU (CI); where FAISS or ONNX Runtime sees one, they do not apply.
 cpu_only = pytest.mark.skipif(
-    ann.gpu_count() > 0 or device_of(choose_providers()) != "cpu",
+    faiss_common.gpu_count() > 0 or device_of(choose_providers()) != "cpu",
     reason="this machine has a GPU build and a GPU: scripts/gpu_check.sh covers it",
 )
 
@@ -53,13 +52,13 @@ def unit_vectors(n: int, dim: int, seed: int = 0) -> np.ndarray:
 @cpu_only
 def test_this_machine_has_no_gpu_for_faiss_so_auto_stays_on_cpu(tmp_path: Path, caplog: Any) -> None:
     """Real faiss-cpu: no GPU support, so "auto" (the load default) keeps the index on the CPU and says why."""
-    assert ann.gpu_count() == 0
+    assert faiss_common.gpu_count() == 0
     emb = unit_vectors(1_000, 8)
-    built = AnnIndex.build(emb, IndexParams(IVF, nlist=16, nprobe=4))
+    built = build(emb, IndexParams(IVF, nlist=16, nprobe=4))
     assert built.device == "cpu"
     built.save(tmp_path / "index.faiss")
-    with caplog.at_level(logging.INFO, logger="hyperrec.index.ann"):
-        loaded = AnnIndex.load(tmp_path / "index.faiss", built.params)
+    with caplog.at_level(logging.INFO, logger="hyperrec.index.faiss_common"):
+        loaded = load(tmp_path / "index.faiss", built.params)
     assert loaded.device == "cpu"
     assert "on cpu (device auto: FAISS has no GPU support or sees no GPU)" in caplog.text
     q = unit_vectors(3, 8, seed=1)
@@ -71,9 +70,9 @@ def test_this_machine_has_no_gpu_for_faiss_so_auto_stays_on_cpu(tmp_path: Path, 
 def test_asking_for_a_gpu_where_there_is_none_fails_and_a_bundle_load_names_the_index(tmp_path: Path) -> None:
     emb = unit_vectors(200, 8)
     with pytest.raises(ValueError, match="index device gpu asked for, but FAISS has no GPU support"):
-        AnnIndex.build(emb, IndexParams(FLAT), device="gpu")
+        build(emb, IndexParams(FLAT), device="gpu")
     with pytest.raises(ValueError, match="index device must be one of"):
-        AnnIndex.build(emb, IndexParams(FLAT), device="tpu")
+        build(emb, IndexParams(FLAT), device="tpu")
     version = publish_toy(tmp_path / "repo", n_items=200)
     with pytest.raises(Exception, match=r"index\.faiss.*index device gpu asked for"):
         Bundle.load(version, index_device="gpu")
@@ -148,7 +147,7 @@ class FakeGpu:
         monkeypatch.setattr(faiss, "StandardGpuResources", StandardGpuResources, raising=False)
         monkeypatch.setattr(faiss, "index_cpu_to_gpu", index_cpu_to_gpu, raising=False)
         monkeypatch.setattr(faiss, "get_num_gpus", lambda: fake.gpus)
-        monkeypatch.setattr(ann, "_gpu_resources", None)  # a fresh process as far as the shared resources go
+        monkeypatch.setattr(faiss_common, "_gpu_resources", None)  # a fresh process as far as the shared resources go
 
 
 @pytest.fixture
@@ -162,8 +161,8 @@ def fake_gpu(monkeypatch: pytest.MonkeyPatch) -> FakeGpu:
 def test_auto_moves_flat_and_ivf_indexes_to_gpu_0_sharing_one_resources_object(fake_gpu: FakeGpu) -> None:
     """GPU faked (none here): "auto" copies IndexFlatIP and IndexIVFFlat to GPU 0 and searches there."""
     emb = unit_vectors(2_000, 8)
-    flat = AnnIndex.build(emb, IndexParams(FLAT), device="auto")
-    ivf = AnnIndex.build(emb, IndexParams(IVF, nlist=32, nprobe=8), device="auto")
+    flat = build(emb, IndexParams(FLAT), device="auto")
+    ivf = build(emb, IndexParams(IVF, nlist=32, nprobe=8), device="auto")
     assert (flat.device, ivf.device) == ("cuda", "cuda")
     assert [(device, kind) for _, device, kind in fake_gpu.copies] == [(0, "IndexFlatIP"), (0, "IndexIVFFlat")]
     assert fake_gpu.resources_made == 1 and fake_gpu.copies[0][0] is fake_gpu.copies[1][0]
@@ -172,18 +171,20 @@ def test_auto_moves_flat_and_ivf_indexes_to_gpu_0_sharing_one_resources_object(f
     q = unit_vectors(2, 8, seed=3)
     _, rows = ivf.search(q, 10)
     assert rows.dtype == np.int64 and rows.shape == (2, 10)
+    assert isinstance(ivf, faiss_common.FaissIndex)
     gpu_index = ivf._gpu_index
     assert [(k, p.nprobe) for k, p in gpu_index.searches] == [(10, 8)]  # nprobe reaches the GPU index per call
 
 
 def test_searches_beyond_gpu_limits_use_the_cpu_copy(fake_gpu: FakeGpu, monkeypatch: pytest.MonkeyPatch) -> None:
     """GPU faked (none here): top-k or nprobe above GPU_MAX_K go to the CPU index, with the same results."""
-    monkeypatch.setattr(ann, "GPU_MAX_K", 16)
+    monkeypatch.setattr(faiss_common, "GPU_MAX_K", 16)
     emb = unit_vectors(2_000, 8)
     params = IndexParams(IVF, nlist=32, nprobe=8)
-    on_gpu = AnnIndex.build(emb, params, device="auto")
-    on_cpu = AnnIndex.build(emb, params)
+    on_gpu = build(emb, params, device="auto")
+    on_cpu = build(emb, params)
     q = unit_vectors(1, 8, seed=4)
+    assert isinstance(on_gpu, faiss_common.FaissIndex)
     gpu_index = on_gpu._gpu_index
     on_gpu.search(q, 16)
     assert len(gpu_index.searches) == 1
@@ -197,30 +198,28 @@ def test_searches_beyond_gpu_limits_use_the_cpu_copy(fake_gpu: FakeGpu, monkeypa
 
 def test_auto_keeps_hnsw_on_cpu_and_gpu_refuses_it(fake_gpu: FakeGpu) -> None:
     """GPU faked (none here): an index type GPU FAISS does not run here (HNSW) stays on the CPU under "auto"."""
-    hnsw = faiss.IndexHNSWFlat(8, 16, faiss.METRIC_INNER_PRODUCT)
-    hnsw.add(unit_vectors(500, 8))
-    index = AnnIndex(hnsw, IndexParams(FLAT), device="auto")
-    assert index.device == "cpu"
+    emb = unit_vectors(500, 8)
+    params = IndexParams(HNSW, hnsw_m=16)
+    index = build(emb, params, device="auto")
+    assert index.device == "cpu" and index.kind_name == "IndexHNSWFlat"
     assert fake_gpu.copies == []
     _, rows = index.search(unit_vectors(1, 8, seed=5), 5)
     assert rows.shape == (1, 5)
     with pytest.raises(ValueError, match="IndexHNSWFlat does not run on GPU FAISS"):
-        AnnIndex(hnsw, IndexParams(FLAT), device="gpu")
+        build(emb, params, device="gpu")
 
 
 def test_cpu_never_moves_an_index_even_with_a_gpu(fake_gpu: FakeGpu, tmp_path: Path) -> None:
-    """GPU faked (none here): device "cpu", given to load or set as the process default, never copies."""
+    """GPU faked (none here): device "cpu", given to an index load or a bundle load, never copies."""
     emb = unit_vectors(500, 8)
-    AnnIndex.build(emb, IndexParams(FLAT)).save(tmp_path / "index.faiss")
-    assert AnnIndex.load(tmp_path / "index.faiss", IndexParams(FLAT), device="cpu").device == "cpu"
-    previous = ann.default_device()
-    ann.set_device("cpu")
-    try:
-        assert AnnIndex.load(tmp_path / "index.faiss", IndexParams(FLAT)).device == "cpu"
-    finally:
-        ann.set_device(previous)
+    build(emb, IndexParams(FLAT)).save(tmp_path / "index.faiss")
+    assert load(tmp_path / "index.faiss", IndexParams(FLAT), device="cpu").device == "cpu"
+    version = publish_toy(tmp_path / "repo", n_items=300)
+    assert Bundle.load(version, index_device="cpu").index.device == "cpu"
     assert fake_gpu.copies == []
-    assert AnnIndex.load(tmp_path / "index.faiss", IndexParams(FLAT)).device == "cuda"  # the default is "auto"
+    assert load(tmp_path / "index.faiss", IndexParams(FLAT)).device == "cuda"  # the default is "auto"
+    assert Bundle.load(version).index.device == "cuda"
+    assert [kind for _, _, kind in fake_gpu.copies] == ["IndexFlatIP", "IndexFlatIP"]
 
 
 def test_a_failed_copy_keeps_auto_on_cpu_and_fails_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -232,9 +231,9 @@ def test_a_failed_copy_keeps_auto_on_cpu_and_fails_gpu(monkeypatch: pytest.Monke
 
     monkeypatch.setattr(faiss, "index_cpu_to_gpu", out_of_memory, raising=False)
     emb = unit_vectors(200, 8)
-    assert AnnIndex.build(emb, IndexParams(FLAT), device="auto").device == "cpu"
+    assert build(emb, IndexParams(FLAT), device="auto").device == "cpu"
     with pytest.raises(ValueError, match="out of memory"):
-        AnnIndex.build(emb, IndexParams(FLAT), device="gpu")
+        build(emb, IndexParams(FLAT), device="gpu")
 
 
 def test_a_faked_gpu_bundle_sets_the_index_metric_to_cuda(fake_gpu: FakeGpu, tmp_path: Path) -> None:

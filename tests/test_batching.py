@@ -23,7 +23,7 @@ from hyperrec.core.domain import Context, DeviceType, RecommendRequest
 from hyperrec.core.errors import DeadlineExceeded
 from hyperrec.core.features import default_feature_spec
 from hyperrec.core.profile import Profile
-from hyperrec.index.ann import IndexParams
+from hyperrec.index import IndexParams
 from hyperrec.v1 import recommender_pb2 as pb
 from tests.helpers import make_contents, make_ranker_onnx, publish_toy, sample
 from tests.serving import request, running_server

@@ -24,7 +24,7 @@ from hyperrec.core.compute import candidate_features
 from hyperrec.core.errors import BundleError
 from hyperrec.core.features import default_feature_spec
 from hyperrec.core.profile import CategoryAffinity
-from hyperrec.index.ann import IndexParams
+from hyperrec.index import IndexParams
 from hyperrec.profiles.keys import Pseudonymizer
 from hyperrec.profiles.redis_store import RedisProfileStore, RedisStoreOptions
 from hyperrec.training.behaviour_features import fit_behaviour_features, replay_states

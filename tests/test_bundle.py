@@ -235,13 +235,11 @@ def test_ranker_output_of_the_wrong_rank_is_named(tmp_path: Path) -> None:
 
 
 def test_index_file_that_is_not_what_the_manifest_says_is_named(tmp_path: Path) -> None:
-    from hyperrec.index.ann import IVF, IndexParams
+    from hyperrec.index import IVF, IndexParams, build
 
     path = publish_toy(tmp_path, n_items=600, dim=8)  # flat per the manifest
     ivf = IndexParams(IVF, nlist=8, nprobe=1)
-    from hyperrec.index.ann import AnnIndex
-
-    AnnIndex.build(np.load(path / EMBEDDINGS), ivf).save(path / INDEX)
+    build(np.load(path / EMBEDDINGS), ivf).save(path / INDEX)
     manifest = json.loads((path / MANIFEST).read_text())
     manifest["files"][INDEX] = {"sha256": sha256_of(path / INDEX), "bytes": (path / INDEX).stat().st_size}
     (path / MANIFEST).write_text(json.dumps(manifest))
@@ -282,9 +280,9 @@ def test_loading_pauses_the_garbage_collector_only_while_it_runs(
 
     version = publish_toy(tmp_path, model_name="toy", seed=1)
     monkeypatch.setattr(Bundle, "load", watching)
-    bundle = load_without_gc_pauses(version, RankerOptions(), None)
+    bundle = load_without_gc_pauses(version, RankerOptions(), "auto")
     with pytest.raises(BundleError):
-        load_without_gc_pauses(tmp_path / "toy" / "99", RankerOptions(), None)
+        load_without_gc_pauses(tmp_path / "toy" / "99", RankerOptions(), "auto")
     assert bundle.version == "1" and seen == [False, False] and gc.isenabled()
 
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hyperrec.index.ann import FLAT, HNSW, IVF, IVFPQ, AnnIndex, IndexParams
+from hyperrec.index import FLAT, HNSW, IVF, IVFPQ, AnnIndex, IndexParams, build, load
 
 
 def unit_vectors(n: int, dim: int, seed: int = 0) -> np.ndarray:
@@ -28,7 +28,7 @@ def test_choose_uses_exact_search_below_threshold_and_ivf_above() -> None:
 
 def test_flat_search_matches_brute_force_and_returns_int64_rows() -> None:
     emb = unit_vectors(500, 16)
-    index = AnnIndex.build(emb, IndexParams(FLAT))
+    index = build(emb, IndexParams(FLAT))
     queries = unit_vectors(4, 16, seed=1)
     scores, rows = index.search(queries, 10)
     assert rows.dtype == np.int64 and rows.shape == (4, 10)
@@ -40,7 +40,7 @@ def test_flat_search_matches_brute_force_and_returns_int64_rows() -> None:
 def test_ivf_recall_against_exact_search_is_high() -> None:
     emb = unit_vectors(4_000, 16)
     params = IndexParams(IVF, nlist=64, nprobe=16)
-    index = AnnIndex.build(emb, params)
+    index = build(emb, params)
     queries = unit_vectors(50, 16, seed=2)
     _, rows = index.search(queries, 20)
     exact = np.argsort(-(queries @ emb.T), axis=1)[:, :20]
@@ -51,9 +51,9 @@ def test_ivf_recall_against_exact_search_is_high() -> None:
 def test_save_and_load_round_trip(tmp_path: Path) -> None:
     emb = unit_vectors(2_000, 8)
     params = IndexParams(IVF, nlist=32, nprobe=8)
-    index = AnnIndex.build(emb, params)
+    index = build(emb, params)
     index.save(tmp_path / "index.faiss")
-    loaded = AnnIndex.load(tmp_path / "index.faiss", params)
+    loaded = load(tmp_path / "index.faiss", params)
     q = unit_vectors(3, 8, seed=3)
     np.testing.assert_array_equal(index.search(q, 5)[1], loaded.search(q, 5)[1])
     assert loaded.size == 2_000 and loaded.dim == 8
@@ -61,7 +61,7 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
 
 def test_exclusions_overfetch_so_k_items_come_back() -> None:
     emb = unit_vectors(300, 8)
-    index = AnnIndex.build(emb, IndexParams(FLAT))
+    index = build(emb, IndexParams(FLAT))
     query = emb[0]
     _, top = index.search(query, 50)
     excluded = set(top[0][:40].tolist())
@@ -93,12 +93,12 @@ def test_ivf_exclusions_never_come_back_short(n_excluded: int, want: int, seed: 
 
 IVF_EMB = unit_vectors(200, 8, seed=9)
 # nprobe=1 of 16 lists: a plain search sees ~1/16 of the items, so the fallback must kick in.
-IVF_INDEX = AnnIndex.build(IVF_EMB, IndexParams(IVF, nlist=16, nprobe=1))
+IVF_INDEX = build(IVF_EMB, IndexParams(IVF, nlist=16, nprobe=1))
 
 
 def test_everything_excluded_returns_nothing() -> None:
     emb = unit_vectors(10, 4)
-    index = AnnIndex.build(emb, IndexParams(FLAT))
+    index = build(emb, IndexParams(FLAT))
     scores, rows = index.search_excluding(emb[0], 5, set(range(10)))
     assert len(rows) == 0 and len(scores) == 0
 
@@ -120,12 +120,12 @@ def test_index_params_from_manifest_are_checked(bad: dict[str, object]) -> None:
 
 
 def test_building_reports_progress_chunk_by_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
-    import hyperrec.index.ann as ann
+    from hyperrec.index import faiss_common
 
-    monkeypatch.setattr(ann, "ADD_CHUNK", 100)
+    monkeypatch.setattr(faiss_common, "ADD_CHUNK", 100)
     calls: list[tuple[int, int]] = []
     emb = np.random.default_rng(0).normal(size=(250, 8)).astype(np.float32)
-    index = AnnIndex.build(emb, IndexParams(IVF, nlist=4, nprobe=4), on_progress=lambda a, t: calls.append((a, t)))
+    index = build(emb, IndexParams(IVF, nlist=4, nprobe=4), on_progress=lambda a, t: calls.append((a, t)))
     assert calls == [(0, 250), (100, 250), (200, 250), (250, 250)]
     assert index.size == 250
 
@@ -145,14 +145,14 @@ def recall_at(index: AnnIndex, emb: np.ndarray, queries: np.ndarray, n: int) -> 
 @pytest.mark.parametrize("params", GRAPH_AND_PQ, ids=["hnsw", "ivfpq"])
 def test_hnsw_and_ivfpq_find_most_exact_neighbours_and_round_trip(params: IndexParams, tmp_path: Path) -> None:
     emb = unit_vectors(10_000, 16)
-    index = AnnIndex.build(emb, params)
+    index = build(emb, params)
     index.check_params()
     queries = unit_vectors(40, 16, seed=4)
     # HNSW searches at least as wide as asked (ef >= n), so 200 results stay near-exact; PQ codes lose some order
     assert recall_at(index, emb, queries, 200) > (0.9 if params.kind == HNSW else 0.5)
     assert index.exact_scores == (params.kind != IVFPQ)
     index.save(tmp_path / "index.faiss")
-    loaded = AnnIndex.load(tmp_path / "index.faiss", IndexParams.from_json(params.to_json()))
+    loaded = load(tmp_path / "index.faiss", IndexParams.from_json(params.to_json()))
     loaded.check_params()
     np.testing.assert_array_equal(index.search(queries, 10)[1], loaded.search(queries, 10)[1])
 
@@ -160,7 +160,7 @@ def test_hnsw_and_ivfpq_find_most_exact_neighbours_and_round_trip(params: IndexP
 @pytest.mark.parametrize("params", GRAPH_AND_PQ, ids=["hnsw", "ivfpq"])
 def test_hnsw_and_ivfpq_exclusions_never_come_back_short(params: IndexParams) -> None:
     emb = unit_vectors(3_000, 16, seed=5)
-    index = AnnIndex.build(emb, params)
+    index = build(emb, params)
     query = emb[11]
     excluded = set(range(0, 3_000, 3))  # a third of the catalogue, the query's own neighbours among them
     _, rows = index.search_excluding(query, 500, excluded)

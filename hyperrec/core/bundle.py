@@ -22,12 +22,13 @@ from typing import Any
 
 import numpy as np
 
+from hyperrec import index as ann
 from hyperrec.core.errors import BundleError, NotFound
 from hyperrec.core.features import FeatureSpec
 from hyperrec.core.items import ItemIds
 from hyperrec.core.names import check_name
 from hyperrec.core.ranker import OnnxRanker, RankerOptions
-from hyperrec.index.ann import AnnIndex, IndexParams
+from hyperrec.index import AnnIndex, IndexParams
 
 FORMAT_VERSION = 2  # what write_bundle writes
 # Format 1 held the item ids and each item's categories as JSON; parsing a million ids from JSON stalled a serving
@@ -306,7 +307,7 @@ def write_bundle(
     id_bytes, id_offsets = ids.arrays()
     np.save(directory / ITEM_IDS, id_bytes, allow_pickle=False)
     np.save(directory / ITEM_ID_OFFSETS, id_offsets, allow_pickle=False)
-    AnnIndex.build(emb, contents.index_params, on_progress=on_index_progress).save(directory / INDEX)
+    ann.build(emb, contents.index_params, on_progress=on_index_progress).save(directory / INDEX)
     (directory / COLD_START).write_text(json.dumps(contents.cold_start.to_json()))
     names = list(DATA_FILES)
     width = contents.feature_spec.item_feature_dim
@@ -487,11 +488,11 @@ class Bundle:
         return () if row is None else self.categories.of_row(row)
 
     @classmethod
-    def load(cls, directory: Path, options: RankerOptions | None = None, index_device: str | None = None) -> Bundle:
+    def load(cls, directory: Path, options: RankerOptions | None = None, index_device: str = ann.AUTO) -> Bundle:
         """Read and validate every file; raise BundleError naming the first problem.
 
-        `index_device` ("auto", "cpu" or "gpu"; None: the process default of `hyperrec.index.ann.set_device`) says where
-        the ANN index searches; the ranker's execution providers come from `options`."""
+        `index_device` ("auto", "cpu" or "gpu") says where the ANN index searches; the ranker's execution providers
+        come from `options`."""
         directory = Path(directory)
         manifest = read_manifest(directory)
         verify_files(directory, manifest)
@@ -509,7 +510,7 @@ class Bundle:
         if not np.isfinite(emb).all():
             raise BundleError(EMBEDDINGS, "holds NaN or infinite values")
         try:
-            index = AnnIndex.load(directory / INDEX, manifest.index_params, index_device)
+            index = ann.load(directory / INDEX, manifest.index_params, index_device)
         except RuntimeError as exc:
             raise BundleError(INDEX, f"FAISS cannot read it: {exc}") from exc
         except ValueError as exc:  # index device "gpu" asked for and not possible

@@ -65,10 +65,10 @@ class VersionLoadSettings:
     candidates: int = 500
     keep_previous: bool = True  # keep the version swapped out loaded, for an instant rollback
     affinity_half_life_s: float | None = None  # the profiles' half-life, which behaviour features must match
-    index_device: str | None = None  # "auto", "cpu" or "gpu"; None: hyperrec.index.ann's process default ("auto")
+    index_device: str = "auto"  # where the ANN index searches: "auto", "cpu" or "gpu"
 
 
-def load_without_gc_pauses(directory: Path, ranker: RankerOptions, index_device: str | None) -> Bundle:
+def load_without_gc_pauses(directory: Path, ranker: RankerOptions, index_device: str) -> Bundle:
     """Bundle.load with the cyclic garbage collector paused, then the loaded objects frozen.
 
     A format 1 bundle's load creates a Python object per item (its ids come as JSON). With the collector on, their

@@ -35,7 +35,7 @@ from hyperrec.core.pipeline import STORE_FAILURES, BundleSlot, PipelineOptions, 
 from hyperrec.core.profile import ProfileSettings
 from hyperrec.core.profile_store import ProfileStore
 from hyperrec.core.ranker import RankerOptions
-from hyperrec.index.ann import set_threads
+from hyperrec.index import set_threads
 from hyperrec.profiles.keys import Pseudonymizer
 from hyperrec.profiles.memory import InMemoryProfileStore
 from hyperrec.profiles.redis_store import RedisProfileStore, RedisStoreOptions

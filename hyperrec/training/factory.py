@@ -24,12 +24,13 @@ from typing import Any
 import numpy as np
 
 import hyperrec
+from hyperrec import index as ann
 from hyperrec.core.behaviour import BEHAVIOUR_FEATURES
 from hyperrec.core.bundle import Bundle, BundleContents, ColdStart, publish_bundle, segment_key
 from hyperrec.core.features import FeatureSpec, assign_segments, default_feature_spec
 from hyperrec.core.pipeline import fold_in
 from hyperrec.core.profile import Profile, ProfileSettings
-from hyperrec.index.ann import IVF, AnnIndex, IndexParams
+from hyperrec.index import IVF, IndexParams
 from hyperrec.training import progress
 from hyperrec.training.backfill import build_profiles
 from hyperrec.training.baselines import ImplicitALS, ItemKNN, MostPopular, OfflineRecommender, evaluate_recommender
@@ -151,7 +152,7 @@ def ann_recall(item_vectors: np.ndarray, users: np.ndarray, params: IndexParams,
     """Share of the exact top-n (inner product) that the index returns, averaged over `users` vectors."""
     if len(users) == 0:
         return float("nan")
-    index = AnnIndex.build(item_vectors, params)
+    index = ann.build(item_vectors, params)
     _, approx = index.search(users, n)
     exact = np.argsort(-(users @ item_vectors.T), axis=1)[:, :n]
     return float(np.mean([len(set(a) & set(e)) / n for a, e in zip(approx, exact, strict=True)]))

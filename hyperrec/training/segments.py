@@ -1,14 +1,14 @@
-"""Behavioural segments: K-Means over user vectors (FAISS), a ranker context feature in the bundle."""
+"""Behavioural segments: K-Means over user vectors (hyperrec.index.kmeans), a ranker context feature in the bundle."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 
-import faiss
 import numpy as np
 import numpy.typing as npt
 
 from hyperrec.core.features import FeatureBlock, FeatureSpec
+from hyperrec.index import kmeans
 
 
 def fit_segments(user_vectors: np.ndarray, n_segments: int, seed: int = 0) -> npt.NDArray[np.float32]:
@@ -16,10 +16,7 @@ def fit_segments(user_vectors: np.ndarray, n_segments: int, seed: int = 0) -> np
     vectors = np.ascontiguousarray(user_vectors, dtype=np.float32)
     if len(vectors) < n_segments:
         raise ValueError(f"{len(vectors)} users cannot form {n_segments} segments")
-    kmeans = faiss.Kmeans(vectors.shape[1], n_segments, niter=25, seed=seed, verbose=False)
-    kmeans.train(vectors)
-    centroids: npt.NDArray[np.float32] = np.asarray(kmeans.centroids, dtype=np.float32)
-    return centroids
+    return kmeans(vectors, n_segments, seed=seed)
 
 
 def with_segment_block(spec: FeatureSpec, n_segments: int) -> FeatureSpec:

@@ -19,7 +19,7 @@ import torch
 from hyperrec.core.bundle import BundleContents, ColdStart, publish_bundle
 from hyperrec.core.features import default_feature_spec
 from hyperrec.core.profile import Profile
-from hyperrec.index.ann import IndexParams
+from hyperrec.index import IndexParams
 from hyperrec.training import progress
 from hyperrec.training.export import export_ranker_onnx
 from hyperrec.training.networks import Ranker

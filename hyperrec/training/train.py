@@ -29,7 +29,7 @@ from hyperrec.core.bundle import BundleContents, ColdStart, publish_bundle
 from hyperrec.core.domain import DeviceType
 from hyperrec.core.features import FeatureSpec, daypart, default_feature_spec, encode_contexts
 from hyperrec.core.profile import Profile
-from hyperrec.index.ann import IndexParams
+from hyperrec.index import IndexParams
 from hyperrec.training import progress
 from hyperrec.training.export import check_parity, export_ranker_onnx
 from hyperrec.training.history_model import recent_distinct
