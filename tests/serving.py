@@ -11,8 +11,8 @@ from typing import Any
 import grpc
 
 from hyperrec.app.config import load_config
+from hyperrec.app.lifecycle import HyperrecServer, build_server
 from hyperrec.core.profile_store import ProfileStore
-from hyperrec.server.app import HyperrecServer, create_server
 from hyperrec.v1 import recommender_pb2 as pb
 from hyperrec.v1 import recommender_pb2_grpc as pb_grpc
 
@@ -50,7 +50,7 @@ async def running_server(
         settings.update(redis_read_timeout_ms=2000, profile_budget_ms=2000)
     settings.update(overrides)
     config = load_config(env={}, **settings)
-    app, port = create_server(config, profile_store=store)
+    app, port = build_server(config, profile_store=store)
     await app.set_serving(False)
     await app.start()
     if load:

@@ -26,8 +26,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import REGISTRY
 
 from hyperrec.app.config import ServerConfig, load_config
+from hyperrec.app.lifecycle import build_server
 from hyperrec.core.errors import ConfigError
-from hyperrec.server.app import create_server
 from hyperrec.v1 import admin_pb2 as apb
 from hyperrec.v1 import admin_pb2_grpc as apb_grpc
 from hyperrec.v1 import profiles_pb2 as ppb
@@ -283,7 +283,7 @@ def test_an_unreadable_tls_file_is_a_config_error_naming_it(tmp_path: Path, pki:
     files[missing] = tmp_path / f"no-such-{missing}.pem"
     config = _config(tmp_path, **files)
     with pytest.raises(ConfigError) as err:
-        create_server(config)
+        build_server(config)
     assert missing in str(err.value) and f"no-such-{missing}.pem" in str(err.value)
 
 
@@ -303,7 +303,7 @@ def test_unusable_tls_files_are_config_errors(tmp_path: Path, pki: Pki, which: s
     blaming the address: the server must say it is the TLS files, before anything listens."""
     config = _config(tmp_path, **_garbage_tls(tmp_path, pki, which))
     with pytest.raises(ConfigError, match=r"tls_key|tls_cert"):
-        create_server(config)
+        build_server(config)
 
 
 def _serve(repo: Path, *flags: str) -> subprocess.CompletedProcess[str]:
@@ -461,9 +461,9 @@ BAD_AUTH_TOKENS = {
 
 def _configured(tmp_path: Path, auth_tokens: str) -> None:
     """Load the config and create (then release) the server: a bad setting must fail in one of the two."""
-    app, _ = create_server(_config(tmp_path, auth_tokens=auth_tokens))
-    app._executor.shutdown()
-    app._loader.shutdown()
+    app, _ = build_server(_config(tmp_path, auth_tokens=auth_tokens))
+    app.components.executor.shutdown()
+    app.components.loader.shutdown()
 
 
 @pytest.mark.parametrize("case", list(BAD_AUTH_TOKENS))

@@ -338,7 +338,7 @@ async def test_deadline_passing_inside_the_pipeline_is_deadline_exceeded(served:
     slot = BundleSlot()
     assert served.app.slot.active is not None
     slot.swap(served.app.slot.active)
-    pipeline = RecommendPipeline(served.app.store, slot, PipelineOptions(), served.app._executor)
+    pipeline = RecommendPipeline(served.app.store, slot, PipelineOptions(), served.app.components.executor)
     with pytest.raises(DeadlineExceeded) as err:
         await pipeline.recommend(RecommendRequest("alice", 5, request_id="r1"), deadline=time.monotonic() - 1)
     assert status_for(err.value, "r1")[0] == grpc.StatusCode.DEADLINE_EXCEEDED

@@ -38,7 +38,7 @@ def run_async(coro: Coroutine[Any, Any, Any]) -> Any:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from hyperrec.server.app import serve
+    from hyperrec.app.lifecycle import serve
 
     config = load_config(args)
     setup_logging(config.log_level, config.log_format)
@@ -186,8 +186,8 @@ def cmd_synth_bundle(args: argparse.Namespace) -> int:
 
 def cmd_profiles_load(args: argparse.Namespace) -> int:
     """Backfill profiles for every user of a log into the configured (Redis) profile store."""
+    from hyperrec.app.assembly import build_profile_store
     from hyperrec.core.bundle import Bundle, resolve_version
-    from hyperrec.server.app import build_profile_store
     from hyperrec.training.backfill import backfill
     from hyperrec.training.loaders import load_dataset
 

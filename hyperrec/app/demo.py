@@ -59,7 +59,7 @@ def example_calls(port: int, user: str) -> str:
 async def run_demo(
     config: ServerConfig, retrain: bool = False, users: int | None = None, items: int | None = None
 ) -> int:
-    from hyperrec.server.app import serve
+    from hyperrec.app.lifecycle import serve
 
     versions = list_versions(config.model_repo, config.model_name)
     usable = [v for v in versions if profiles_path(config, v).exists()]

@@ -15,7 +15,7 @@ import hmac
 from collections.abc import Iterable
 
 from hyperrec.core.errors import PermissionDenied, Unauthenticated
-from hyperrec.core.tokens import Token, parse_tokens
+from hyperrec.core.tokens import Token
 
 _PREFIX = "bearer "
 
@@ -34,11 +34,6 @@ class TokenAuth:
     def __init__(self, tokens: Iterable[Token] = ()) -> None:
         self._tokens = tuple(tokens)
         self._enforced = frozenset({"admin"} | {s for t in self._tokens for s in t.scopes})
-
-    @classmethod
-    def from_config(cls, admin_token: str | None, auth_tokens: str | None) -> TokenAuth:
-        admin = (Token(admin_token, frozenset({"admin"})),) if admin_token else ()
-        return cls((*admin, *parse_tokens(auth_tokens)))
 
     def check(self, scope: str, metadata: Iterable[tuple[str, str | bytes]] | None) -> None:
         """Return when the call may proceed; raise Unauthenticated or PermissionDenied otherwise."""

@@ -2,11 +2,11 @@
 
 - Auth: the service a method belongs to decides the scope it needs (`SERVICE_SCOPES`); the token is checked
   before the request message is even read. Health and reflection are not listed, so they pass untouched.
-- Admission: at most `max_in_flight` Recommender and Profiles calls run at once. One more is refused at once
-  with RESOURCE_EXHAUSTED rather than queued, so the calls already admitted keep their latency and the client
-  can retry elsewhere. We count in-flight calls ourselves instead of relying on grpcio's
-  `maximum_concurrent_rpcs`, which has had bugs (grpc/grpc issues 30424 and 41531); tests/test_hardening.py
-  checks the behaviour over a real channel.
+- Admission: at most `max_in_flight` Recommender and Profiles calls run at once (the protocol-neutral rule is
+  `hyperrec/core/admission.py`). One more is refused at once with RESOURCE_EXHAUSTED rather than queued, so the
+  calls already admitted keep their latency and the client can retry elsewhere. We count in-flight calls
+  ourselves instead of relying on grpcio's `maximum_concurrent_rpcs`, which has had bugs (grpc/grpc issues 30424
+  and 41531); tests/test_hardening.py checks the behaviour over a real channel.
 - Metrics: calls by method and status code, their duration, and the in-flight gauge.
 """
 
@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import grpc
 
 from hyperrec.core import metrics, tracing
+from hyperrec.core.admission import InFlightLimit, new_request_id
 from hyperrec.core.errors import HyperrecError
 from hyperrec.server.auth import TokenAuth
 from hyperrec.server.status import status_for
@@ -41,9 +41,8 @@ def _code_name(context: grpc.aio.ServicerContext[Any, Any]) -> str:
 class CallGate(grpc.aio.ServerInterceptor):
     def __init__(self, auth: TokenAuth, max_in_flight: int, service_scopes: Mapping[str, str]) -> None:
         self._auth = auth
-        self._max_in_flight = max_in_flight
+        self._limit = InFlightLimit(max_in_flight)
         self._scopes = dict(service_scopes)
-        self.in_flight = 0
 
     async def intercept_service(
         self,
@@ -65,7 +64,7 @@ class CallGate(grpc.aio.ServerInterceptor):
 
     def _refusal(self, handler: Any, method: str, exc: HyperrecError) -> Any:
         async def refuse(_: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            request_id = uuid.uuid4().hex
+            request_id = new_request_id()
             code, message = status_for(exc, request_id)
             metrics.REQUESTS.labels(method, code.name).inc()
             context.set_trailing_metadata((("x-request-id", request_id),))
@@ -79,16 +78,12 @@ class CallGate(grpc.aio.ServerInterceptor):
         duration = metrics.REQUEST_DURATION.labels(method)
 
         async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            if limited and self.in_flight >= self._max_in_flight:
+            if limited and not self._limit.admit():
                 metrics.REQUESTS.labels(method, "RESOURCE_EXHAUSTED").inc()
-                await context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"server busy: {self._max_in_flight} calls already in flight; retry with backoff or elsewhere",
-                )
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._limit.refusal())
             start = time.perf_counter()
             failed = False
             if limited:
-                self.in_flight += 1
                 metrics.IN_FLIGHT.inc()
             try:
                 with tracing.span(method, server=True):
@@ -105,7 +100,7 @@ class CallGate(grpc.aio.ServerInterceptor):
                 raise
             finally:
                 if limited:
-                    self.in_flight -= 1
+                    self._limit.release()
                     metrics.IN_FLIGHT.dec()
                 duration.observe(time.perf_counter() - start)
                 if not failed:

@@ -8,15 +8,13 @@ INVALID_ARGUMENT instead of the UNKNOWN that grpcio gives for a failing deserial
 from __future__ import annotations
 
 import asyncio
-import time
-import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError, Message
 
-from hyperrec.core.domain import request_id_problem
+from hyperrec.core.admission import check_request_id, deadline_after, new_request_id, settle_request_id
 from hyperrec.core.errors import DeadlineExceeded, InvalidArgument
 from hyperrec.core.ingest import ProfileService
 from hyperrec.core.logs import REQUEST_ID
@@ -34,15 +32,6 @@ Resp = TypeVar("Resp", bound=Message)
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
-def new_request_id() -> str:
-    return uuid.uuid4().hex
-
-
-def _deadline(context: Context) -> float | None:
-    remaining = context.time_remaining()
-    return None if remaining is None else time.monotonic() + remaining
-
-
 def parse(kind: type[Req], raw: bytes) -> Req:
     """The wire message; InvalidArgument when it is not a valid `kind`."""
     try:
@@ -58,11 +47,9 @@ async def answer(
     quoted_id = new_request_id()
     try:
         request = parse(kind, raw)
-        request_id = getattr(request, "request_id", "") or quoted_id
-        if request_id_problem(request_id) is None:  # else validation rejects it and we quote ours
-            quoted_id = request_id
+        request_id, quoted_id = settle_request_id(getattr(request, "request_id", ""), quoted_id)
         REQUEST_ID.set(quoted_id)  # this call's task only: log records made while serving it carry the id
-        return await run(request, request_id, _deadline(context))
+        return await run(request, request_id, deadline_after(context.time_remaining()))
     except Exception as exc:
         if isinstance(exc, DeadlineExceeded) and (context.done() or context.cancelled()):
             # gRPC already ended the call with DEADLINE_EXCEEDED; aborting it again would only log an error.
@@ -100,9 +87,7 @@ class ProfilesServicer:
 
     async def RecordEvents(self, raw: bytes, context: Context) -> ppb.RecordEventsResponse:  # noqa: N802
         async def run(request: ppb.RecordEventsRequest, request_id: str, _: float | None) -> ppb.RecordEventsResponse:
-            problem = request_id_problem(request_id)
-            if problem is not None:
-                raise InvalidArgument("request_id", problem)
+            check_request_id(request_id)  # before any event is recorded
             result = await self._service.record_events(_decoded_events(request))
             return encode_ingest_result(result, request_id)
 
