@@ -33,12 +33,14 @@ class VersionState:
 
     @property
     def failed(self) -> bool:
+        """Whether loading, validating or warming the version failed (`reason` says why)."""
         return self.state == FAILED
 
 
 @dataclass(frozen=True)
 class ModelState:
-    """One model on the server: the active and pinned versions (0: none), its versions and those not yet loaded."""
+    """One model on the server: the active and pinned versions (0: none), the versions it has loaded (or tried to),
+    and every version its repository holds."""
 
     name: str
     active_version: int
@@ -48,10 +50,12 @@ class ModelState:
 
 
 def _version(status: apb.VersionStatus) -> VersionState:
+    """The plain values of a VersionStatus message."""
     return VersionState(status.version, STATE_NAMES[status.state], status.reason, status.load_ms, status.warm_ms)
 
 
 def _model(status: apb.ModelStatus) -> ModelState:
+    """The plain values of a ModelStatus message (canary fields are not printed, so not carried)."""
     return ModelState(
         name=status.name,
         active_version=status.active_version,

@@ -38,7 +38,7 @@ class AsyncRecommender:
 
     __slots__ = ("_metadata", "_recommend", "_timeout_s")
 
-    def __init__(self, stub: pb_grpc.RecommenderStub, timeout_s: float, metadata: tuple[tuple[str, str], ...]):
+    def __init__(self, stub: pb_grpc.RecommenderStub, timeout_s: float, metadata: tuple[tuple[str, str], ...]) -> None:
         self._recommend: Any = stub.Recommend  # a grpc.aio multicallable; the generated types describe the sync one
         self._timeout_s = timeout_s
         self._metadata = metadata
