@@ -15,8 +15,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from hyperrec.app.cli_args import add_connection_arguments, connection_from_args
 from hyperrec.app.config import ServerConfig, add_arguments, load_config
-from hyperrec.client.connect import add_connection_arguments, connection_from_args
 from hyperrec.core.errors import ConfigError, HyperrecError
 from hyperrec.core.logs import setup_logging
 from hyperrec.core.profile import Profile
@@ -53,8 +53,7 @@ def _event_time(hour: int | None) -> datetime | None:
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
-    import grpc
-
+    from hyperrec.client.errors import ClientError
     from hyperrec.client.recommend import RecommendCall, call_recommend, format_table
 
     features = dict(kv.split("=", 1) for kv in args.feature)
@@ -73,11 +72,11 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         include_timings=args.timings,
     )
     try:
-        response = call_recommend(call)
-    except grpc.RpcError as exc:
-        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        answer = call_recommend(call)
+    except ClientError as exc:
+        print(f"error: {exc.code}: {exc.details}", file=sys.stderr)
         return 1
-    print(format_table(response))
+    print(format_table(answer))
     return 0
 
 
@@ -222,63 +221,44 @@ def cmd_profiles_load(args: argparse.Namespace) -> int:
 
 def cmd_health(args: argparse.Namespace) -> int:
     """grpc.health.v1 Check: 0 when SERVING, 1 otherwise (NOT_SERVING, unknown service or unreachable)."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from hyperrec.client.errors import ClientError
+    from hyperrec.client.health import SERVING, check
 
     if args.target is None:  # the container's own server: its health-only port, else its main port
         port = os.environ.get("HYPERREC_HEALTH_PORT") or os.environ.get("HYPERREC_PORT") or "50051"
         args.target = f"127.0.0.1:{port}"
     connection = connection_from_args(args)
-    with connection.channel() as channel:
-        stub: Any = health_pb2_grpc.HealthStub(channel)  # the stub's type stubs lack its methods
-        try:
-            reply = stub.Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
-        except grpc.RpcError as exc:
-            print(f"{connection.target}: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
-    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    try:
+        status = check(connection, args.service, args.timeout)
+    except ClientError as exc:
+        print(f"{connection.target}: {exc.code}: {exc.details}", file=sys.stderr)
+        return 1
     print(f"{connection.target} {args.service or '(server)'}: {status}")
-    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+    return 0 if status == SERVING else 1
 
 
 def cmd_models(args: argparse.Namespace) -> int:
     """Call the ModelAdmin service and print the model's versions."""
-    import grpc
-
-    from hyperrec.v1 import admin_pb2 as apb
-    from hyperrec.v1 import admin_pb2_grpc as apb_grpc
+    from hyperrec.client import admin
+    from hyperrec.client.errors import ClientError
 
     connection = connection_from_args(args)
-    metadata = connection.metadata()
-    states = {v.number: v.name.removeprefix("VERSION_STATE_").lower() for v in apb.VersionState.DESCRIPTOR.values}
-    with connection.channel() as channel:
-        stub = apb_grpc.ModelAdminStub(channel)
-        try:
-            if args.models_command == "list":
-                models = list(stub.ListModels(apb.ListModelsRequest(), metadata=metadata, timeout=args.timeout).models)
-            elif args.models_command == "load":
-                request = apb.LoadVersionRequest(model=args.model, version=args.version)
-                reply = stub.LoadVersion(request, metadata=metadata, timeout=args.timeout)
-                print(f"version {reply.status.version}: {states[reply.status.state]} {reply.status.reason}".rstrip())
-                return 0 if reply.status.state != apb.VERSION_STATE_FAILED else 1
-            elif args.models_command == "activate":
-                request_a = apb.ActivateVersionRequest(model=args.model, version=args.version)
-                models = [stub.ActivateVersion(request_a, metadata=metadata, timeout=args.timeout).model]
-            else:
-                request_r = apb.RollbackRequest(model=args.model)
-                models = [stub.Rollback(request_r, metadata=metadata, timeout=args.timeout).model]
-        except grpc.RpcError as exc:
-            print(f"hyperrec models: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
+    try:
+        if args.models_command == "list":
+            models = admin.list_models(connection, args.timeout)
+        elif args.models_command == "load":
+            loaded = admin.load_version(connection, args.model, args.version, args.timeout)
+            print(f"version {loaded.version}: {loaded.state} {loaded.reason}".rstrip())
+            return 1 if loaded.failed else 0
+        elif args.models_command == "activate":
+            models = [admin.activate_version(connection, args.model, args.version, args.timeout)]
+        else:
+            models = [admin.rollback(connection, args.model, args.timeout)]
+    except ClientError as exc:
+        print(f"hyperrec models: {exc.code}: {exc.details}", file=sys.stderr)
+        return 1
     for model in models:
-        pinned = f", pinned {model.pinned_version}" if model.pinned_version else ""
-        print(f"model {model.name}: active {model.active_version or 'none'}{pinned}")
-        print(f"{'version':>8}  {'state':<8}  {'load ms':>8}  {'warm ms':>8}  reason")
-        for v in model.versions:
-            print(f"{v.version:>8}  {states[v.state]:<8}  {v.load_ms:>8.0f}  {v.warm_ms:>8.2f}  {v.reason}")
-        unseen = sorted(set(model.available_versions) - {v.version for v in model.versions})
-        if unseen:
-            print(f"not loaded: {', '.join(str(v) for v in unseen)}")
+        print(admin.format_model(model))
     return 0
 
 

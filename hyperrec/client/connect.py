@@ -1,16 +1,15 @@
-"""How the command-line clients (recommend, models, health, loadtest) reach a server: address, TLS and token.
+"""How the clients (recommend, models, health, the load tester) reach a server: address, TLS and token.
 
 One place builds channels, so every client speaks plaintext, TLS or mutual TLS the same way:
-- `--tls` alone trusts the system's root certificates; `--tls-ca FILE` trusts that CA (and implies TLS);
-- `--tls-cert FILE --tls-key FILE` present a client certificate (mutual TLS);
-- `--tls-server-name NAME` checks the server certificate against NAME instead of the target's host;
-- `--token` (or an environment variable) is sent as `authorization: Bearer <token>` with every call.
+- TLS `enabled` alone trusts the system's root certificates; a `ca` file trusts that CA (and implies TLS);
+- `cert` and `key` present a client certificate (mutual TLS);
+- `server_name` checks the server certificate against that name instead of the target's host;
+- a `token` is sent as `authorization: Bearer <token>` with every call.
+The command line's flags for these (`--tls`, `--tls-ca`, ...) are parsed in `hyperrec.app.cli_args`.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,23 +69,3 @@ class Connection:
         if not self.tls.on:
             return grpc.aio.insecure_channel(self.target)
         return grpc.aio.secure_channel(self.target, self.tls.credentials(), options=self.tls.options())
-
-
-def add_connection_arguments(
-    parser: argparse.ArgumentParser, token_env: str = "HYPERREC_TOKEN", target_help: str | None = None
-) -> None:
-    default = None if target_help else "localhost:50051"
-    parser.add_argument("--target", default=default, help=target_help or "server address host:port")
-    parser.add_argument("--tls", action="store_true", help="speak TLS, trusting the system's root certificates")
-    parser.add_argument("--tls-ca", type=Path, help="speak TLS, trusting this PEM CA bundle")
-    parser.add_argument("--tls-cert", type=Path, help="PEM client certificate for mutual TLS (with --tls-key)")
-    parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
-    parser.add_argument("--tls-server-name", help="name the server certificate must carry (default: target host)")
-    parser.add_argument("--token", help=f"bearer token sent with every call (default: ${token_env})")
-    parser.set_defaults(token_env=token_env)
-
-
-def connection_from_args(args: argparse.Namespace) -> Connection:
-    tls = TlsClient(args.tls, args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
-    token = args.token or os.environ.get(args.token_env) or None
-    return Connection(args.target, tls, token)

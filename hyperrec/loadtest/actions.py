@@ -20,11 +20,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
-
+from hyperrec.client.admin import activate_version, rollback
 from hyperrec.client.connect import Connection
-from hyperrec.v1 import admin_pb2 as apb
-from hyperrec.v1 import admin_pb2_grpc as apb_grpc
+from hyperrec.client.errors import ClientError
 
 KINDS = ("activate", "rollback", "command")
 
@@ -70,18 +68,14 @@ def perform(action: Action, connection: Connection) -> tuple[bool, str]:
     if action.kind == "command":
         done = subprocess.run(action.args, capture_output=True, text=True, timeout=60, check=False)
         return done.returncode == 0, (done.stdout + done.stderr).strip()[-200:]
-    metadata = connection.metadata()
-    with connection.channel() as channel:
-        stub: Any = apb_grpc.ModelAdminStub(channel)
-        try:
-            if action.kind == "activate":
-                request = apb.ActivateVersionRequest(model=action.args[0], version=int(action.args[1]))
-                reply = stub.ActivateVersion(request, metadata=metadata, timeout=300)
-            else:
-                reply = stub.Rollback(apb.RollbackRequest(model=action.args[0]), metadata=metadata, timeout=300)
-        except grpc.RpcError as exc:
-            return False, f"{exc.code().name}: {exc.details()}"
-    return True, f"active version {reply.model.active_version}"
+    try:
+        if action.kind == "activate":
+            model = activate_version(connection, action.args[0], int(action.args[1]), timeout_s=300)
+        else:
+            model = rollback(connection, action.args[0], timeout_s=300)
+    except ClientError as exc:
+        return False, f"{exc.code}: {exc.details}"
+    return True, f"active version {model.active_version}"
 
 
 class ActionRunner:

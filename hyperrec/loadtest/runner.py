@@ -12,22 +12,18 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 
+from hyperrec.client.aio import AsyncRecommender, Request, open_recommender
 from hyperrec.client.connect import Connection, TlsClient
 from hyperrec.loadtest.actions import Action, ActionRunner
 from hyperrec.loadtest.results import RunResult, merged
 from hyperrec.loadtest.scenario import RequestSource, Scenario
-from hyperrec.v1 import recommender_pb2 as pb
-from hyperrec.v1 import recommender_pb2_grpc as pb_grpc
 
-STRATEGY_NAMES = {v.number: v.name.removeprefix("STRATEGY_").lower() for v in pb.Strategy.DESCRIPTOR.values}
 MAX_IN_FLIGHT = 20_000  # per worker: beyond it a request is counted as CLIENT_OVERLOADED instead of sent
 
 
@@ -92,45 +88,29 @@ def schedule(rate: float, duration_s: float, arrival: str, rng: np.random.Genera
     return kept
 
 
-async def _call(
-    stub: Any, request: pb.RecommendRequest, settings: LoadTestSettings, metadata: Sequence[tuple[str, str]]
-) -> tuple[str, str, str]:
-    """(status code name, model version that answered, its strategy); both "" on errors."""
-    try:
-        reply = await stub.Recommend(request, timeout=settings.deadline_s, metadata=metadata)
-        return "OK", str(reply.model_version), STRATEGY_NAMES.get(reply.strategy, "")
-    except grpc.aio.AioRpcError as exc:
-        return str(exc.code().name), "", ""
-
-
 async def run_worker(settings: LoadTestSettings, worker: int) -> RunResult:
     """One worker's share of the run, measured after the warm-up."""
     settings.check()
     total_s = settings.warmup_s + settings.duration_s
     result = RunResult(settings.described(), settings.duration_s)
     source = RequestSource(settings.scenario, settings.users, settings.seed * 1000 + worker)
-    connection = settings.connection()
-    metadata = connection.metadata()
-    async with connection.aio_channel() as channel:
-        stub: Any = pb_grpc.RecommenderStub(channel)
-        await channel.channel_ready()
+    async with open_recommender(settings.connection(), settings.deadline_s) as client:
         start = time.perf_counter() + (0.05 if settings.start_at is None else max(0.0, settings.start_at - time.time()))
         if settings.rate is not None:
-            await _open_loop(stub, settings, worker, source, result, start, total_s, metadata)
+            await _open_loop(client, settings, worker, source, result, start, total_s)
         else:
-            await _closed_loop(stub, settings, worker, source, result, start, total_s, metadata)
+            await _closed_loop(client, settings, worker, source, result, start, total_s)
     return result
 
 
 async def _open_loop(
-    stub: Any,
+    client: AsyncRecommender,
     settings: LoadTestSettings,
     worker: int,
     source: RequestSource,
     result: RunResult,
     start: float,
     total_s: float,
-    metadata: Sequence[tuple[str, str]],
 ) -> None:
     assert settings.rate is not None
     rng = np.random.default_rng(settings.seed * 7919 + worker)
@@ -138,8 +118,8 @@ async def _open_loop(
     offsets += rng.random() / (settings.rate / settings.workers) if settings.workers > 1 else 0.0  # stagger workers
     in_flight: set[asyncio.Task[None]] = set()
 
-    async def send(request: pb.RecommendRequest, scheduled: float, measured: bool, second: int) -> None:
-        status, version, strategy = await _call(stub, request, settings, metadata)
+    async def send(request: Request, scheduled: float, measured: bool, second: int) -> None:
+        status, version, strategy = await client.recommend(request)
         if measured:
             result.add(second, time.perf_counter() - scheduled, status, version, strategy)
 
@@ -164,14 +144,13 @@ async def _open_loop(
 
 
 async def _closed_loop(
-    stub: Any,
+    client: AsyncRecommender,
     settings: LoadTestSettings,
     worker: int,
     source: RequestSource,
     result: RunResult,
     start: float,
     total_s: float,
-    metadata: Sequence[tuple[str, str]],
 ) -> None:
     assert settings.concurrency is not None
     callers = max(1, settings.concurrency // settings.workers + (worker < settings.concurrency % settings.workers))
@@ -184,7 +163,7 @@ async def _closed_loop(
             second = int(offset - settings.warmup_s)
             if measured:
                 result.scheduled(second)
-            status, version, strategy = await _call(stub, source.next(), settings, metadata)
+            status, version, strategy = await client.recommend(source.next())
             if measured:
                 result.add(second, time.perf_counter() - sent, status, version, strategy)
 

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from hyperrec.v1 import recommender_pb2 as pb
+from hyperrec.client.aio import Context, Request, build_context, new_request
 
 _KEYS = {"k", "exclusions", "unknown_user_share", "zipf_exponent", "contexts"}
 _CONTEXT_KEYS = {"device", "surface", "country", "utc_offset_minutes", "weight"}
@@ -73,13 +73,14 @@ def load_scenario(path: Path | None) -> Scenario:
     return scenario
 
 
-def _context(spec: Mapping[str, Any]) -> pb.Context:
-    ctx = pb.Context(country=str(spec.get("country", "")), utc_offset_minutes=int(spec.get("utc_offset_minutes", 0)))
-    if "device" in spec:
-        ctx.device_type = pb.DeviceType.Value(f"DEVICE_TYPE_{str(spec['device']).upper()}")
-    if "surface" in spec:
-        ctx.surface = pb.Surface.Value(f"SURFACE_{str(spec['surface']).upper()}")
-    return ctx
+def _context(spec: Mapping[str, Any]) -> Context:
+    """The request context a scenario's `contexts` entry describes (device and surface default to unspecified)."""
+    return build_context(
+        device=str(spec.get("device", "unspecified")),
+        surface=str(spec.get("surface", "unspecified")),
+        country=str(spec.get("country", "")),
+        utc_offset_minutes=int(spec.get("utc_offset_minutes", 0)),
+    )
 
 
 class RequestSource:
@@ -98,7 +99,8 @@ class RequestSource:
         self._seed = seed
         self._count = 0
 
-    def next(self) -> pb.RecommendRequest:
+    def next(self) -> Request:
+        """The next request: a Zipf-drawn known user or a new one, a weighted context, random exclusions."""
         self._count += 1
         s = self._scenario
         if self._rng.random() < s.unknown_user_share:
@@ -111,7 +113,7 @@ class RequestSource:
             int(np.searchsorted(self._context_cdf, self._rng.random(), side="right").clip(0, len(self._contexts) - 1))
         ]
         exclude = [f"item-{int(i):05d}" for i in self._rng.integers(0, 100_000, s.exclusions)] if s.exclusions else []
-        return pb.RecommendRequest(user_id=user, k=s.k, context=context, exclude_item_ids=exclude)
+        return new_request(user, s.k, context, exclude)
 
 
 def _draw(cdf: np.ndarray, rng: np.random.Generator) -> int:

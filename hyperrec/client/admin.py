@@ -1,0 +1,121 @@
+"""A synchronous client for the ModelAdmin service (used by `hyperrec models` and the load tester's actions).
+
+Each function makes one call on a channel of its own and returns plain values: a version's state is its
+lower-case name ("ready", "active", "failed", ...). A refused call raises ClientError.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import grpc
+
+from hyperrec.client.connect import Connection
+from hyperrec.client.errors import client_error
+from hyperrec.v1 import admin_pb2 as apb
+from hyperrec.v1 import admin_pb2_grpc as apb_grpc
+
+STATE_NAMES = {v.number: v.name.removeprefix("VERSION_STATE_").lower() for v in apb.VersionState.DESCRIPTOR.values}
+FAILED = STATE_NAMES[apb.VERSION_STATE_FAILED]
+
+
+@dataclass(frozen=True)
+class VersionState:
+    """One version the server knows: its state, how long loading and warming took, and why it is in that state."""
+
+    version: int
+    state: str
+    reason: str = ""
+    load_ms: float = 0.0
+    warm_ms: float = 0.0
+
+    @property
+    def failed(self) -> bool:
+        """Whether loading, validating or warming the version failed (`reason` says why)."""
+        return self.state == FAILED
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """One model on the server: the active and pinned versions (0: none), the versions it has loaded (or tried to),
+    and every version its repository holds."""
+
+    name: str
+    active_version: int
+    pinned_version: int
+    versions: tuple[VersionState, ...]
+    available_versions: tuple[int, ...]
+
+
+def _version(status: apb.VersionStatus) -> VersionState:
+    """The plain values of a VersionStatus message."""
+    return VersionState(status.version, STATE_NAMES[status.state], status.reason, status.load_ms, status.warm_ms)
+
+
+def _model(status: apb.ModelStatus) -> ModelState:
+    """The plain values of a ModelStatus message (canary fields are not printed, so not carried)."""
+    return ModelState(
+        name=status.name,
+        active_version=status.active_version,
+        pinned_version=status.pinned_version,
+        versions=tuple(_version(v) for v in status.versions),
+        available_versions=tuple(status.available_versions),
+    )
+
+
+@contextmanager
+def _admin_stub(connection: Connection) -> Iterator[apb_grpc.ModelAdminStub]:
+    """A ModelAdmin stub on a channel of its own; a refused call inside the block becomes a ClientError."""
+    with connection.channel() as channel:
+        try:
+            yield apb_grpc.ModelAdminStub(channel)
+        except grpc.RpcError as exc:
+            raise client_error(exc) from exc
+
+
+def list_models(connection: Connection, timeout_s: float) -> list[ModelState]:
+    """Every model the server serves, with its versions' states."""
+    with _admin_stub(connection) as stub:
+        reply = stub.ListModels(apb.ListModelsRequest(), metadata=connection.metadata(), timeout=timeout_s)
+    return [_model(m) for m in reply.models]
+
+
+def load_version(connection: Connection, model: str, version: int, timeout_s: float) -> VersionState:
+    """Load, validate and warm a version without serving it; its state afterwards ("failed" with a reason)."""
+    request = apb.LoadVersionRequest(model=model, version=version)
+    with _admin_stub(connection) as stub:
+        reply = stub.LoadVersion(request, metadata=connection.metadata(), timeout=timeout_s)
+    return _version(reply.status)
+
+
+def activate_version(connection: Connection, model: str, version: int, timeout_s: float) -> ModelState:
+    """Serve a version and pin it; the model's state afterwards."""
+    request = apb.ActivateVersionRequest(model=model, version=version)
+    with _admin_stub(connection) as stub:
+        reply = stub.ActivateVersion(request, metadata=connection.metadata(), timeout=timeout_s)
+    return _model(reply.model)
+
+
+def rollback(connection: Connection, model: str, timeout_s: float) -> ModelState:
+    """Serve the previously active version and pin it; the model's state afterwards."""
+    request = apb.RollbackRequest(model=model)
+    with _admin_stub(connection) as stub:
+        reply = stub.Rollback(request, metadata=connection.metadata(), timeout=timeout_s)
+    return _model(reply.model)
+
+
+def format_model(model: ModelState) -> str:
+    """A model as `hyperrec models` prints it: active and pinned versions, a table of loaded versions, the rest."""
+    pinned = f", pinned {model.pinned_version}" if model.pinned_version else ""
+    lines = [
+        f"model {model.name}: active {model.active_version or 'none'}{pinned}",
+        f"{'version':>8}  {'state':<8}  {'load ms':>8}  {'warm ms':>8}  reason",
+    ]
+    for v in model.versions:
+        lines.append(f"{v.version:>8}  {v.state:<8}  {v.load_ms:>8.0f}  {v.warm_ms:>8.2f}  {v.reason}")
+    unseen = sorted(set(model.available_versions) - {v.version for v in model.versions})
+    if unseen:
+        lines.append(f"not loaded: {', '.join(str(v) for v in unseen)}")
+    return "\n".join(lines)
