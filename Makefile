@@ -40,6 +40,7 @@ lint: $(STAMP) buf-lint dockerfile-lint k8s-lint
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 buf-lint: $(STAMP)
 	$(BIN)/buf lint proto
