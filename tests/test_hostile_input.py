@@ -10,7 +10,6 @@ client's serializer. Oversized messages and fields hit the documented limits (do
 Never acceptable anywhere: UNKNOWN, INTERNAL, or DEADLINE_EXCEEDED (every call has a few seconds: running out
 means the server hung). Afterwards the server still answers, health is SERVING and nothing is left in flight.
 The in-process codec and validation properties are in tests/test_encoding.py; these go over the wire.
-Known gaps between the contract and the server are pinned as strict expected failures (docs/api.md, "Limits").
 """
 
 from __future__ import annotations
@@ -423,10 +422,10 @@ FLOATS = st.one_of(
 
 
 @st.composite
-def events(draw: st.DrawFn) -> tuple[ppb.Event, set[str], set[str]]:
-    """An event, the fields it must be rejected for, and fields it may also be rejected for."""
+def events(draw: st.DrawFn) -> tuple[ppb.Event, set[str]]:
+    """An event and the fields it must be rejected for (it may be rejected for no other)."""
     pick = Picker(draw, ("event_id", "user_id", "item_id", "type", "value", "own_event_time", *CONTEXT_FIELDS))
-    ctx, ctx_ts = draw_context(pick)
+    ctx, _ = draw_context(pick)  # its event_time, valid or not, is ignored
     event_type = pick("type", st.integers(1, 8), st.one_of(st.integers(-1, 9), INT32))
     valid_value = st.floats(min_value=0, max_value=10, exclude_min=True) if event_type == 8 else st.floats(0, 1e308)
     event = ppb.Event(
@@ -440,14 +439,9 @@ def events(draw: st.DrawFn) -> tuple[ppb.Event, set[str], set[str]]:
     ts = pick("own_event_time", st.none() | timestamps(hostile=False), st.none() | timestamps(hostile=True))
     if ts is not None:
         event.event_time.seconds, event.event_time.nanos = ts
-    # Context.event_time of an event is ignored (the event's own counts): judge the context without it.
+    # Context.event_time of an event is ignored (the event's own counts), so it never rejects the event
+    # (docs/api.md): judge the context without it.
     problems = context_problems(event.context, None)
-    if ctx_ts is not None and not (MIN_TIMESTAMP_S <= ctx_ts[0] <= MAX_TIMESTAMP_S and 0 <= ctx_ts[1] < 10**9):
-        # Contract gap (see test_an_events_ignored_context_time_does_not_reject_it): the server rejects an
-        # event whose ignored context.event_time is not a valid Timestamp. Tolerated here, pinned there.
-        tolerated = {"context.event_time"}
-    else:
-        tolerated = set()
     if not timestamp_ok(ts):
         problems.add("event_time")
     if not event.event_id or utf8_len(event.event_id) > 128:
@@ -465,7 +459,7 @@ def events(draw: st.DrawFn) -> tuple[ppb.Event, set[str], set[str]]:
         or (event.type == ppb.EVENT_TYPE_RATING and not 0 < v <= 10)
     ):
         problems.add("value")
-    return event, problems, tolerated
+    return event, problems
 
 
 # --- raw bytes ---------------------------------------------------------------------------------------------------
@@ -608,9 +602,9 @@ MALFORMED: list[tuple[str, bytes, bool]] = [
 @HOSTILE_SETTINGS
 @given(batch=st.lists(events(), max_size=6), request_id=REQUEST_IDS)
 async def test_record_events_answers_hostile_events_per_the_contract(
-    hostile: Hostile, batch: list[tuple[ppb.Event, set[str], set[str]]], request_id: str
+    hostile: Hostile, batch: list[tuple[ppb.Event, set[str]]], request_id: str
 ) -> None:
-    req = ppb.RecordEventsRequest(events=[e for e, _, _ in batch], request_id=request_id)
+    req = ppb.RecordEventsRequest(events=[e for e, _ in batch], request_id=request_id)
     batch_problems = set() if request_id_ok(request_id) else {"request_id"}
     if not batch:
         batch_problems.add("events")
@@ -624,12 +618,12 @@ async def test_record_events_answers_hostile_events_per_the_contract(
     label(f"accepted {min(reply.accepted, 1)}+, rejected {min(len(reply.rejected), 1)}+")
     assert reply.accepted + reply.duplicates + reply.dropped_no_consent + len(reply.rejected) == len(batch)
     rejected = {r.index: r for r in reply.rejected}
-    for index, (event, problems, tolerated) in enumerate(batch):
+    for index, (event, problems) in enumerate(batch):
         if problems:
             assert index in rejected, f"event {index} should be rejected for {problems}: {event}"
         if index in rejected:
             named = rejected[index].field
-            assert named in problems | tolerated, f"event {index}: {rejected[index]} names none of {problems}: {event}"
+            assert named in problems, f"event {index}: {rejected[index]} names none of {problems}: {event}"
             assert rejected[index].reason
     assert reply.request_id == request_id if request_id else HEX_ID.fullmatch(reply.request_id)
 
