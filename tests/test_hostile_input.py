@@ -714,10 +714,11 @@ async def test_malformed_protobufs_are_invalid_argument_everywhere(
             # The same bytes may be valid for another message type (a field it lacks is unknown to it).
             assert not parses(pb.RecommendRequest, payload), name
         answer = await check_raw(hostile.running, method, kind, payload, metadata)
-        if method == RECOMMEND:
-            if malformed:
-                assert answer.details.startswith("request: not a valid RecommendRequest"), answer.details
-            elif name == "unknown fields":
+        if not parses(kind, payload):
+            expected = f"request: not a valid {kind.DESCRIPTOR.name}"
+            assert answer.details.startswith(expected), (method, answer.details)
+        if method == RECOMMEND and not malformed:
+            if name == "unknown fields":
                 assert answer.code == OK, answer.details  # proto3: unknown fields are skipped
             else:
                 assert answer.code == INVALID, answer.details  # parses, but user_id is empty or k is 0
