@@ -70,14 +70,6 @@ async def test_admin_calls_need_the_admin_token(
     assert (await status(served)).active_version == 2  # nothing changed
 
 
-async def test_without_a_configured_admin_token_every_admin_call_is_refused(repo: Path) -> None:
-    async with running_server(repo, "toy") as running:
-        with pytest.raises(grpc.aio.AioRpcError) as err:
-            await admin(running).ListModels(apb.ListModelsRequest(), metadata=AUTH, timeout=5)
-    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert "no token with the admin scope" in (err.value.details() or "")
-
-
 @pytest.mark.parametrize(
     ("model", "version", "code"),
     [

@@ -437,9 +437,10 @@ async def test_refusals_are_counted_by_method_and_code(token_server: Running) ->
 async def test_without_client_tokens_recommend_is_open_but_admin_is_closed(open_server: Running) -> None:
     assert len((await recommend(open_server.channel)).items) == 3
     stub: Any = apb_grpc.ModelAdminStub(open_server.channel)
-    for metadata in ((), bearer(TOK_A)):
+    for metadata, reason in (((), "missing bearer token"), (bearer(TOK_A), "no token with the admin scope")):
         err = await refused(stub.ListModels(apb.ListModelsRequest(), metadata=metadata, timeout=5))
         assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert reason in (err.details() or ""), err.details()
         _refusal_has_request_id(err)
 
 
