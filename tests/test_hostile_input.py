@@ -27,7 +27,6 @@ import grpc
 import pytest
 import redis
 from google.protobuf.message import DecodeError, Message
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import event as label
 from hypothesis import strategies as st
@@ -36,7 +35,7 @@ from hyperrec.v1 import admin_pb2 as apb
 from hyperrec.v1 import profiles_pb2 as ppb
 from hyperrec.v1 import recommender_pb2 as pb
 from tests.conftest import RedisProcess
-from tests.helpers import publish_toy, sample
+from tests.helpers import SERVING, health_status, publish_toy, sample
 from tests.serving import TEST_SECRET, Running, running_server
 
 MAX_MESSAGE_BYTES = 256 * 1024  # small enough to exceed cheaply, large enough for a 100 KB field under it
@@ -891,10 +890,8 @@ async def test_the_server_is_still_healthy_afterwards(hostile: Hostile) -> None:
     running = hostile.running
     reply = await running.stub.Recommend(pb.RecommendRequest(user_id="alice", k=10), timeout=TIMEOUT_S)
     assert len(reply.items) == 10
-    health: Any = health_pb2_grpc.HealthStub(running.channel)
     for service in ("", "hyperrec.v1.Recommender", "hyperrec.v1.Profiles"):
-        status = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=TIMEOUT_S)
-        assert status.status == health_pb2.HealthCheckResponse.SERVING
+        assert await health_status(running.channel, service, TIMEOUT_S) == SERVING
     listed = await call(running, LIST_MODELS, b"", AUTH)
     assert listed.code == OK and listed.reply is not None
     assert apb.ListModelsResponse.FromString(listed.reply).models[0].active_version == 1
