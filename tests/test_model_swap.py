@@ -23,7 +23,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from hyperrec.core.bundle import EMBEDDINGS, MANIFEST, RANKER, Bundle, BundleContents, ColdStart, publish_bundle
 from hyperrec.core.errors import BundleError
@@ -223,7 +223,7 @@ class Load:
     """Clients calling Recommend in a loop until `stop`, and a health prober."""
 
     stub: Any
-    health: Any
+    channel: grpc.aio.Channel  # for the health prober
     stop: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     calls: list[Call] = dataclasses.field(default_factory=list)
     health_checks: list[tuple[float, str]] = dataclasses.field(default_factory=list)
@@ -248,8 +248,8 @@ class Load:
     async def prober(self) -> None:
         while not self.stop.is_set():
             try:
-                reply = await self.health.Check(health_pb2.HealthCheckRequest(service=RECOMMENDER), timeout=5)
-                outcome = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+                status = await health_status(self.channel, RECOMMENDER)
+                outcome = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
             except grpc.aio.AioRpcError as exc:
                 outcome = f"rpc {exc.code().name}"
             self.health_checks.append((time.perf_counter(), outcome))
@@ -374,7 +374,7 @@ async def test_versions_swap_reject_and_roll_back_under_load_without_a_failed_or
         running.app.start_watcher()
         await running.app.store.put_many(profiles)
         admin = admin_stub(running)
-        load = Load(running.stub, health_pb2_grpc.HealthStub(running.channel))
+        load = Load(running.stub, running.channel)
         users = [personalized_user(j) for j in range(PERSONALIZED_USERS)]
         users += [cold_user(j) for j in range(CLIENTS - PERSONALIZED_USERS)]
         tasks = [asyncio.create_task(load.client(user)) for user in users]
