@@ -6,12 +6,13 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
+
+from tests.helpers import wait_until
 
 REDIS_HELP = (
     "redis-server is not on PATH. The test suite starts its own Redis and needs the binary: "
@@ -44,15 +45,20 @@ class RedisProcess:
         args += ["--dir", str(self.workdir), "--protected-mode", "no", "--enable-debug-command", "local"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server did not start on port {self.port}") from None
-                time.sleep(0.05)
+        try:
+            wait_until(lambda: self._answers(client), f"redis-server to answer on port {self.port}", 10)
+        finally:
+            client.close()
+
+    def _answers(self, client: redis.Redis) -> bool:
+        """Whether the started redis-server answers PING yet; raises at once if it has exited."""
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"redis-server exited with {self.proc.returncode} on port {self.port}")
+        try:
+            return bool(client.ping())
+        except redis.ConnectionError:
+            return False
 
     def stop(self) -> None:
         if self.proc is not None:

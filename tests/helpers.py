@@ -6,11 +6,18 @@ graph run by ONNX Runtime; tests choose `w` to plant a context effect.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import grpc
 import numpy as np
 import onnx
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from onnx import TensorProto, helper, numpy_helper
 
 from hyperrec.core.bundle import BundleContents, ColdStart, publish_bundle
@@ -121,3 +128,80 @@ def sample(name: str, labels: dict[str, str] | None = None) -> float:
     from prometheus_client import REGISTRY
 
     return REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+
+# --- waiting for a condition ------------------------------------------------------------------------------------
+# A test that needs something to have happened (a server up, a version picked up, a call in flight) polls for it
+# with a bound, instead of sleeping a guessed time: fast when the machine is fast, and a clear failure when the
+# thing never happens. The bound is generous (a slow, shared machine must not fail a correct server); how long
+# the wait took is never asserted.
+
+Description = str | Callable[[], str]
+
+
+def _timed_out(what: Description, timeout_s: float) -> AssertionError:
+    text = what() if callable(what) else what
+    return AssertionError(f"timed out after {timeout_s:g} s waiting for {text}")
+
+
+def wait_until(
+    condition: Callable[[], object], what: Description, timeout_s: float = 15.0, interval_s: float = 0.05
+) -> Any:
+    """Call `condition` every `interval_s` until it returns something truthy, and return that.
+
+    Fails with an AssertionError naming `what` (a string, or a function giving one at that moment, to show the
+    last state seen) once `timeout_s` has passed without it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise _timed_out(what, timeout_s)
+        time.sleep(interval_s)
+
+
+async def wait_until_async(
+    condition: Callable[[], object], what: Description, timeout_s: float = 15.0, interval_s: float = 0.05
+) -> Any:
+    """`wait_until` on the event loop: `condition` may be a plain or an async function; the loop keeps running
+    between polls."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = condition()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise _timed_out(what, timeout_s)
+        await asyncio.sleep(interval_s)
+
+
+# --- grpc.health.v1 -----------------------------------------------------------------------------------------------
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def health_status(channel: grpc.aio.Channel, service: str = "", timeout_s: float = 5.0) -> int:
+    """The health status of `service` ("" is the whole server) over an asyncio channel; a failed call raises."""
+    stub: Any = health_pb2_grpc.HealthStub(channel)  # the generated stub's types describe the sync API
+    reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
+    return int(reply.status)
+
+
+def health_status_sync(health: Any, service: str = "") -> int | None:
+    """The health status of `service` from a sync HealthStub, or None when the call fails (a server still
+    starting, or gone)."""
+    try:
+        return int(health.Check(health_pb2.HealthCheckRequest(service=service), timeout=1).status)
+    except grpc.RpcError:
+        return None
+
+
+def wait_serving(target: str, timeout_s: float = 60.0) -> None:
+    """Wait until the server at `target` (a process still starting up) says SERVING on its health service."""
+    with grpc.insecure_channel(target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        wait_until(lambda: health_status_sync(health) == SERVING, f"{target} to report SERVING", timeout_s, 0.1)

@@ -25,7 +25,7 @@ from hyperrec.core.features import default_feature_spec
 from hyperrec.core.profile import Profile
 from hyperrec.index import IndexParams
 from hyperrec.v1 import recommender_pb2 as pb
-from tests.helpers import make_contents, make_ranker_onnx, publish_toy, sample
+from tests.helpers import make_contents, make_ranker_onnx, publish_toy, sample, wait_until_async
 from tests.serving import request, running_server
 
 DIM = 8
@@ -129,6 +129,16 @@ def hold(pool: ThreadPoolExecutor) -> threading.Event:
     return release
 
 
+def queued(batcher: MicroBatcher) -> int:
+    """Calls waiting in the batcher for a compute thread. Read from its private queue: the batcher offers no view
+    of it, and these tests must know the calls are waiting before they let the compute thread go."""
+    return len(batcher._queue)
+
+
+async def until_queued(batcher: MicroBatcher, n: int) -> None:
+    await wait_until_async(lambda: queued(batcher) == n, f"{n} calls waiting in the batcher", 5, 0.005)
+
+
 async def busy(
     batcher: MicroBatcher, bundle: Bundle, pool: ThreadPoolExecutor
 ) -> tuple[asyncio.Future[Ranked], threading.Event]:
@@ -136,7 +146,7 @@ async def busy(
     behind it: calls made now wait in the batcher until the event is set and that first batch is done."""
     release = hold(pool)
     primer = asyncio.ensure_future(batcher.rank(bundle, works(bundle, 1, seed=99)[0]))
-    await asyncio.sleep(0)
+    await wait_until_async(lambda: batcher._running == 1, "the first call to leave for the compute thread", 5, 0.005)
     return primer, release
 
 
@@ -156,7 +166,7 @@ async def test_calls_arriving_while_the_compute_thread_is_busy_run_as_one_batch(
     batch = works(bundle, 6)
     first, release = await busy(batcher, bundle, one_thread)
     rest = [asyncio.ensure_future(batcher.rank(bundle, w)) for w in batch[1:]]
-    await asyncio.sleep(0.05)
+    await until_queued(batcher, 5)
     assert not any(f.done() for f in rest)
     release.set()
     answers = await asyncio.wait_for(asyncio.gather(first, *rest), timeout=10)
@@ -174,7 +184,7 @@ async def test_batches_respect_max_batch_and_never_mix_bundles(
     primer, release = await busy(batcher, bundle, one_thread)
     ours = [asyncio.ensure_future(batcher.rank(bundle, w)) for w in works(bundle, 10)]
     theirs = [asyncio.ensure_future(batcher.rank(other, w)) for w in works(other, 3, seed=5)]
-    await asyncio.sleep(0.01)
+    await until_queued(batcher, 13)
     release.set()
     got = await asyncio.wait_for(asyncio.gather(primer, *ours, *theirs), timeout=10)
     assert [r.batch_size for r in got[1:11]] == [4] * 8 + [2] * 2  # ten of ours: 4 + 4 + 2
@@ -186,7 +196,7 @@ async def test_a_cancelled_call_is_left_out_of_its_batch(bundle: Bundle, one_thr
     batcher = MicroBatcher(one_thread, BatchSettings(max_batch=16, max_wait_s=0.0, workers=1), 100)
     primer, release = await busy(batcher, bundle, one_thread)
     calls = [asyncio.ensure_future(batcher.rank(bundle, w)) for w in works(bundle, 3)]
-    await asyncio.sleep(0.01)
+    await until_queued(batcher, 3)
     calls[1].cancel()
     release.set()
     _, first, last = await asyncio.wait_for(asyncio.gather(primer, calls[0], calls[2]), timeout=10)

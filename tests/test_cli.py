@@ -6,17 +6,14 @@ import asyncio
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hyperrec.app.cli import main
 from tests.conftest import free_port
-from tests.helpers import publish_toy
+from tests.helpers import publish_toy, wait_serving
 from tests.serving import running_server
 
 
@@ -51,16 +48,7 @@ def test_serve_process_becomes_serving_answers_and_drains_on_sigterm(repo: Path)
     cmd = [sys.executable, "-m", "hyperrec.app.cli", "serve", "--port", str(port), "--model-repo", str(repo)]
     proc = subprocess.Popen([*cmd, "--model-name", "toy", "--grace-s", "1"], stderr=subprocess.PIPE, text=True)
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            health: Any = health_pb2_grpc.HealthStub(channel)
-            deadline = time.monotonic() + 60
-            status = None
-            while time.monotonic() < deadline and status != health_pb2.HealthCheckResponse.SERVING:
-                try:
-                    status = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                except grpc.RpcError:
-                    time.sleep(0.2)
-            assert status == health_pb2.HealthCheckResponse.SERVING
+        wait_serving(f"127.0.0.1:{port}")
         assert main(["recommend", "--target", f"127.0.0.1:{port}", "--user", "x", "--k", "2"]) == 0
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
@@ -108,41 +96,6 @@ def test_demo_trains_serves_personalized_answers_and_stops_on_ctrl_c(tmp_path: P
             proc.kill()
     assert (tmp_path / "model_repo" / "demo" / "1" / "manifest.json").is_file()
     assert (tmp_path / "demo-data" / "demo-v1-profiles.npz").is_file()
-
-
-def _wait_serving(health: Any, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if (
-                health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                == health_pb2.HealthCheckResponse.SERVING
-            ):
-                return
-        except grpc.RpcError:
-            time.sleep(0.2)
-    raise AssertionError("server never became SERVING")
-
-
-def test_sigterm_reports_not_serving_while_still_answering_during_the_drain(repo: Path) -> None:
-    port = free_port()
-    cmd = [sys.executable, "-m", "hyperrec.app.cli", "serve", "--port", str(port), "--model-repo", str(repo)]
-    proc = subprocess.Popen([*cmd, "--model-name", "toy", "--drain-s", "3", "--grace-s", "1"])
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            health: Any = health_pb2_grpc.HealthStub(channel)
-            _wait_serving(health)
-            started = time.monotonic()
-            proc.send_signal(signal.SIGTERM)
-            time.sleep(0.5)
-            status = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
-            assert main(["recommend", "--target", f"127.0.0.1:{port}", "--user", "x", "--k", "2"]) == 0
-            assert proc.wait(timeout=10) == 0
-            assert time.monotonic() - started < 3 + 1 + 1.5  # drain + grace + 1 s, with a little slack
-    finally:
-        if proc.poll() is None:
-            proc.kill()
 
 
 @pytest.mark.parametrize(

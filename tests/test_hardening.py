@@ -17,7 +17,6 @@ import grpc
 import numpy as np
 import pytest
 import redis
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hyperrec.core.bundle import Bundle, publish_bundle
 from hyperrec.core.compute import Cutoffs, rank_candidates
@@ -30,7 +29,7 @@ from hyperrec.core.ranker import RankingRun
 from hyperrec.v1 import admin_pb2 as apb
 from hyperrec.v1 import admin_pb2_grpc as apb_grpc
 from hyperrec.v1 import recommender_pb2 as pb
-from tests.helpers import make_contents, make_ranker_onnx, sample
+from tests.helpers import SERVING, health_status, make_contents, make_ranker_onnx, sample, wait_until_async
 from tests.serving import TEST_SECRET, Running, request, running_server
 
 RECOMMEND = "/hyperrec.v1.Recommender/Recommend"
@@ -70,11 +69,7 @@ async def limited(toy_repo: Path, toy_bundle: Bundle, redis_url: str) -> AsyncIt
 
 async def until_in_flight(n: int) -> None:
     """Wait (polling the gauge the server exports) until `n` calls are in flight."""
-    for _ in range(500):
-        if sample("hyperrec_grpc_requests_in_flight") >= n:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"never {n} calls in flight")
+    await wait_until_async(lambda: sample("hyperrec_grpc_requests_in_flight") >= n, f"{n} calls in flight", 5, 0.01)
 
 
 async def test_calls_beyond_the_in_flight_limit_are_refused_at_once_and_admitted_ones_complete(
@@ -95,9 +90,7 @@ async def test_calls_beyond_the_in_flight_limit_are_refused_at_once_and_admitted
         assert not any(call.done() for call in held)  # refused while the admitted calls were still waiting
 
         # Health and the admin service are not counted against the limit: operators can still act.
-        health: Any = health_pb2_grpc.HealthStub(limited.channel)
-        reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
-        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        assert await health_status(limited.channel) == SERVING
         admin: Any = apb_grpc.ModelAdminStub(limited.channel)
         models = await admin.ListModels(apb.ListModelsRequest(), metadata=(("authorization", f"Bearer {ADMIN}"),))
         assert models.models[0].active_version == 1

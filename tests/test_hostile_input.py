@@ -10,7 +10,6 @@ client's serializer. Oversized messages and fields hit the documented limits (do
 Never acceptable anywhere: UNKNOWN, INTERNAL, or DEADLINE_EXCEEDED (every call has a few seconds: running out
 means the server hung). Afterwards the server still answers, health is SERVING and nothing is left in flight.
 The in-process codec and validation properties are in tests/test_encoding.py; these go over the wire.
-Known gaps between the contract and the server are pinned as strict expected failures (docs/api.md, "Limits").
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ import grpc
 import pytest
 import redis
 from google.protobuf.message import DecodeError, Message
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import event as label
 from hypothesis import strategies as st
@@ -37,7 +35,7 @@ from hyperrec.v1 import admin_pb2 as apb
 from hyperrec.v1 import profiles_pb2 as ppb
 from hyperrec.v1 import recommender_pb2 as pb
 from tests.conftest import RedisProcess
-from tests.helpers import publish_toy, sample
+from tests.helpers import SERVING, health_status, publish_toy, sample
 from tests.serving import TEST_SECRET, Running, running_server
 
 MAX_MESSAGE_BYTES = 256 * 1024  # small enough to exceed cheaply, large enough for a 100 KB field under it
@@ -423,10 +421,10 @@ FLOATS = st.one_of(
 
 
 @st.composite
-def events(draw: st.DrawFn) -> tuple[ppb.Event, set[str], set[str]]:
-    """An event, the fields it must be rejected for, and fields it may also be rejected for."""
+def events(draw: st.DrawFn) -> tuple[ppb.Event, set[str]]:
+    """An event and the fields it must be rejected for (it may be rejected for no other)."""
     pick = Picker(draw, ("event_id", "user_id", "item_id", "type", "value", "own_event_time", *CONTEXT_FIELDS))
-    ctx, ctx_ts = draw_context(pick)
+    ctx, _ = draw_context(pick)  # its event_time, valid or not, is ignored
     event_type = pick("type", st.integers(1, 8), st.one_of(st.integers(-1, 9), INT32))
     valid_value = st.floats(min_value=0, max_value=10, exclude_min=True) if event_type == 8 else st.floats(0, 1e308)
     event = ppb.Event(
@@ -440,14 +438,9 @@ def events(draw: st.DrawFn) -> tuple[ppb.Event, set[str], set[str]]:
     ts = pick("own_event_time", st.none() | timestamps(hostile=False), st.none() | timestamps(hostile=True))
     if ts is not None:
         event.event_time.seconds, event.event_time.nanos = ts
-    # Context.event_time of an event is ignored (the event's own counts): judge the context without it.
+    # Context.event_time of an event is ignored (the event's own counts), so it never rejects the event
+    # (docs/api.md): judge the context without it.
     problems = context_problems(event.context, None)
-    if ctx_ts is not None and not (MIN_TIMESTAMP_S <= ctx_ts[0] <= MAX_TIMESTAMP_S and 0 <= ctx_ts[1] < 10**9):
-        # Contract gap (see test_an_events_ignored_context_time_does_not_reject_it): the server rejects an
-        # event whose ignored context.event_time is not a valid Timestamp. Tolerated here, pinned there.
-        tolerated = {"context.event_time"}
-    else:
-        tolerated = set()
     if not timestamp_ok(ts):
         problems.add("event_time")
     if not event.event_id or utf8_len(event.event_id) > 128:
@@ -465,7 +458,7 @@ def events(draw: st.DrawFn) -> tuple[ppb.Event, set[str], set[str]]:
         or (event.type == ppb.EVENT_TYPE_RATING and not 0 < v <= 10)
     ):
         problems.add("value")
-    return event, problems, tolerated
+    return event, problems
 
 
 # --- raw bytes ---------------------------------------------------------------------------------------------------
@@ -608,9 +601,9 @@ MALFORMED: list[tuple[str, bytes, bool]] = [
 @HOSTILE_SETTINGS
 @given(batch=st.lists(events(), max_size=6), request_id=REQUEST_IDS)
 async def test_record_events_answers_hostile_events_per_the_contract(
-    hostile: Hostile, batch: list[tuple[ppb.Event, set[str], set[str]]], request_id: str
+    hostile: Hostile, batch: list[tuple[ppb.Event, set[str]]], request_id: str
 ) -> None:
-    req = ppb.RecordEventsRequest(events=[e for e, _, _ in batch], request_id=request_id)
+    req = ppb.RecordEventsRequest(events=[e for e, _ in batch], request_id=request_id)
     batch_problems = set() if request_id_ok(request_id) else {"request_id"}
     if not batch:
         batch_problems.add("events")
@@ -624,12 +617,12 @@ async def test_record_events_answers_hostile_events_per_the_contract(
     label(f"accepted {min(reply.accepted, 1)}+, rejected {min(len(reply.rejected), 1)}+")
     assert reply.accepted + reply.duplicates + reply.dropped_no_consent + len(reply.rejected) == len(batch)
     rejected = {r.index: r for r in reply.rejected}
-    for index, (event, problems, tolerated) in enumerate(batch):
+    for index, (event, problems) in enumerate(batch):
         if problems:
             assert index in rejected, f"event {index} should be rejected for {problems}: {event}"
         if index in rejected:
             named = rejected[index].field
-            assert named in problems | tolerated, f"event {index}: {rejected[index]} names none of {problems}: {event}"
+            assert named in problems, f"event {index}: {rejected[index]} names none of {problems}: {event}"
             assert rejected[index].reason
     assert reply.request_id == request_id if request_id else HEX_ID.fullmatch(reply.request_id)
 
@@ -720,10 +713,11 @@ async def test_malformed_protobufs_are_invalid_argument_everywhere(
             # The same bytes may be valid for another message type (a field it lacks is unknown to it).
             assert not parses(pb.RecommendRequest, payload), name
         answer = await check_raw(hostile.running, method, kind, payload, metadata)
-        if method == RECOMMEND:
-            if malformed:
-                assert answer.details.startswith("request: not a valid RecommendRequest"), answer.details
-            elif name == "unknown fields":
+        if not parses(kind, payload):
+            expected = f"request: not a valid {kind.DESCRIPTOR.name}"
+            assert answer.details.startswith(expected), (method, answer.details)
+        if method == RECOMMEND and not malformed:
+            if name == "unknown fields":
                 assert answer.code == OK, answer.details  # proto3: unknown fields are skipped
             else:
                 assert answer.code == INVALID, answer.details  # parses, but user_id is empty or k is 0
@@ -896,10 +890,8 @@ async def test_the_server_is_still_healthy_afterwards(hostile: Hostile) -> None:
     running = hostile.running
     reply = await running.stub.Recommend(pb.RecommendRequest(user_id="alice", k=10), timeout=TIMEOUT_S)
     assert len(reply.items) == 10
-    health: Any = health_pb2_grpc.HealthStub(running.channel)
     for service in ("", "hyperrec.v1.Recommender", "hyperrec.v1.Profiles"):
-        status = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=TIMEOUT_S)
-        assert status.status == health_pb2.HealthCheckResponse.SERVING
+        assert await health_status(running.channel, service, TIMEOUT_S) == SERVING
     listed = await call(running, LIST_MODELS, b"", AUTH)
     assert listed.code == OK and listed.reply is not None
     assert apb.ListModelsResponse.FromString(listed.reply).models[0].active_version == 1

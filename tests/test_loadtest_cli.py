@@ -9,10 +9,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import redis
 
 from hyperrec.app.cli import main
 from hyperrec.core.profile import Profile
-from tests.helpers import publish_toy
+from tests.helpers import publish_toy, wait_until_async
 from tests.serving import TEST_SECRET, running_server
 
 ROOT = Path(__file__).parent.parent  # benchmarks/ is run from the repository root, not installed
@@ -149,6 +150,17 @@ def test_bad_actions_are_usage_errors(capsys: pytest.CaptureFixture[str]) -> Non
     assert main(["loadtest", "--rate", "10", "--at", "5:activate:toy"]) == 2
 
 
+def redis_answers(url: str) -> bool:
+    """Whether a redis-server at `url` answers PING (one just started may not listen yet)."""
+    client = redis.Redis.from_url(url, socket_connect_timeout=0.2, socket_timeout=0.2)
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+    finally:
+        client.close()
+
+
 async def test_a_redis_outage_mid_run_is_marked_and_answered_degraded_without_errors(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -165,8 +177,8 @@ async def test_a_redis_outage_mid_run_is_marked_and_answered_degraded_without_er
     assert shutil.which("redis-server") and shutil.which("redis-cli")
     await asyncio.to_thread(subprocess.run, shlex.split(start_redis), check=True)
     try:
-        await asyncio.sleep(0.3)
         url = f"redis://127.0.0.1:{port}/0"
+        await wait_until_async(lambda: redis_answers(url), f"redis-server on port {port} to answer")
         async with running_server(
             repo, "toy", redis_url=url, profile_secret=TEST_SECRET, breaker_open_s=0.3, profile_budget_ms=200
         ) as running:

@@ -23,7 +23,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from hyperrec.core.bundle import EMBEDDINGS, MANIFEST, RANKER, Bundle, BundleContents, ColdStart, publish_bundle
 from hyperrec.core.errors import BundleError
@@ -33,7 +33,7 @@ from hyperrec.core.profile import Profile
 from hyperrec.v1 import admin_pb2 as apb
 from hyperrec.v1 import admin_pb2_grpc as apb_grpc
 from hyperrec.v1 import recommender_pb2 as pb
-from tests.helpers import make_contents, make_ranker_onnx
+from tests.helpers import SERVING, health_status, make_contents, make_ranker_onnx, wait_until_async
 from tests.serving import Running, request, running_server
 
 ADMIN_TOKEN = "admin-token-0123456789"
@@ -51,7 +51,6 @@ STEADY_S = 1.5  # time spent in each steady phase
 MIN_CALLS = 50  # calls each phase must at least hold (20 clients make far more)
 SCORE_TOL = 1e-4
 
-SERVING = health_pb2.HealthCheckResponse.SERVING
 RECOMMENDER = "hyperrec.v1.Recommender"
 
 
@@ -224,7 +223,7 @@ class Load:
     """Clients calling Recommend in a loop until `stop`, and a health prober."""
 
     stub: Any
-    health: Any
+    channel: grpc.aio.Channel  # for the health prober
     stop: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     calls: list[Call] = dataclasses.field(default_factory=list)
     health_checks: list[tuple[float, str]] = dataclasses.field(default_factory=list)
@@ -249,8 +248,8 @@ class Load:
     async def prober(self) -> None:
         while not self.stop.is_set():
             try:
-                reply = await self.health.Check(health_pb2.HealthCheckRequest(service=RECOMMENDER), timeout=5)
-                outcome = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+                status = await health_status(self.channel, RECOMMENDER)
+                outcome = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
             except grpc.aio.AioRpcError as exc:
                 outcome = f"rpc {exc.code().name}"
             self.health_checks.append((time.perf_counter(), outcome))
@@ -294,23 +293,15 @@ async def model_status(running: Running) -> apb.ModelStatus:
 async def wait_for_status(
     running: Running, done: Callable[[apb.ModelStatus], bool], timeout_s: float = 15.0
 ) -> apb.ModelStatus:
-    """Poll ListModels until `done(status)` holds (a bounded wait, not a timing assertion)."""
-    deadline = time.perf_counter() + timeout_s
-    while True:
-        model = await model_status(running)
-        if done(model):
-            return model
-        if time.perf_counter() > deadline:
-            raise AssertionError(f"condition not reached; last status {model}")
-        await asyncio.sleep(0.05)
+    """Poll ListModels until `done(status)` holds; returns that status."""
+    seen: list[apb.ModelStatus] = []
 
+    async def reached() -> bool:
+        seen.append(await model_status(running))
+        return done(seen[-1])
 
-async def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 15.0) -> None:
-    deadline = time.perf_counter() + timeout_s
-    while not condition():
-        if time.perf_counter() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
+    await wait_until_async(reached, lambda: f"the model status to change; last seen {seen[-1]}", timeout_s)
+    return seen[-1]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -383,7 +374,7 @@ async def test_versions_swap_reject_and_roll_back_under_load_without_a_failed_or
         running.app.start_watcher()
         await running.app.store.put_many(profiles)
         admin = admin_stub(running)
-        load = Load(running.stub, health_pb2_grpc.HealthStub(running.channel))
+        load = Load(running.stub, running.channel)
         users = [personalized_user(j) for j in range(PERSONALIZED_USERS)]
         users += [cold_user(j) for j in range(CLIENTS - PERSONALIZED_USERS)]
         tasks = [asyncio.create_task(load.client(user)) for user in users]
@@ -395,7 +386,7 @@ async def test_versions_swap_reject_and_roll_back_under_load_without_a_failed_or
             # (1) A new version appears; the watcher loads, warms and swaps it in.
             t_publish = time.perf_counter()
             await asyncio.to_thread(publish_bundle, repo, v2.contents)
-            await wait_for(lambda: "2" in load.first_seen, "an answer from version 2")
+            await wait_until_async(lambda: "2" in load.first_seen, "an answer from version 2", interval_s=0.01)
             t_v2_seen = load.first_seen["2"]
             swapped = await wait_for_status(running, lambda m: m.active_version == 2)
             assert swapped.pinned_version == 0
@@ -418,8 +409,7 @@ async def test_versions_swap_reject_and_roll_back_under_load_without_a_failed_or
             assert states[3].state == apb.VERSION_STATE_FAILED
             assert EMBEDDINGS in states[3].reason and "checksum" in states[3].reason
             assert states[4].state == apb.VERSION_STATE_FAILED and MANIFEST in states[4].reason
-            check = await load.health.Check(health_pb2.HealthCheckRequest(service=RECOMMENDER), timeout=5)
-            assert check.status == SERVING
+            assert await health_status(running.channel, RECOMMENDER) == SERVING
 
             # (3) The operator rolls back to version 1 through the admin API.
             t_rollback = time.perf_counter()
@@ -495,9 +485,7 @@ async def test_loading_a_corrupt_version_reports_it_failed_and_keeps_the_active_
         assert await running.app.manager.reconcile() == 1  # the watcher's pass does not serve it either
         answer = await running.stub.Recommend(request("someone", k=K, device_type=pb.DEVICE_TYPE_DESKTOP), timeout=5)
         assert answer.model_version == "1" and all(i.item_id.startswith(v1.prefix) for i in answer.items)
-        health: Any = health_pb2_grpc.HealthStub(running.channel)
-        check = await health.Check(health_pb2.HealthCheckRequest(service=RECOMMENDER), timeout=5)
-        assert check.status == SERVING
+        assert await health_status(running.channel, RECOMMENDER) == SERVING
 
 
 @pytest.mark.parametrize("damaged", [EMBEDDINGS, RANKER])

@@ -14,8 +14,9 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hyperrec.v1 import recommender_pb2 as pb
 from hyperrec.v1 import recommender_pb2_grpc as pb_grpc
 from tests.conftest import free_port
-from tests.helpers import publish_toy
+from tests.helpers import NOT_SERVING, health_status_sync, publish_toy, wait_serving, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "shutdown-test-secret-0123456789"
@@ -42,6 +43,7 @@ SLACK_S = 0.5
 # Codes a call may end with because the server went away under it; anything else (UNKNOWN, INTERNAL,
 # DEADLINE_EXCEEDED from a hang, ...) is a shutdown bug.
 SHUTDOWN_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
+IN_FLIGHT = "hyperrec_grpc_requests_in_flight"
 
 
 @pytest.fixture(scope="module")
@@ -124,34 +126,31 @@ def serve(repo: Path, tmp_path: Path, *args: str, redis_url: str | None = None) 
             proc.wait(timeout=10)
 
 
-def health_status(health: Any, service: str = "") -> int | None:
-    try:
-        return int(health.Check(health_pb2.HealthCheckRequest(service=service), timeout=1).status)
-    except grpc.RpcError:
-        return None
+def wait_not_serving(health: Any, limit: float) -> float:
+    """When health was first seen NOT_SERVING (for the server and the Recommender service); fails after `limit`."""
+    wait_until(lambda: health_status_sync(health) == NOT_SERVING, "health to report NOT_SERVING", limit, 0.02)
+    seen = time.monotonic()
+    assert health_status_sync(health, RECOMMENDER) == NOT_SERVING
+    return seen
 
 
-def wait_serving(target: str, timeout: float = 60) -> None:
+def refusing(target: str) -> bool:
+    """Whether the server at `target` refuses new calls: a health check on a new channel is UNAVAILABLE."""
     with grpc.insecure_channel(target) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if health_status(health) == health_pb2.HealthCheckResponse.SERVING:
-                return
-            time.sleep(0.1)
-    raise AssertionError("server never became SERVING")
+        health: Any = health_pb2_grpc.HealthStub(channel)
+        try:
+            health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+        except grpc.RpcError as exc:
+            failed: Any = exc  # a sync call's error is also a grpc.Call
+            return bool(failed.code() == grpc.StatusCode.UNAVAILABLE)
+    return False
 
 
-def wait_not_serving(health: Any, limit: float) -> float | None:
-    """When health was first seen NOT_SERVING (for the server and the Recommender service), or None."""
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if health_status(health) == health_pb2.HealthCheckResponse.NOT_SERVING:
-            seen = time.monotonic()
-            assert health_status(health, RECOMMENDER) == health_pb2.HealthCheckResponse.NOT_SERVING
-            return seen
-        time.sleep(0.02)
-    return None
+def in_flight(metrics_port: int) -> float:
+    """The server's hyperrec_grpc_requests_in_flight gauge, read from its /metrics endpoint."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2) as reply:
+        text = reply.read().decode()
+    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(IN_FLIGHT + " "))
 
 
 @dataclass
@@ -176,6 +175,11 @@ class Load:
                 if call.code != grpc.StatusCode.OK:
                     time.sleep(0.02)  # a refused channel fails at once: keep calling without spinning
 
+    def count(self, which: Callable[[Call], bool]) -> int:
+        """How many of the calls made so far `which` picks."""
+        with self._lock:
+            return sum(1 for call in self.calls if which(call))
+
     def start(self) -> None:
         self._workers = [threading.Thread(target=self._client, args=(n,), daemon=True) for n in range(self.threads)]
         for worker in self._workers:
@@ -188,6 +192,10 @@ class Load:
         assert not any(worker.is_alive() for worker in self._workers), "a client call hung"
         with self._lock:
             return sorted(self.calls, key=lambda c: c.started)
+
+
+def answered(call: Call) -> bool:
+    return call.code == grpc.StatusCode.OK
 
 
 def describe(calls: list[Call]) -> str:
@@ -211,17 +219,18 @@ def test_sigterm_under_load_drains_then_refuses_new_calls_and_exits_in_time(repo
         try:
             with grpc.insecure_channel(server.target) as channel:
                 health = health_pb2_grpc.HealthStub(channel)
-                time.sleep(0.5)  # the load is running
+                wait_until(lambda: load.count(answered) >= 2 * load.threads, "the load to be answered")
                 signalled = server.signal(signal.SIGTERM)
                 not_serving = wait_not_serving(health, limit=drain)
             code, exited = server.wait_exit(drain + grace + 1 + SLACK_S)
-            time.sleep(0.5)  # calls made after the exit are recorded too: refused, not hung
+            # Calls made after the exit (and the drain) are recorded too: refused, or hung until their timeout.
+            late = max(exited, not_serving + drain + SLACK_S)
+            wait_until(lambda: load.count(lambda c: c.started > late) >= load.threads, "calls made after the exit")
         finally:
             calls = load.stop()
     summary = describe(calls)
 
     assert code == 0
-    assert not_serving is not None, "health never reported NOT_SERVING after SIGTERM"
     assert not_serving - signalled <= 0.5, f"NOT_SERVING only {not_serving - signalled:.2f} s after SIGTERM"
 
     before = [c for c in calls if c.ended < signalled]
@@ -266,7 +275,9 @@ def in_flight_during_shutdown(
     Returns the server, the blocked calls, the new call, when Redis was paused, when SIGTERM was sent, when the
     process exited and its exit code."""
     users = [f"user-{n}" for n in range(4)]
-    with serve(repo, tmp_path, "--drain-s", "0", "--grace-s", str(grace), redis_url=redis_url) as server:
+    metrics_port = free_port()
+    args = ("--drain-s", "0", "--grace-s", str(grace), "--metrics-port", str(metrics_port))
+    with serve(repo, tmp_path, *args, redis_url=redis_url) as server:
         wait_serving(server.target)
         with ThreadPoolExecutor(len(users)) as pool:
             # Concurrent warm-up calls also open one Redis connection per concurrent call before the pause.
@@ -274,10 +285,10 @@ def in_flight_during_shutdown(
             assert all(c.code == grpc.StatusCode.OK for c in warm), describe(warm)
             with paused_redis(redis_url, pause_ms) as paused:
                 blocked = [pool.submit(recommend_on_new_channel, server.target, u, 10) for u in users]
-                time.sleep(0.3)
+                wait_until(lambda: in_flight(metrics_port) >= len(users), "the calls to reach the server")
                 assert not any(f.done() for f in blocked), "calls did not wait on the paused Redis"
                 signalled = server.signal(signal.SIGTERM)
-                time.sleep(0.3)  # no drain: the server is refusing new calls by now
+                wait_until(lambda: refusing(server.target), "the server to refuse new calls", interval_s=0.02)
                 new = recommend_on_new_channel(server.target, "newcomer", 5)
                 code, exited = server.wait_exit(grace + 1 + SLACK_S)
                 calls = [f.result() for f in blocked]
@@ -324,7 +335,7 @@ def test_sigint_drains_like_sigterm(repo: Path, tmp_path: Path) -> None:
             during = recommend(stub, "user", timeout=2)
         code, exited = server.wait_exit(drain + grace + 1 + SLACK_S)
     assert code == 0
-    assert not_serving is not None and not_serving - signalled <= 0.5
+    assert not_serving - signalled <= 0.5
     assert during.code == grpc.StatusCode.OK and during.started < signalled + drain, during
     assert exited - signalled <= drain + grace + 1 + SLACK_S, f"exited {exited - signalled:.2f} s after SIGINT"
     assert_clean_log(server)
