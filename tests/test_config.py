@@ -85,9 +85,27 @@ def test_empty_values_mean_unset_only_for_optional_fields() -> None:
         {"HYPERREC_PROFILE_BUDGET_MS": "nan"},
         {"HYPERREC_REDIS_READ_TIMEOUT_MS": "0"},
         {"HYPERREC_GRACE_S": "-1"},
-        {"HYPERREC_FAISS_THREADS": "0"},
+        {"HYPERREC_INDEX_THREADS": "0"},
     ],
 )
 def test_values_that_cannot_work_are_refused(env: dict[str, str]) -> None:
     with pytest.raises(ConfigError):
         load_config(parse([]), env=env)
+
+
+def test_renamed_fields_are_read_under_their_old_names_with_a_warning(tmp_path: Path) -> None:
+    """faiss_threads became index_threads: an operator's old TOML key, variable or flag still works, and says so."""
+    file = tmp_path / "old.toml"
+    file.write_text("faiss_threads = 3\n")
+    with pytest.warns(FutureWarning, match="faiss_threads is deprecated: use index_threads"):
+        assert load_config(parse(["--config", str(file)]), env={}).index_threads == 3
+    with pytest.warns(FutureWarning, match="HYPERREC_FAISS_THREADS is deprecated"):
+        assert load_config(parse([]), env={"HYPERREC_FAISS_THREADS": "2"}).index_threads == 2
+    with pytest.warns(FutureWarning, match="--faiss-threads is deprecated"):
+        assert load_config(parse(["--faiss-threads", "4"]), env={}).index_threads == 4
+    # the new name wins over the old one from a source of lower precedence, and both in one file is an error
+    with pytest.warns(FutureWarning):
+        assert load_config(parse(["--index-threads", "5"]), env={"HYPERREC_FAISS_THREADS": "2"}).index_threads == 5
+    file.write_text("faiss_threads = 3\nindex_threads = 3\n")
+    with pytest.raises(ConfigError, match="faiss_threads and index_threads are the same setting"):
+        load_config(parse(["--config", str(file)]), env={})

@@ -72,11 +72,11 @@ def build_profile_store(config: ServerConfig) -> ProfileStore:
     return InMemoryProfileStore(pseudonymizer, settings)
 
 
-def faiss_pool(config: ServerConfig, workers: int, name: str) -> ThreadPoolExecutor:
-    """A thread pool whose threads each set FAISS's OpenMP thread count first: the count is per thread, so it is
-    set where FAISS runs."""
+def index_pool(config: ServerConfig, workers: int, name: str) -> ThreadPoolExecutor:
+    """A thread pool whose threads each set the index library's thread count first (FAISS: OpenMP threads, a
+    per-thread setting, so it is set where searches run)."""
     return ThreadPoolExecutor(
-        max_workers=workers, thread_name_prefix=name, initializer=set_threads, initargs=(config.faiss_threads,)
+        max_workers=workers, thread_name_prefix=name, initializer=set_threads, initargs=(config.index_threads,)
     )
 
 
@@ -121,10 +121,10 @@ def assemble(config: ServerConfig, profile_store: ProfileStore | None = None) ->
     """The components `config` describes (with `profile_store` instead of the configured one when given)."""
     store = profile_store if profile_store is not None else build_profile_store(config)
     slot = BundleSlot()
-    executor = faiss_pool(config, config.compute_threads, "hyperrec-compute")
+    executor = index_pool(config, config.compute_threads, "hyperrec-compute")
     breaker = store_breaker(config)
     pipeline = RecommendPipeline(store, slot, pipeline_options(config), executor, breaker)
-    loader = faiss_pool(config, 1, "hyperrec-loader")
+    loader = index_pool(config, 1, "hyperrec-loader")
     recorded = pipeline.recent_requests  # warm-up replays recent real request shapes
     manager = ModelManager(
         config.model_repo, config.model_name, slot, version_load_settings(config), loader, lambda: list(recorded)

@@ -16,6 +16,7 @@ import os
 import tomllib
 import types
 import typing
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,8 @@ from hyperrec.core.names import check_name
 from hyperrec.core.tokens import MIN_TOKEN_BYTES, parse_tokens
 
 ENV_PREFIX = "HYPERREC_"
+# Old field names still read (TOML key, environment variable, flag, keyword) with a FutureWarning: old -> new.
+RENAMED_FIELDS = {"faiss_threads": "index_threads"}
 
 
 def _doc(help_text: str) -> dict[str, str]:
@@ -125,7 +128,10 @@ class ServerConfig:
     cache_max_entries: int = field(default=100_000, metadata=_doc("Most answers the top-N cache holds (LRU)."))
     ort_intra_op_threads: int = field(default=1, metadata=_doc("ONNX Runtime intra-op threads per inference."))
     ort_inter_op_threads: int = field(default=1, metadata=_doc("ONNX Runtime inter-op threads."))
-    faiss_threads: int = field(default=1, metadata=_doc("FAISS OpenMP threads per search."))
+    index_threads: int = field(
+        default=1,
+        metadata=_doc("Threads one ANN index search may use (FAISS: OpenMP threads); formerly faiss_threads."),
+    )
     warmup_requests: int = field(
         default=32,
         metadata=_doc(
@@ -232,7 +238,7 @@ class ServerConfig:
             "recent_items",
             "ort_intra_op_threads",
             "ort_inter_op_threads",
-            "faiss_threads",
+            "index_threads",
             "profile_ttl_s",
             "dedupe_window_s",
             "max_events_per_batch",
@@ -334,6 +340,8 @@ def _optional_fields() -> set[str]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add one flag per config field (defaults left to `load_config`)."""
     parser.add_argument("--config", type=Path, help="TOML file with config fields (flags and env vars override it).")
+    for old in RENAMED_FIELDS:
+        parser.add_argument(f"--{old.replace('_', '-')}", dest=old, default=None, help=argparse.SUPPRESS)
     for name, (tp, f) in _fields().items():
         parser.add_argument(
             f"--{name.replace('_', '-')}",
@@ -357,20 +365,44 @@ def load_config(
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read config file {file}: {exc}") from exc
     known = _fields()
+    values = _renamed(values, f"config file {file}")
     unknown = set(values) - set(known)
     if unknown:
         raise ConfigError(f"unknown config fields in {file}: {', '.join(sorted(unknown))}")
+    for old, new in RENAMED_FIELDS.items():  # the old names first, so the new ones win where both are given
+        if f"{ENV_PREFIX}{old.upper()}" in env:
+            values[new] = env[f"{ENV_PREFIX}{old.upper()}"]
+            _warn_renamed(f"{ENV_PREFIX}{old.upper()}", f"{ENV_PREFIX}{new.upper()}")
+        if args is not None and getattr(args, old, None) is not None:
+            values[new] = getattr(args, old)
+            _warn_renamed(f"--{old.replace('_', '-')}", f"--{new.replace('_', '-')}")
     for name in known:
         if f"{ENV_PREFIX}{name.upper()}" in env:
             values[name] = env[f"{ENV_PREFIX}{name.upper()}"]
         if args is not None and getattr(args, name, None) is not None:
             values[name] = getattr(args, name)
-    values.update(overrides)
+    values.update(_renamed(overrides, "keyword arguments"))
     optional = _optional_fields()
     converted = {name: _convert(name, known[name][0], name in optional, raw) for name, raw in values.items()}
     config = ServerConfig(**converted)
     config.check()
     return config
+
+
+def _warn_renamed(old: str, new: str) -> None:
+    warnings.warn(f"{old} is deprecated: use {new}", FutureWarning, stacklevel=3)
+
+
+def _renamed(values: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """`values` with old field names replaced by their new ones (warning about each); both names is an error."""
+    out = dict(values)
+    for old, new in RENAMED_FIELDS.items():
+        if old in out:
+            if new in out:
+                raise ConfigError(f"{where}: {old} and {new} are the same setting; give only {new}")
+            out[new] = out.pop(old)
+            _warn_renamed(old, new)
+    return out
 
 
 def describe_fields() -> Sequence[tuple[str, str, str]]:
