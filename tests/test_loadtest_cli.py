@@ -52,6 +52,25 @@ def test_loadtest_usage_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixt
     assert main(["loadtest", "--rate", "10", "--slo", str(bad_slo)]) == 2
     assert "p42" in capsys.readouterr().err
     assert main(["loadtest", "--rate", "-5"]) == 2
+    assert main(["loadtest", "--phases", "10:1,20"]) == 2
+    assert "'20' is not RATE:SECONDS" in capsys.readouterr().err
+
+
+async def test_loadtest_phases_from_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--phases` runs the rates one after another, measures their summed duration, marks each start on the
+    timeline and prints each refusal status's time from its send."""
+    publish_toy(tmp_path / "repo", model_name="toy")
+    async with running_server(tmp_path / "repo", "toy", max_in_flight=1) as running:
+        args = ["loadtest", "--target", f"127.0.0.1:{running.port}", "--phases", "40:0.5,1000:0.5,40:0.5"]
+        args += ["--warmup", "0", "--deadline-ms", "30000", "--out", str(tmp_path / "out")]
+        code = await asyncio.to_thread(main, args)
+    out = capsys.readouterr().out
+    assert code == 0
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert result["duration_s"] == 1.5 and result["offered"] == 20 + 500 + 20
+    assert [e["label"] for e in result["events"]] == ["rate 40/s", "rate 1000/s", "rate 40/s"]
+    assert result["status_counts"]["RESOURCE_EXHAUSTED"] > 0
+    assert "RESOURCE_EXHAUSTED from send: p50" in out and "within 10 ms" in out
 
 
 def test_capacity_search_stops_at_the_first_breach_and_reports_the_last_passing_rate() -> None:

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hyperrec.loadtest.runner import LoadTestSettings, run, run_worker, schedule
+from hyperrec.loadtest.results import RunResult
+from hyperrec.loadtest.runner import LoadTestSettings, parse_phases, phased_schedule, run, run_worker, schedule
 from hyperrec.loadtest.scenario import RequestSource, Scenario, ScenarioError, load_scenario
 from tests.helpers import publish_toy
 from tests.serving import Running, running_server
@@ -106,3 +107,49 @@ async def test_worker_processes_share_the_rate_and_results_merge(served: Running
     result = await asyncio.to_thread(run, settings)  # spawns two processes; the server keeps serving here
     assert result.offered == 100 and result.status_counts == {"OK": 100}
     assert result.settings["workers"] == 2 and result.settings["mode"] == "open"
+
+
+def test_phases_follow_each_other_at_their_own_rates() -> None:
+    plan = [(100.0, 1.0), (400.0, 0.5), (50.0, 2.0)]  # a warm-up, a burst, a calm
+    offsets = phased_schedule(plan, workers=2, arrival="constant", rng=np.random.default_rng(0))
+    counts = [int(((offsets >= a) & (offsets < b)).sum()) for a, b in ((0, 1), (1, 1.5), (1.5, 3.5))]
+    assert counts == [50, 100, 50]  # each worker sends half of every phase's rate
+    assert np.all(np.diff(offsets) > 0)
+    assert parse_phases("250:10, 1250:10,125:10") == ((250.0, 10.0), (1250.0, 10.0), (125.0, 10.0))
+    with pytest.raises(ValueError, match="'1250' is not RATE:SECONDS"):
+        parse_phases("250:10,1250")
+    with pytest.raises(ValueError, match="add up to the measured duration"):
+        LoadTestSettings(target="x:1", phases=((10.0, 1.0),), duration_s=2.0).check()
+    with pytest.raises(ValueError, match="give one of"):
+        LoadTestSettings(target="x:1", rate=5.0, phases=((10.0, 1.0),), duration_s=1.0).check()
+
+
+async def test_a_burst_phase_is_refused_and_refusals_are_timed_from_their_send(tmp_path: Path) -> None:
+    """Phases over a real server whose admission refuses a burst: every refusal is counted in the burst's seconds,
+    and the time each answer took from its actual send is kept per status (and survives the JSON round trip)."""
+    publish_toy(tmp_path, model_name="toy")
+    async with running_server(tmp_path, "toy", max_in_flight=1) as served:
+        settings = LoadTestSettings(
+            target=f"127.0.0.1:{served.port}",
+            phases=((20.0, 1.0), (1000.0, 1.0), (20.0, 1.0)),
+            duration_s=3.0,
+            warmup_s=0.0,
+            deadline_s=30.0,  # a busy test machine must not turn slow answers into DEADLINE_EXCEEDED here
+            arrival="poisson",
+        )
+        result = await asyncio.to_thread(run, settings)  # the server keeps serving on this loop
+    assert result.offered == result.completed and sum(result.status_counts.values()) == result.offered
+    assert set(result.status_counts) == {"OK", "RESOURCE_EXHAUSTED"}
+    refused = result.status_counts["RESOURCE_EXHAUSTED"]
+    assert result.timeline[0].errors == 0 and result.timeline[1].errors > 0  # the calm before is all answered
+    assert result.by_status["RESOURCE_EXHAUSTED"].get_total_count() == refused
+    assert result.by_status["OK"].get_total_count() == result.status_counts["OK"]
+    assert [e["label"] for e in result.events] == ["rate 20/s", "rate 1000/s", "rate 20/s"]
+    assert [e["t"] for e in result.events] == [0.0, 1.0, 2.0]
+    data = result.to_json()
+    assert set(data["sent_to_answer_ms"]) == set(result.status_counts)
+    again = RunResult.from_json(data)
+    assert again.by_status["RESOURCE_EXHAUSTED"].get_total_count() == refused
+    share = again.answered_within("RESOURCE_EXHAUSTED", 600.0)
+    assert share == 1.0 and again.answered_within("RESOURCE_EXHAUSTED", 0.0) < 1.0
+    assert again.answered_within("NOT_A_STATUS", 0.01) == 1.0

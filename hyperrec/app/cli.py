@@ -267,7 +267,7 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     try:
         from hyperrec.loadtest import report, slo
         from hyperrec.loadtest.actions import parse_action
-        from hyperrec.loadtest.runner import LoadTestSettings, run, write_json
+        from hyperrec.loadtest.runner import LoadTestSettings, parse_phases, run, write_json
         from hyperrec.loadtest.scenario import ScenarioError, load_scenario, load_users
     except ImportError as exc:
         print(f"hyperrec loadtest needs the loadtest extra (pip install 'hyperrec[loadtest]'): {exc}", file=sys.stderr)
@@ -278,13 +278,15 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
         if rates is not None and (objectives is None or not rates or min(rates) <= 0):
             raise ValueError("--rates needs positive rates and an --slo to judge each step by")
         connection = connection_from_args(args)
+        phases = parse_phases(args.phases) if args.phases else ()
         settings = LoadTestSettings(
             target=connection.target,
             tls=connection.tls,
             rate=args.rate if rates is None else rates[0],
+            phases=phases,
             concurrency=args.concurrency,
             arrival=args.arrival,
-            duration_s=args.duration,
+            duration_s=sum(seconds for _, seconds in phases) if phases else args.duration,
             warmup_s=args.warmup,
             workers=args.workers,
             deadline_s=args.deadline_ms / 1e3,
@@ -323,6 +325,11 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
         f"errors {result.error_rate:.2%} ({', '.join(f'{k} {v}' for k, v in sorted(result.status_counts.items()))})"
     )
     print("latency ms: " + ", ".join(f"{name} {value:.2f}" for name, value in latency.items()))
+    for status, times in result.to_json(with_histograms=False)["sent_to_answer_ms"].items():
+        if status != "OK":
+            within = result.answered_within(status, 0.010)
+            spread = f"p50 {times['p50']:.2f} ms, p99 {times['p99']:.2f} ms"
+            print(f"{status} from send: {spread}, {within:.1%} within 10 ms")
     if result.versions:
         print("answers by model version: " + ", ".join(f"{v}: {n}" for v, n in sorted(result.versions.items())))
     if result.strategies:
@@ -480,6 +487,11 @@ def build_parser() -> argparse.ArgumentParser:
     load_kind = lt.add_mutually_exclusive_group(required=True)
     load_kind.add_argument("--rate", type=float, help="open loop: requests per second (all workers together)")
     load_kind.add_argument("--concurrency", type=int, help="closed loop: callers each waiting for their answer")
+    load_kind.add_argument(
+        "--phases",
+        help="open loop in phases: RATE:SECONDS,... one after another (e.g. an overload burst 250:10,1250:10,125:10); "
+        "the measured duration is their sum, the warm-up runs at the first rate",
+    )
     load_kind.add_argument(
         "--rates", help="capacity search: comma-separated open-loop rates, run in rising order until one breaches --slo"
     )

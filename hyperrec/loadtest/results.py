@@ -3,7 +3,9 @@ timeline and marked events. Serialisable to JSON, so workers hand results to the
 
 Latencies are recorded in microseconds from each request's *scheduled* send time in open-loop runs (so a stalled
 server cannot hide its stalls behind a stalled client: coordinated omission), from the actual send time in
-closed-loop runs. Percentiles are reported in milliseconds.
+closed-loop runs. Percentiles are reported in milliseconds. Beside them, every answer's time from its actual send
+is kept per status code (`sent_to_answer_ms`): how fast refusals (RESOURCE_EXHAUSTED, UNAVAILABLE) come back, for
+example, which the scheduled-time latency would mix with the client's own lateness under overload.
 """
 
 from __future__ import annotations
@@ -89,10 +91,25 @@ class RunResult:
     events: list[dict[str, Any]] = field(default_factory=list)  # {"t": seconds, "label": text}
     versions: dict[str, int] = field(default_factory=dict)  # OK answers per model version that answered
     strategies: dict[str, int] = field(default_factory=dict)  # OK answers per strategy (personalized, degraded...)
+    by_status: dict[str, HdrHistogram] = field(default_factory=dict)  # time from the actual send, per status
 
-    def add(self, second: int, latency_s: float, status: str, version: str = "", strategy: str = "") -> None:
-        """Count one answered request scheduled in `second` (seconds since the end of the warm-up)."""
+    def add(
+        self,
+        second: int,
+        latency_s: float,
+        status: str,
+        version: str = "",
+        strategy: str = "",
+        sent_to_answer_s: float | None = None,
+    ) -> None:
+        """Count one answered request scheduled in `second` (seconds since the end of the warm-up); `latency_s`
+        counts from the scheduled time, `sent_to_answer_s` (when the request was sent at all) from the send."""
         self.completed += 1
+        if sent_to_answer_s is not None:
+            histogram = self.by_status.get(status)
+            if histogram is None:
+                histogram = self.by_status[status] = new_histogram()
+            record(histogram, sent_to_answer_s)
         if version:
             _count(self.versions, version)
         if strategy:
@@ -129,6 +146,18 @@ class RunResult:
             _count(self.versions, version, count)
         for strategy, count in other.strategies.items():
             _count(self.strategies, strategy, count)
+        for status, histogram in other.by_status.items():
+            self.by_status.setdefault(status, new_histogram()).add(histogram)
+
+    def answered_within(self, status: str, seconds: float) -> float:
+        """The share of `status` answers that came back within `seconds` of being sent (1.0 when there were none)."""
+        histogram = self.by_status.get(status)
+        if histogram is None or histogram.get_total_count() == 0:
+            return 1.0
+        limit = histogram.get_highest_equivalent_value(int(seconds * 1e6))  # at the histogram's resolution
+        steps = histogram.get_recorded_iterator()
+        within = sum(step.count_added_in_this_iter_step for step in steps if step.value_iterated_to <= limit)
+        return float(within / histogram.get_total_count())
 
     @property
     def errors(self) -> int:
@@ -160,6 +189,7 @@ class RunResult:
             "status_counts": dict(sorted(self.status_counts.items())),
             "model_versions": dict(sorted(self.versions.items())),
             "strategies": dict(sorted(self.strategies.items())),
+            "sent_to_answer_ms": {status: summary_ms(h) for status, h in sorted(self.by_status.items())},
             "timeline": [
                 {"t": t, "sent": s.sent, "ok": s.ok, "errors": s.errors, "fallbacks": s.fallbacks}
                 | {"latency_ms": summary_ms(s.histogram, False)}
@@ -170,6 +200,7 @@ class RunResult:
         }
         if with_histograms:
             out["histogram"] = encode(self.histogram)
+            out["sent_to_answer_histograms"] = {status: encode(h) for status, h in sorted(self.by_status.items())}
         return out
 
     @staticmethod
@@ -188,6 +219,8 @@ class RunResult:
         result.events = [dict(e) for e in data.get("events", [])]
         result.versions = {str(k): int(v) for k, v in data.get("model_versions", {}).items()}
         result.strategies = {str(k): int(v) for k, v in data.get("strategies", {}).items()}
+        for status, encoded in data.get("sent_to_answer_histograms", {}).items():
+            decode_into(result.by_status.setdefault(str(status), new_histogram()), encoded)
         return result
 
 

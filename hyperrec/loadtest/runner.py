@@ -31,6 +31,9 @@ MAX_IN_FLIGHT = 20_000  # per worker: beyond it a request is counted as CLIENT_O
 class LoadTestSettings:
     target: str
     rate: float | None = None  # requests per second over all workers (open loop)
+    # open loop in phases: (rate, seconds) one after another, measured as one run (the warm-up runs at the first
+    # rate); an overload scenario, for example: [(250, 10), (1250, 10), (125, 10)]
+    phases: tuple[tuple[float, float], ...] = ()
     concurrency: int | None = None  # callers (closed loop)
     arrival: str = "constant"  # or "poisson"
     duration_s: float = 10.0
@@ -47,10 +50,14 @@ class LoadTestSettings:
     start_at: float | None = None  # unix time all workers start at (set by `run`)
 
     def check(self) -> None:
-        if (self.rate is None) == (self.concurrency is None):
-            raise ValueError("give either a rate (open loop) or a concurrency (closed loop)")
+        if (self.rate is not None) + (self.concurrency is not None) + bool(self.phases) != 1:
+            raise ValueError("give one of a rate or rate phases (open loop) or a concurrency (closed loop)")
         if self.rate is not None and not self.rate > 0:
             raise ValueError("rate must be positive")
+        if any(not (rate > 0 and seconds > 0) for rate, seconds in self.phases):
+            raise ValueError("every phase needs a positive rate and a positive duration")
+        if self.phases and abs(sum(s for _, s in self.phases) - self.duration_s) > 1e-9:
+            raise ValueError("the phases' durations must add up to the measured duration")
         if self.concurrency is not None and self.concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         if self.arrival not in ("constant", "poisson"):
@@ -70,8 +77,43 @@ class LoadTestSettings:
         out["tls"] = self.tls.on
         out["users"] = len(self.users)
         out["actions"] = [f"{a.at_s:g}s: {a.label}" for a in self.actions]
-        out["mode"] = "open" if self.rate is not None else "closed"
+        out["mode"] = "closed" if self.concurrency is not None else "open"
         return out
+
+    @property
+    def open_loop(self) -> bool:
+        return self.concurrency is None
+
+    def phase_plan(self) -> list[tuple[float, float]]:
+        """(rate, seconds) over the whole run, warm-up first (at the first phase's rate); open loop only."""
+        phases = list(self.phases) or [(float(self.rate or 0.0), self.duration_s)]
+        return ([(phases[0][0], self.warmup_s)] if self.warmup_s > 0 else []) + phases
+
+
+def parse_phases(text: str) -> tuple[tuple[float, float], ...]:
+    """`RATE:SECONDS,RATE:SECONDS,...` -> ((rate, seconds), ...); ValueError naming the part that is not one."""
+    phases = []
+    for part in text.split(","):
+        rate, sep, seconds = part.strip().partition(":")
+        try:
+            if not sep:
+                raise ValueError
+            phases.append((float(rate), float(seconds)))
+        except ValueError:
+            raise ValueError(f"phase {part.strip()!r} is not RATE:SECONDS") from None
+    return tuple(phases)
+
+
+def phased_schedule(
+    plan: list[tuple[float, float]], workers: int, arrival: str, rng: np.random.Generator
+) -> np.ndarray:
+    """One worker's send offsets over consecutive (rate, seconds) phases of the whole run's rate, each phase's
+    schedule starting where the one before ended."""
+    parts, start = [], 0.0
+    for rate, seconds in plan:
+        parts.append(start + schedule(rate / workers, seconds, arrival, rng))
+        start += seconds
+    return np.concatenate(parts) if parts else np.empty(0)
 
 
 def schedule(rate: float, duration_s: float, arrival: str, rng: np.random.Generator) -> np.ndarray:
@@ -96,8 +138,8 @@ async def run_worker(settings: LoadTestSettings, worker: int) -> RunResult:
     source = RequestSource(settings.scenario, settings.users, settings.seed * 1000 + worker)
     async with open_recommender(settings.connection(), settings.deadline_s) as client:
         start = time.perf_counter() + (0.05 if settings.start_at is None else max(0.0, settings.start_at - time.time()))
-        if settings.rate is not None:
-            await _open_loop(client, settings, worker, source, result, start, total_s)
+        if settings.open_loop:
+            await _open_loop(client, settings, worker, source, result, start)
         else:
             await _closed_loop(client, settings, worker, source, result, start, total_s)
     return result
@@ -110,18 +152,19 @@ async def _open_loop(
     source: RequestSource,
     result: RunResult,
     start: float,
-    total_s: float,
 ) -> None:
-    assert settings.rate is not None
+    plan = settings.phase_plan()
     rng = np.random.default_rng(settings.seed * 7919 + worker)
-    offsets = schedule(settings.rate / settings.workers, total_s, settings.arrival, rng)
-    offsets += rng.random() / (settings.rate / settings.workers) if settings.workers > 1 else 0.0  # stagger workers
+    offsets = phased_schedule(plan, settings.workers, settings.arrival, rng)
+    offsets += rng.random() / (plan[0][0] / settings.workers) if settings.workers > 1 else 0.0  # stagger workers
     in_flight: set[asyncio.Task[None]] = set()
 
     async def send(request: Request, scheduled: float, measured: bool, second: int) -> None:
+        sent = time.perf_counter()
         status, version, strategy = await client.recommend(request)
         if measured:
-            result.add(second, time.perf_counter() - scheduled, status, version, strategy)
+            answered = time.perf_counter()
+            result.add(second, answered - scheduled, status, version, strategy, answered - sent)
 
     for offset in offsets:
         scheduled = start + float(offset)
@@ -165,7 +208,8 @@ async def _closed_loop(
                 result.scheduled(second)
             status, version, strategy = await client.recommend(source.next())
             if measured:
-                result.add(second, time.perf_counter() - sent, status, version, strategy)
+                latency = time.perf_counter() - sent
+                result.add(second, latency, status, version, strategy, latency)
 
     await asyncio.sleep(max(0.0, start - time.perf_counter()))
     await asyncio.gather(*(caller() for _ in range(callers)))
@@ -192,7 +236,17 @@ def run(settings: LoadTestSettings) -> RunResult:
             parts = pool.starmap(_worker_main, [(settings, w) for w in range(settings.workers)])
         result = merged(RunResult.from_json(p) for p in parts)
     result.events.extend(actions.join())
+    result.events.extend(phase_events(settings.phases))
     return result
+
+
+def phase_events(phases: tuple[tuple[float, float], ...]) -> list[dict[str, Any]]:
+    """Each phase's start as a timeline event (seconds after the warm-up), so reports mark the rate changes."""
+    events, start = [], 0.0
+    for rate, seconds in phases:
+        events.append({"t": start, "label": f"rate {rate:g}/s", "ok": True})
+        start += seconds
+    return events
 
 
 def write_json(result: RunResult, path: Path) -> None:
