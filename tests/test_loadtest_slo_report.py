@@ -356,3 +356,34 @@ def test_report_redacts_credentials_in_settings(tmp_path: Path) -> None:
     page = write_report(result, None, tmp_path)["report.html"].read_text(encoding="utf-8")
     assert "s3cr3t-bearer" not in page and "Bearer xyz" not in page
     assert page.count("(redacted)") == 2
+
+
+def test_latency_plot_keeps_p99_visible_labels_plain_and_long_event_labels_short(tmp_path: Path) -> None:
+    """At low rates p99 equals max: p99 is drawn above max. The log axis labels only plain numbers. A very long
+    event label is cut short and kept out of the layout, so saving the plots warns about nothing."""
+    import warnings
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from hyperrec.loadtest.report import EVENT_LABEL_CHARS, latency_over_time_figure
+
+    result = RunResult({"mode": "open"}, 3.0)
+    for second in range(3):
+        for ms in (0.4, 3.0, 40.0):  # three answers a second: p99 == max
+            result.scheduled(second)
+            result.add(second, ms / 1e3, "OK")
+    result.events.append({"t": 1.0, "label": "command:" + "x" * 300, "ok": True})
+    figure = latency_over_time_figure(result)
+    FigureCanvasAgg(figure).draw()
+    axes = figure.axes[0]
+    lines = {line.get_label(): line for line in axes.get_lines() if not str(line.get_label()).startswith("_")}
+    assert lines["p99"].get_zorder() > lines["max"].get_zorder()
+    labels = [t.get_text() for t in axes.get_yticklabels(minor=False) + axes.get_yticklabels(minor=True)]
+    shown = [label for label in labels if label]
+    assert shown and all(re.fullmatch(r"[0-9.]+", label) for label in shown), shown
+    texts = [t for t in axes.texts if "command:" in t.get_text()]
+    assert len(texts) == 1 and len(texts[0].get_text().strip()) == EVENT_LABEL_CHARS
+    assert not texts[0].get_in_layout()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        write_report(result, None, tmp_path)

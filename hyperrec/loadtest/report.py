@@ -21,7 +21,7 @@ from typing import Any
 
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from matplotlib.ticker import FixedFormatter, FixedLocator, NullLocator, ScalarFormatter
+from matplotlib.ticker import FixedFormatter, FixedLocator, FuncFormatter, NullFormatter, NullLocator
 
 from hyperrec.loadtest.results import RunResult, summary_ms
 from hyperrec.loadtest.slo import Check, format_value, latency_percentile, passed, verdict_line
@@ -39,6 +39,7 @@ TIME_AXIS = "seconds since warm-up (by scheduled send time)"
 SECRET_WORDS = ("token", "secret", "password", "credential", "auth")  # settings the page never shows
 NINES = (0.0, 50.0, 90.0, 99.0, 99.9, 99.99, 99.999, 99.9999)
 FIGSIZE = (10.0, 4.5)
+EVENT_LABEL_CHARS = 40  # longer event labels are cut short on the plots
 DPI = 100
 
 
@@ -82,15 +83,29 @@ def _seconds(result: RunResult) -> list[int]:
     return list(range(min(result.timeline), max(result.timeline) + 1))
 
 
+def _plain_log_y(axes: Axes) -> None:
+    """A log y scale whose labels are plain numbers (1, 10, 100), never a mix of plain and scientific forms; no
+    labels between decades."""
+    axes.set_yscale("log")
+    axis = axes.yaxis
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def _short(label: str, limit: int = EVENT_LABEL_CHARS) -> str:
+    return label if len(label) <= limit else label[: limit - 1] + "…"
+
+
 def _mark_events(axes: Axes, events: Sequence[dict[str, Any]]) -> None:
-    """Events as dashed vertical lines labelled at the top of the plot."""
+    """Events as dashed vertical lines labelled at the top of the plot (long labels cut short: the report's
+    events table has them whole); labels stay out of the layout, so they can never squeeze the plot away."""
     for event in sorted(events, key=lambda e: float(e["t"])):
         t = float(event["t"])
         axes.axvline(t, color="tab:purple", linestyle="--", linewidth=1, alpha=0.8)
-        axes.text(
+        text = axes.text(
             t,
             0.98,
-            f" {event.get('label', '')}",
+            f" {_short(str(event.get('label', '')))}",
             transform=axes.get_xaxis_transform(),
             rotation=90,
             va="top",
@@ -98,7 +113,9 @@ def _mark_events(axes: Axes, events: Sequence[dict[str, Any]]) -> None:
             fontsize=8,
             color="tab:purple",
             bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1},
+            clip_on=True,
         )
+        text.set_in_layout(False)
 
 
 def _no_data(axes: Axes, text: str) -> None:
@@ -117,10 +134,15 @@ def latency_over_time_figure(result: RunResult) -> Figure:
             values.append(summary[name] if summary is not None else math.nan)
     if any(not math.isnan(v) for v in series["max"]):
         x = [t + 0.5 for t in seconds]  # a second's numbers belong to its middle
-        for (name, values), colour in zip(series.items(), ("tab:blue", "tab:orange", "tab:red"), strict=True):
-            axes.plot(x, values, label=name, color=colour, marker=".", markersize=3, linewidth=1.2)
-        axes.set_yscale("log")
-        axes.yaxis.set_major_formatter(ScalarFormatter())
+        # max is drawn first, thin and dashed, so a p99 equal to it (few answers a second) stays visible on top
+        styles: dict[str, dict[str, Any]] = {
+            "max": {"color": "tab:red", "linestyle": "--", "linewidth": 0.9, "zorder": 2},
+            "p50": {"color": "tab:blue", "linewidth": 1.2, "marker": ".", "markersize": 3, "zorder": 3},
+            "p99": {"color": "tab:orange", "linewidth": 1.6, "marker": "o", "markersize": 3, "zorder": 4},
+        }
+        for name in ("max", "p50", "p99"):
+            axes.plot(x, series[name], label=name, **styles[name])
+        _plain_log_y(axes)
         axes.legend(loc="upper left")
     else:
         _no_data(axes, "no OK answers")
@@ -169,8 +191,7 @@ def latency_spectrum_figure(result: RunResult, checks: Sequence[Check]) -> Figur
         axes.xaxis.set_major_locator(FixedLocator([_nines_x(p) for p in ticks]))
         axes.xaxis.set_minor_locator(NullLocator())
         axes.xaxis.set_major_formatter(FixedFormatter([f"{p:g}%" for p in ticks]))
-        axes.set_yscale("log")
-        axes.yaxis.set_major_formatter(ScalarFormatter())
+        _plain_log_y(axes)
         axes.legend(loc="upper left")
     axes.set_xlabel("percentile")
     axes.set_ylabel("latency (ms)")
