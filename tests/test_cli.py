@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
@@ -32,7 +33,10 @@ async def test_recommend_prints_a_ranked_table(repo: Path, capsys: pytest.Captur
     assert code == 0
     assert out[0].startswith("model toy v1 · strategy cold_start")
     assert [line.split()[1] for line in out[2:5]] == ["item-00000", "item-00001", "item-00002"]
-    assert out[5].startswith("timings ms:")
+    stages = dict(part.rsplit(" ", 1) for part in out[5].removeprefix("timings ms: ").split(" · "))
+    assert list(stages) == ["profile", "retrieval", "ranking", "other", "total"]
+    parts = sum(float(stages[name]) for name in ("profile", "retrieval", "ranking", "other"))
+    assert parts == pytest.approx(float(stages["total"]), abs=0.02)  # the printed parts add up to the total
 
 
 async def test_recommend_reports_the_status_code(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -112,3 +116,54 @@ def test_start_up_failures_exit_2_with_a_message(repo: Path, args: list[str], me
     assert done.returncode == 2
     assert message in done.stderr
     assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr
+
+
+async def test_health_of_an_unknown_service_says_why_and_exits_1(
+    repo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with running_server(repo, "toy") as running:
+        target = f"127.0.0.1:{running.port}"
+        serving = await asyncio.to_thread(main, ["health", "--target", target])
+        unknown = await asyncio.to_thread(main, ["health", "--target", target, "--service", "nope"])
+    captured = capsys.readouterr()
+    assert serving == 0 and f"{target} (server): SERVING" in captured.out
+    assert unknown == 1
+    assert f"{target}: NOT_FOUND: the server keeps no health status for service 'nope'" in captured.err
+
+
+def test_output_piped_into_a_reader_that_leaves_ends_quietly(repo: Path) -> None:
+    """`hyperrec recommend ... | head -1`: when the reader has gone, the command exits 141 (SIGPIPE's code, as a
+    shell reports it) without a BrokenPipeError traceback."""
+    port = free_port()
+    serve = [sys.executable, "-m", "hyperrec.app.cli", "serve", "--port", str(port), "--model-repo", str(repo)]
+    server = subprocess.Popen([*serve, "--model-name", "toy"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_serving(f"127.0.0.1:{port}")
+        recommend = [sys.executable, "-m", "hyperrec.app.cli", "recommend", "--target", f"127.0.0.1:{port}"]
+        reader, writer = os.pipe()
+        os.close(reader)  # the reader is gone before the command writes a byte
+        try:
+            done = subprocess.run(
+                [*recommend, "--user", "u", "--k", "5"], stdout=writer, stderr=subprocess.PIPE, text=True, timeout=60
+            )
+        finally:
+            os.close(writer)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert done.returncode == 141
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("offset", [0, 120, -300, 330, 840, -720])
+@pytest.mark.parametrize("hour", [0, 7, 20, 23])
+def test_hour_is_the_users_local_hour(hour: int, offset: int) -> None:
+    """`--hour 20 --utc-offset 120` asks for 20:30 where the user is (18:30 UTC), not 20:30 UTC."""
+    from datetime import timedelta
+
+    from hyperrec.app.cli import _event_time
+
+    when = _event_time(hour, offset)
+    assert when is not None and when.utcoffset() == timedelta(0)
+    local = when + timedelta(minutes=offset)
+    assert (local.hour, local.minute) == (hour, 30)

@@ -374,7 +374,7 @@ def test_latency_plot_keeps_p99_visible_labels_plain_and_long_event_labels_short
             result.add(second, ms / 1e3, "OK")
     result.events.append({"t": 1.0, "label": "command:" + "x" * 300, "ok": True})
     figure = latency_over_time_figure(result)
-    FigureCanvasAgg(figure).draw()
+    FigureCanvasAgg(figure).draw()  # type: ignore[no-untyped-call]
     axes = figure.axes[0]
     lines = {line.get_label(): line for line in axes.get_lines() if not str(line.get_label()).startswith("_")}
     assert lines["p99"].get_zorder() > lines["max"].get_zorder()

@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 from collections.abc import Coroutine, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +46,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _event_time(hour: int | None) -> datetime | None:
+def _event_time(hour: int | None, utc_offset_minutes: int = 0) -> datetime | None:
+    """Half past `hour` today in the user's local time (UTC + `utc_offset_minutes`), as a UTC instant; None: now."""
     if hour is None:
         return None
-    return datetime.now(UTC).replace(hour=hour, minute=30, second=0, microsecond=0)
+    offset = timedelta(minutes=utc_offset_minutes)
+    local = (datetime.now(UTC) + offset).replace(hour=hour, minute=30, second=0, microsecond=0)
+    return local - offset
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
@@ -64,7 +67,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         device=args.device,
         surface=args.surface,
         country=args.country,
-        event_time=_event_time(args.hour),
+        event_time=_event_time(args.hour, args.utc_offset),
         utc_offset_minutes=args.utc_offset,
         exclude=tuple(args.exclude),
         features=features,
@@ -524,12 +527,24 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # a reader that left shows up here, not in the interpreter's last flush
+        return code
     except (ConfigError, HyperrecError) as exc:
         print(f"hyperrec: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `hyperrec recommend ... | head`: the reader left; say nothing more, as `cat` would
+        _silence_stdout()
+        return 141  # 128 + SIGPIPE, what a shell reports for a pipeline's writer that lost its reader
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush of the broken pipe raises nothing."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 __all__ = ["ServerConfig", "build_parser", "main"]

@@ -8,7 +8,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hyperrec.client.connect import Connection
-from hyperrec.client.errors import client_error
+from hyperrec.client.errors import ClientError, client_error
 
 SERVING = health_pb2.HealthCheckResponse.ServingStatus.Name(health_pb2.HealthCheckResponse.SERVING)
 
@@ -23,6 +23,9 @@ def check(connection: Connection, service: str, timeout_s: float) -> str:
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
         except grpc.RpcError as exc:
-            raise client_error(exc) from exc
+            error = client_error(exc)
+            if error.code == "NOT_FOUND" and not error.details:  # grpc's health servicer says no more than that
+                error = ClientError(error.code, f"the server keeps no health status for service {service!r}")
+            raise error from exc
     name: str = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     return name
