@@ -292,7 +292,8 @@ def test_serve_with_log_format_json_writes_one_json_object_per_line(tmp_path: Pa
         [*cmd, "--model-name", "nosuch", "--log-format", "json"], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 2
-    records = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    records = [json.loads(line) for line in done.stderr.splitlines() if line.strip()]  # every line is JSON
     assert any("listening on" in r["message"] for r in records), done.stderr
+    assert any(r["logger"] == "stderr" and "nosuch" in r["message"] for r in records)  # main's own error line
     assert all({"time", "level", "logger", "message", "request_id"} <= set(r) for r in records)
     assert all(r["request_id"] is None for r in records)  # logged outside any call

@@ -558,3 +558,39 @@ async def test_command_line_clients_speak_mutual_tls_with_tokens(
     result = json.loads((out / "result.json").read_text())
     assert result["status_counts"] == {"OK": 20}
     assert result["settings"]["tls"] is True and TOK_R not in (out / "result.json").read_text()
+
+
+def test_tls_handshake_failures_reach_the_json_log_as_json(repo: Path, pki: Pki) -> None:
+    """gRPC's C core writes failed handshakes to standard error itself; with --log-format json they come out as
+    JSON records (logger "stderr") like every other line, never as raw text in the middle of the log."""
+    import json
+    import os
+    import signal
+
+    from tests.conftest import free_port
+    from tests.helpers import wait_until
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "hyperrec.app.cli", "serve", "--port", str(port), "--model-repo", str(repo)]
+    cmd += ["--model-name", "toy", "--log-format", "json", "--drain-s", "0", "--grace-s", "1"]
+    cmd += ["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key)]
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}  # grpc's default: it logs handshakes
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        target = f"localhost:{port}"
+        secure = ["health", "--target", target, "--tls-ca", str(pki.ca)]
+        from hyperrec.app.cli import main
+
+        wait_until(lambda: main(secure) == 0, "the TLS server to say SERVING", timeout_s=60, interval_s=0.3)
+        for _ in range(3):  # plaintext against TLS: the server's handshakes fail
+            assert main(["health", "--target", target, "--timeout", "2"]) == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    lines = [line for line in err.splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]  # every line, not only those that look like JSON
+    assert all(isinstance(r, dict) and {"time", "level", "logger", "message"} <= set(r) for r in records)
+    native = [r for r in records if r["logger"] == "stderr"]
+    assert any("andshake" in r["message"] for r in native), err[-3000:]
+    levels = {"E": "ERROR", "W": "WARNING", "I": "INFO"}
+    assert all(r["level"] == levels.get(r["message"][:1], "WARNING") for r in native)
