@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import redis
 import redis.asyncio as aredis
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
 
 from hyperrec.core.bundle import Bundle
 from hyperrec.core.profile import Profile
@@ -183,17 +183,51 @@ async def test_health_goes_not_serving_to_serving_and_recommend_waits_for_a_mode
         assert (await running.stub.Recommend(request("alice"), timeout=5)).strategy == pb.STRATEGY_COLD_START
 
 
-async def test_reflection_lists_the_service(toy_repo: Path) -> None:
+@pytest.mark.parametrize("version", ["v1", "v1alpha"])
+async def test_reflection_lists_the_services_under_both_protocol_versions(toy_repo: Path, version: str) -> None:
+    """buf curl and grpcurl ask grpc.reflection.v1 first; older tools v1alpha. Both answer, with every service."""
     async with running_server(toy_repo, "toy", load=False) as running:
-        stub: Any = reflection_pb2_grpc.ServerReflectionStub(running.channel)  # type: ignore[arg-type]
+        info = running.channel.stream_stream(
+            f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
 
-        async def one() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
+        async def asks() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
             yield reflection_pb2.ServerReflectionRequest(list_services="")
+            yield reflection_pb2.ServerReflectionRequest(file_containing_symbol="hyperrec.v1.Recommender")
 
-        names = set()
-        async for reply in stub.ServerReflectionInfo(one(), timeout=5):
-            names |= {s.name for s in reply.list_services_response.service}
-        assert "hyperrec.v1.Recommender" in names and "grpc.health.v1.Health" in names
+        replies = [reply async for reply in info(asks(), timeout=5)]
+    names = {s.name for s in replies[0].list_services_response.service}
+    assert {"hyperrec.v1.Recommender", "hyperrec.v1.Profiles", "hyperrec.v1.ModelAdmin"} <= names
+    assert {"grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection"} <= names
+    assert replies[1].file_descriptor_response.file_descriptor_proto  # the contract itself, for buf curl
+
+
+async def test_health_list_reports_every_service_and_follows_the_lifecycle(toy_repo: Path) -> None:
+    """grpc.health.v1 Health/List (grpcio's asyncio servicer leaves it unimplemented) lists what Check answers."""
+    from grpc_health.v1 import health_pb2
+
+    async with running_server(toy_repo, "toy", load=False) as running:
+        listing = running.channel.unary_unary(
+            "/grpc.health.v1.Health/List",
+            request_serializer=health_pb2.HealthListRequest.SerializeToString,  # type: ignore[attr-defined]
+            response_deserializer=health_pb2.HealthListResponse.FromString,  # type: ignore[attr-defined]
+        )
+
+        async def statuses() -> dict[str, int]:
+            reply = await listing(health_pb2.HealthListRequest(), timeout=5)  # type: ignore[attr-defined]
+            return {name: answer.status for name, answer in reply.statuses.items()}
+
+        before = await statuses()
+        await running.app.load_model()
+        after = await statuses()
+        await running.app.transport.enter_graceful_shutdown()
+        draining = await statuses()
+    services = {"", "hyperrec.v1.Recommender", "hyperrec.v1.Profiles"}
+    assert services <= set(before) and all(before[s] == NOT_SERVING for s in services)
+    assert set(after) == set(before) and all(after[s] == SERVING for s in services)
+    assert set(draining) == set(before) and all(status == NOT_SERVING for status in draining.values())
 
 
 async def test_redis_down_answers_degraded(toy_repo: Path) -> None:

@@ -13,8 +13,6 @@ from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
 
 from hyperrec.core.errors import ConfigError
 from hyperrec.core.ingest import ProfileService
@@ -23,6 +21,7 @@ from hyperrec.core.pipeline import RecommendPipeline
 from hyperrec.core.tokens import Token
 from hyperrec.server.admin import ADMIN_SERVICE_NAME, ModelAdminServicer, add_admin_to_server
 from hyperrec.server.auth import TokenAuth
+from hyperrec.server.discovery import HealthService, enable_reflection
 from hyperrec.server.gate import CallGate
 from hyperrec.server.servicer import PROFILES_SERVICE_NAME, SERVICE_NAME, ProfilesServicer, RecommenderServicer
 from hyperrec.server.servicer import add_profiles_to_server as add_profiles
@@ -106,7 +105,7 @@ def bind(server: grpc.aio.Server, settings: TransportSettings) -> int:
     return listen(server, f"{settings.host}:{settings.port}", credentials, why)
 
 
-def health_only_server(health: health_aio.HealthServicer, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+def health_only_server(health: HealthService, host: str, port: int) -> tuple[grpc.aio.Server, int]:
     """A plaintext server answering only grpc.health.v1 (the same statuses as the main port) on `port`."""
     server = grpc.aio.server()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -120,7 +119,7 @@ class GrpcServer:
     def __init__(
         self,
         server: grpc.aio.Server,
-        health: health_aio.HealthServicer,
+        health: HealthService,
         health_only: tuple[grpc.aio.Server, int] | None = None,
     ) -> None:
         self.server = server
@@ -158,18 +157,9 @@ def create_server(core: ServedCore, settings: TransportSettings) -> tuple[GrpcSe
     add_recommender(RecommenderServicer(core.pipeline), server)
     add_profiles(ProfilesServicer(core.profile_service), server)
     add_admin_to_server(ModelAdminServicer(core.manager), server)
-    health = health_aio.HealthServicer()
+    health = HealthService()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection(
-        (
-            SERVICE_NAME,
-            PROFILES_SERVICE_NAME,
-            ADMIN_SERVICE_NAME,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
-    )
+    enable_reflection(server, (SERVICE_NAME, PROFILES_SERVICE_NAME, ADMIN_SERVICE_NAME))
     port = bind(server, settings)
     health_only = (
         None if settings.health_port is None else health_only_server(health, settings.host, settings.health_port)
