@@ -167,3 +167,50 @@ def test_hour_is_the_users_local_hour(hour: int, offset: int) -> None:
     assert when is not None and when.utcoffset() == timedelta(0)
     local = when + timedelta(minutes=offset)
     assert (local.hour, local.minute) == (hour, 30)
+
+
+async def test_the_profile_commands_close_the_loop_recommend_event_recommend(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """recommend -> events send -> recommend again, then interests, consent and forget, all from the CLI against a
+    real server: each command's output says what the server did, and the next Recommend reflects it."""
+    publish_toy(tmp_path, model_name="cats", categories=4)
+
+    async def cli(*argv: str) -> tuple[int, str, str]:
+        code = await asyncio.to_thread(main, [argv[0], *argv[1:]])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    async with running_server(tmp_path, "cats") as running:
+        target = ["--target", f"127.0.0.1:{running.port}"]
+        user = ["--user", "new-user"]
+        code, out, _ = await cli("recommend", *target, *user, "--k", "3")
+        assert code == 0 and "strategy cold_start" in out
+        send = ["events", "send", *target, *user, "--item", "item-00002", "--type", "purchase", "--event-id", "e-1"]
+        code, out, _ = await cli(*send)
+        assert code == 0 and "event e-1: accepted 1 · duplicates 0" in out
+        code, out, _ = await cli(*send)  # the same event id again: counted once
+        assert code == 0 and "accepted 0 · duplicates 1" in out
+        code, out, _ = await cli("recommend", *target, *user, "--k", "3")
+        assert code == 0 and "strategy personalized" in out
+        bad = ["events", "send", *target, *user, "--item", "", "--type", "click"]
+        code, _, err = await cli(*bad)
+        assert code == 1 and "rejected: item_id:" in err
+
+        code, out, _ = await cli("interests", "set", *target, "--user", "fresh", "cat-1", "cat-3")
+        assert code == 0 and "interests of fresh: cat-1, cat-3" in out
+        code, out, _ = await cli("recommend", *target, "--user", "fresh", "--k", "3")
+        assert "strategy interests" in out
+        code, _, err = await cli("interests", "set", *target, "--user", "fresh", "no-such-category")
+        assert code == 1 and "INVALID_ARGUMENT" in err and "categories[0]" in err
+
+        code, out, _ = await cli("consent", *target, *user, "--deny")
+        assert code == 0 and "new-user: opted out of personalization (profile deleted)" in out
+        code, out, _ = await cli("recommend", *target, *user, "--k", "3")
+        assert "strategy not_personalized" in out
+        code, out, _ = await cli("forget", *target, *user)
+        assert code == 0 and "new-user: erased" in out and "consent" in out
+        code, out, _ = await cli("forget", *target, *user)
+        assert code == 0 and "new-user: nothing was stored" in out
+        code, out, _ = await cli("recommend", *target, *user, "--k", "3")
+        assert "strategy cold_start" in out  # forgotten: a new user again, personalization allowed by default

@@ -16,15 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from hyperrec.app.cli_args import add_connection_arguments, connection_from_args
+from hyperrec.app.cli_profiles import add_profile_commands
 from hyperrec.app.config import ServerConfig, add_arguments, load_config
+from hyperrec.client.recommend import DEVICES, SURFACES
 from hyperrec.core.errors import ConfigError, HyperrecError
 from hyperrec.core.logs import setup_logging
 from hyperrec.core.profile import Profile
 
 log = logging.getLogger("hyperrec")
-
-DEVICES = ("unspecified", "mobile", "desktop", "tablet", "tv")
-SURFACES = ("unspecified", "home", "item_detail", "search", "cart", "notification")
 
 
 def run_async(coro: Coroutine[Any, Any, Any]) -> Any:
@@ -402,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--timeout", type=float, default=2.0, help="deadline in seconds")
     rec.add_argument("--timings", action="store_true", help="ask for per-stage server timings")
     rec.set_defaults(func=cmd_recommend)
+    add_profile_commands(sub)
 
     train = sub.add_parser("train", help="train a model and publish it as a new version")
     train.add_argument("--synthetic", action="store_true", help="train on generated data")

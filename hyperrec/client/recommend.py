@@ -67,6 +67,11 @@ class Recommendations:
     timings: StageTimings | None
 
 
+# The context's device and surface choices: the enum names without their prefix, lower case ("mobile", "home")
+DEVICES = tuple(v.name.removeprefix("DEVICE_TYPE_").lower() for v in pb.DeviceType.DESCRIPTOR.values)
+SURFACES = tuple(v.name.removeprefix("SURFACE_").lower() for v in pb.Surface.DESCRIPTOR.values)
+
+
 def build_context(
     device: str = "unspecified",
     surface: str = "unspecified",
