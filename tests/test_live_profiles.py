@@ -687,3 +687,21 @@ async def test_declared_interests_start_from_their_segments_popular_items(segmen
         req = request("onboarded", k=10, exclude=items_in(3, 25))
         fallback: pb.RecommendResponse = await live.running.stub.Recommend(req, timeout=5)
         assert fallback.strategy == pb.STRATEGY_INTERESTS and count_in(fallback, 2) >= 8
+
+
+async def test_items_the_user_engaged_with_are_left_out_unless_the_call_asks_for_them(live: Live) -> None:
+    """By default a personalized answer leaves out the profile's recent items (what offline evaluation leaves
+    out too); include_seen_items lets them back, and the request's own exclusions still hold either way."""
+    seen = items_in(2, 5)
+    reply = await live.record([event(f"seen-{n}", "watcher", item_id) for n, item_id in enumerate(seen)])
+    assert reply.accepted == len(seen)
+    default = await live.recommend("watcher", k=20)
+    assert default.strategy == pb.STRATEGY_PERSONALIZED and len(default.items) == 20
+    assert not set(seen) & {i.item_id for i in default.items}
+    asked = request("watcher", k=20)
+    asked.include_seen_items = True
+    asked.exclude_item_ids.append(seen[0])
+    allowed: pb.RecommendResponse = await live.running.stub.Recommend(asked, timeout=5)
+    returned = {i.item_id for i in allowed.items}
+    assert set(seen[1:]) & returned  # the user's own items sit nearest their folded-in vector
+    assert seen[0] not in returned and len(allowed.items) == 20

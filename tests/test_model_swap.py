@@ -180,7 +180,9 @@ def expected_answers(versions: Sequence[Version], profiles: dict[str, Profile]) 
         for user, profile in profiles.items():
             uvec = served_vector(version, profile)
             dots = version.embeddings @ uvec
-            top = np.argsort(-dots, kind="stable")[:K]
+            seen = set(profile.recent_items)  # left out of a personalized answer by default, as the server does
+            ranked = np.where([i in seen for i in version.contents.item_ids], -np.inf, dots)
+            top = np.argsort(-ranked, kind="stable")[:K]
             out[(user, str(version.number))] = Expected(
                 pb.STRATEGY_PERSONALIZED,
                 tuple(version.item_id(int(r)) for r in top),

@@ -236,7 +236,9 @@ async def test_redis_outage_degrades_fast_then_recovers_without_restart(
         target = bundle_of(running).item_ids[7]
         recorded = await profiles.RecordEvents(ppb.RecordEventsRequest(events=[click(user, target, "e-1")]), timeout=5)
         assert recorded.accepted == 1
-        reply = await running.stub.Recommend(request(user, k=5), timeout=5)
+        asked = request(user, k=5)
+        asked.include_seen_items = True  # the clicked item itself comes first: the event reached the profile
+        reply = await running.stub.Recommend(asked, timeout=5)
         assert reply.strategy == pb.STRATEGY_PERSONALIZED and reply.items[0].item_id == target
         assert breaker_gauge() == 0
 
@@ -270,7 +272,9 @@ async def test_redis_outage_degrades_fast_then_recovers_without_restart(
 
         recorded = await profiles.RecordEvents(ppb.RecordEventsRequest(events=[click(user, target, "e-3")]), timeout=5)
         assert recorded.accepted == 1
-        reply = await running.stub.Recommend(request(user, k=5), timeout=5)
+        asked = request(user, k=5)
+        asked.include_seen_items = True  # the clicked item itself comes first: the event reached the profile
+        reply = await running.stub.Recommend(asked, timeout=5)
         assert reply.strategy == pb.STRATEGY_PERSONALIZED and reply.items[0].item_id == target
         assert breaker_gauge() == BreakerState.CLOSED
 

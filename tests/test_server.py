@@ -104,9 +104,14 @@ async def test_fold_in_from_recent_items_when_vector_is_from_another_space(serve
         user_vector=np.ones(8, np.float32), embedding_space="another-model", recent_items=(toy_bundle.item_ids[42],)
     )
     await served.app.store.put("carol", stale)
-    reply = await served.stub.Recommend(request("carol", k=3), timeout=5)
+    asked = request("carol", k=3)
+    asked.include_seen_items = True  # the folded-in vector points at the one recent item: it comes first
+    reply = await served.stub.Recommend(asked, timeout=5)
     assert reply.strategy == pb.STRATEGY_PERSONALIZED
     assert reply.items[0].item_id == toy_bundle.item_ids[42]
+    default = await served.stub.Recommend(request("carol", k=3), timeout=5)  # seen items are left out by default
+    assert default.strategy == pb.STRATEGY_PERSONALIZED
+    assert toy_bundle.item_ids[42] not in [i.item_id for i in default.items]
 
 
 async def test_timings_only_when_asked(served: Running) -> None:
@@ -329,7 +334,9 @@ async def test_non_finite_stored_vector_falls_back_to_fold_in(served: Running, t
         recent_items=(toy_bundle.item_ids[9],),
     )
     await served.app.store.put("dave", broken)
-    reply = await served.stub.Recommend(request("dave", k=5), timeout=5)
+    asked = request("dave", k=5)
+    asked.include_seen_items = True  # the folded-in vector points at the one recent item: it comes first
+    reply = await served.stub.Recommend(asked, timeout=5)
     assert reply.strategy == pb.STRATEGY_PERSONALIZED and len(reply.items) == 5
     assert reply.items[0].item_id == toy_bundle.item_ids[9]
     assert all(np.isfinite(i.score) for i in reply.items)

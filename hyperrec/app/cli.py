@@ -72,6 +72,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         features=features,
         timeout_s=args.timeout,
         include_timings=args.timings,
+        include_seen=args.include_seen,
     )
     try:
         answer = call_recommend(call)
@@ -400,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--feature", action="append", default=[], help="free-form feature key=value (repeatable)")
     rec.add_argument("--timeout", type=float, default=2.0, help="deadline in seconds")
     rec.add_argument("--timings", action="store_true", help="ask for per-stage server timings")
+    rec.add_argument(
+        "--include-seen", action="store_true", help="let items of the user's recent history come back (default: not)"
+    )
     rec.set_defaults(func=cmd_recommend)
     add_profile_commands(sub)
 

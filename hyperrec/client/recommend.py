@@ -34,6 +34,7 @@ class RecommendCall:
     features: Mapping[str, str] = field(default_factory=dict)
     timeout_s: float = 2.0
     include_timings: bool = False
+    include_seen: bool = False  # let items of the user's recent history come back
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,7 @@ def build_request(call: RecommendCall) -> pb.RecommendRequest:
         context=context,
         exclude_item_ids=list(call.exclude),
         include_timings=call.include_timings,
+        include_seen_items=call.include_seen,
     )
 
 

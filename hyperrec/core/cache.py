@@ -66,7 +66,8 @@ def cache_key(
     """The key of a request's answer; `local` is the request's local time (its daypart is part of the segment)."""
     ctx = req.context
     segment = (ctx.device, ctx.surface, daypart(local), ctx.country, tuple(sorted(ctx.features.items())))
-    return (req.user_id, profile_fingerprint(profile), model_version, segment, req.k, tuple(sorted(req.exclude)))
+    exclusions = tuple(sorted(req.exclude))
+    return (req.user_id, profile_fingerprint(profile), model_version, segment, req.k, exclusions, req.include_seen)
 
 
 class TopNCache:

@@ -112,13 +112,21 @@ def _known_rows(bundle: Bundle, item_ids: Sequence[str]) -> set[int]:
     return set(rows[rows >= 0].tolist())
 
 
+def _excluded_ids(work: Work) -> Sequence[str]:
+    """What the answer must leave out: the request's exclusions and, unless it asks for them, the items the user's
+    profile says they already engaged with (recent items)."""
+    if work.req.include_seen or work.profile is None or not work.profile.recent_items:
+        return work.req.exclude
+    return (*work.req.exclude, *work.profile.recent_items)
+
+
 def _retrieve(
     bundle: Bundle, works: Sequence[Work], live: list[int], candidates: int
 ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """(retrieval scores, rows) per live request: one FAISS search for all ANN requests, inner products for
     given candidate sets."""
     out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    excluded = {i: _known_rows(bundle, works[i].req.exclude) for i in live}
+    excluded = {i: _known_rows(bundle, _excluded_ids(works[i])) for i in live}
     ann = [i for i in live if works[i].candidate_rows is None]
     if ann:
         wants = [max(candidates, works[i].req.k) for i in ann]

@@ -92,6 +92,7 @@ class RecommendRequest:
     request_id: str = ""
     include_timings: bool = False
     disable_personalization: bool = False
+    include_seen: bool = False  # False: the profile's recent items are excluded too
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,7 @@ def decode_request(msg: pb.RecommendRequest, request_id: str) -> RecommendReques
         request_id=request_id,
         include_timings=msg.include_timings,
         disable_personalization=msg.disable_personalization,
+        include_seen=msg.include_seen_items,
     )
 
 

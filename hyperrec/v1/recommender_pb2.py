@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dhyperrec/v1/recommender.proto\x12\x0bhyperrec.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa2\x02\n\x07\x43ontext\x12.\n\nevent_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12utc_offset_minutes\x18\x02 \x01(\x05\x12,\n\x0b\x64\x65vice_type\x18\x03 \x01(\x0e\x32\x17.hyperrec.v1.DeviceType\x12\x0f\n\x07\x63ountry\x18\x04 \x01(\t\x12%\n\x07surface\x18\x05 \x01(\x0e\x32\x14.hyperrec.v1.Surface\x12\x34\n\x08\x66\x65\x61tures\x18\x06 \x03(\x0b\x32\".hyperrec.v1.Context.FeaturesEntry\x1a/\n\rFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xbd\x01\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12%\n\x07\x63ontext\x18\x03 \x01(\x0b\x32\x14.hyperrec.v1.Context\x12\x18\n\x10\x65xclude_item_ids\x18\x04 \x03(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x17\n\x0finclude_timings\x18\x06 \x01(\x08\x12\x1f\n\x17\x64isable_personalization\x18\x07 \x01(\x08\"E\n\nScoredItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x17\n\x0fretrieval_score\x18\x03 \x01(\x02\"^\n\x0cStageTimings\x12\x12\n\nprofile_ms\x18\x01 \x01(\x01\x12\x14\n\x0cretrieval_ms\x18\x02 \x01(\x01\x12\x12\n\nranking_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"\xcf\x01\n\x11RecommendResponse\x12&\n\x05items\x18\x01 \x03(\x0b\x32\x17.hyperrec.v1.ScoredItem\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\'\n\x08strategy\x18\x04 \x01(\x0e\x32\x15.hyperrec.v1.Strategy\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12*\n\x07timings\x18\x06 \x01(\x0b\x32\x19.hyperrec.v1.StageTimings*\x86\x01\n\nDeviceType\x12\x1b\n\x17\x44\x45VICE_TYPE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x44\x45VICE_TYPE_MOBILE\x10\x01\x12\x17\n\x13\x44\x45VICE_TYPE_DESKTOP\x10\x02\x12\x16\n\x12\x44\x45VICE_TYPE_TABLET\x10\x03\x12\x12\n\x0e\x44\x45VICE_TYPE_TV\x10\x04*\x8d\x01\n\x07Surface\x12\x17\n\x13SURFACE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSURFACE_HOME\x10\x01\x12\x17\n\x13SURFACE_ITEM_DETAIL\x10\x02\x12\x12\n\x0eSURFACE_SEARCH\x10\x03\x12\x10\n\x0cSURFACE_CART\x10\x04\x12\x18\n\x14SURFACE_NOTIFICATION\x10\x05*\xbd\x01\n\x08Strategy\x12\x18\n\x14STRATEGY_UNSPECIFIED\x10\x00\x12\x19\n\x15STRATEGY_PERSONALIZED\x10\x01\x12\x17\n\x13STRATEGY_COLD_START\x10\x02\x12\x15\n\x11STRATEGY_DEGRADED\x10\x03\x12\x16\n\x12STRATEGY_INTERESTS\x10\x04\x12\x1d\n\x19STRATEGY_NOT_PERSONALIZED\x10\x05\x12\x15\n\x11STRATEGY_UNRANKED\x10\x06\x32Y\n\x0bRecommender\x12J\n\tRecommend\x12\x1d.hyperrec.v1.RecommendRequest\x1a\x1e.hyperrec.v1.RecommendResponseB\x13\n\x0f\x64\x65v.hyperrec.v1P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dhyperrec/v1/recommender.proto\x12\x0bhyperrec.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa2\x02\n\x07\x43ontext\x12.\n\nevent_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12utc_offset_minutes\x18\x02 \x01(\x05\x12,\n\x0b\x64\x65vice_type\x18\x03 \x01(\x0e\x32\x17.hyperrec.v1.DeviceType\x12\x0f\n\x07\x63ountry\x18\x04 \x01(\t\x12%\n\x07surface\x18\x05 \x01(\x0e\x32\x14.hyperrec.v1.Surface\x12\x34\n\x08\x66\x65\x61tures\x18\x06 \x03(\x0b\x32\".hyperrec.v1.Context.FeaturesEntry\x1a/\n\rFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd9\x01\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12%\n\x07\x63ontext\x18\x03 \x01(\x0b\x32\x14.hyperrec.v1.Context\x12\x18\n\x10\x65xclude_item_ids\x18\x04 \x03(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x17\n\x0finclude_timings\x18\x06 \x01(\x08\x12\x1f\n\x17\x64isable_personalization\x18\x07 \x01(\x08\x12\x1a\n\x12include_seen_items\x18\x08 \x01(\x08\"E\n\nScoredItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x17\n\x0fretrieval_score\x18\x03 \x01(\x02\"^\n\x0cStageTimings\x12\x12\n\nprofile_ms\x18\x01 \x01(\x01\x12\x14\n\x0cretrieval_ms\x18\x02 \x01(\x01\x12\x12\n\nranking_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"\xcf\x01\n\x11RecommendResponse\x12&\n\x05items\x18\x01 \x03(\x0b\x32\x17.hyperrec.v1.ScoredItem\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\'\n\x08strategy\x18\x04 \x01(\x0e\x32\x15.hyperrec.v1.Strategy\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12*\n\x07timings\x18\x06 \x01(\x0b\x32\x19.hyperrec.v1.StageTimings*\x86\x01\n\nDeviceType\x12\x1b\n\x17\x44\x45VICE_TYPE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x44\x45VICE_TYPE_MOBILE\x10\x01\x12\x17\n\x13\x44\x45VICE_TYPE_DESKTOP\x10\x02\x12\x16\n\x12\x44\x45VICE_TYPE_TABLET\x10\x03\x12\x12\n\x0e\x44\x45VICE_TYPE_TV\x10\x04*\x8d\x01\n\x07Surface\x12\x17\n\x13SURFACE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSURFACE_HOME\x10\x01\x12\x17\n\x13SURFACE_ITEM_DETAIL\x10\x02\x12\x12\n\x0eSURFACE_SEARCH\x10\x03\x12\x10\n\x0cSURFACE_CART\x10\x04\x12\x18\n\x14SURFACE_NOTIFICATION\x10\x05*\xbd\x01\n\x08Strategy\x12\x18\n\x14STRATEGY_UNSPECIFIED\x10\x00\x12\x19\n\x15STRATEGY_PERSONALIZED\x10\x01\x12\x17\n\x13STRATEGY_COLD_START\x10\x02\x12\x15\n\x11STRATEGY_DEGRADED\x10\x03\x12\x16\n\x12STRATEGY_INTERESTS\x10\x04\x12\x1d\n\x19STRATEGY_NOT_PERSONALIZED\x10\x05\x12\x15\n\x11STRATEGY_UNRANKED\x10\x06\x32Y\n\x0bRecommender\x12J\n\tRecommend\x12\x1d.hyperrec.v1.RecommendRequest\x1a\x1e.hyperrec.v1.RecommendResponseB\x13\n\x0f\x64\x65v.hyperrec.v1P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,24 +35,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'\n\017dev.hyperrec.v1P\001'
   _globals['_CONTEXT_FEATURESENTRY']._loaded_options = None
   _globals['_CONTEXT_FEATURESENTRY']._serialized_options = b'8\001'
-  _globals['_DEVICETYPE']._serialized_start=942
-  _globals['_DEVICETYPE']._serialized_end=1076
-  _globals['_SURFACE']._serialized_start=1079
-  _globals['_SURFACE']._serialized_end=1220
-  _globals['_STRATEGY']._serialized_start=1223
-  _globals['_STRATEGY']._serialized_end=1412
+  _globals['_DEVICETYPE']._serialized_start=970
+  _globals['_DEVICETYPE']._serialized_end=1104
+  _globals['_SURFACE']._serialized_start=1107
+  _globals['_SURFACE']._serialized_end=1248
+  _globals['_STRATEGY']._serialized_start=1251
+  _globals['_STRATEGY']._serialized_end=1440
   _globals['_CONTEXT']._serialized_start=80
   _globals['_CONTEXT']._serialized_end=370
   _globals['_CONTEXT_FEATURESENTRY']._serialized_start=323
   _globals['_CONTEXT_FEATURESENTRY']._serialized_end=370
   _globals['_RECOMMENDREQUEST']._serialized_start=373
-  _globals['_RECOMMENDREQUEST']._serialized_end=562
-  _globals['_SCOREDITEM']._serialized_start=564
-  _globals['_SCOREDITEM']._serialized_end=633
-  _globals['_STAGETIMINGS']._serialized_start=635
-  _globals['_STAGETIMINGS']._serialized_end=729
-  _globals['_RECOMMENDRESPONSE']._serialized_start=732
-  _globals['_RECOMMENDRESPONSE']._serialized_end=939
-  _globals['_RECOMMENDER']._serialized_start=1414
-  _globals['_RECOMMENDER']._serialized_end=1503
+  _globals['_RECOMMENDREQUEST']._serialized_end=590
+  _globals['_SCOREDITEM']._serialized_start=592
+  _globals['_SCOREDITEM']._serialized_end=661
+  _globals['_STAGETIMINGS']._serialized_start=663
+  _globals['_STAGETIMINGS']._serialized_end=757
+  _globals['_RECOMMENDRESPONSE']._serialized_start=760
+  _globals['_RECOMMENDRESPONSE']._serialized_end=967
+  _globals['_RECOMMENDER']._serialized_start=1442
+  _globals['_RECOMMENDER']._serialized_end=1531
 # @@protoc_insertion_point(module_scope)

@@ -244,6 +244,7 @@ class RecommendRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     INCLUDE_TIMINGS_FIELD_NUMBER: _builtins.int
     DISABLE_PERSONALIZATION_FIELD_NUMBER: _builtins.int
+    INCLUDE_SEEN_ITEMS_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """The caller's id for the user. Required, 1-256 bytes of UTF-8.
     The server never stores or logs it in clear (profiles are keyed by a keyed hash).
@@ -261,6 +262,13 @@ class RecommendRequest(_message.Message):
     disable_personalization: _builtins.bool
     """When true the answer is not based on profiling: the profile is not read and
     popular items for the context segment come back (STRATEGY_NOT_PERSONALIZED).
+    """
+    include_seen_items: _builtins.bool
+    """By default the items of the user's recent history (those the profile holds: the
+    server's recent_items, 50 by default) are left out of a personalized answer, as
+    if listed in exclude_item_ids: a user rarely wants back what they just watched
+    or bought. True lets them come back (re-purchases, re-watches). Answers that read
+    no profile (cold start, degraded, not personalized) leave out only exclude_item_ids.
     """
     @_builtins.property
     def context(self) -> Global___Context:
@@ -282,10 +290,11 @@ class RecommendRequest(_message.Message):
         request_id: _builtins.str = ...,
         include_timings: _builtins.bool = ...,
         disable_personalization: _builtins.bool = ...,
+        include_seen_items: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "disable_personalization", b"disable_personalization", "exclude_item_ids", b"exclude_item_ids", "include_timings", b"include_timings", "k", b"k", "request_id", b"request_id", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "disable_personalization", b"disable_personalization", "exclude_item_ids", b"exclude_item_ids", "include_seen_items", b"include_seen_items", "include_timings", b"include_timings", "k", b"k", "request_id", b"request_id", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
