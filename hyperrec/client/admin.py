@@ -40,13 +40,18 @@ class VersionState:
 @dataclass(frozen=True)
 class ModelState:
     """One model on the server: the active and pinned versions (0: none), the versions it has loaded (or tried to),
-    and every version its repository holds."""
+    every version its repository holds, and where its policy comes from (policy.json's path, or "none") at which
+    revision, written by whom and when."""
 
     name: str
     active_version: int
     pinned_version: int
     versions: tuple[VersionState, ...]
     available_versions: tuple[int, ...]
+    policy_source: str = "none"
+    policy_revision: int = 0
+    policy_updated_by: str = ""
+    policy_updated_at: str = ""
 
 
 def _version(status: apb.VersionStatus) -> VersionState:
@@ -62,6 +67,10 @@ def _model(status: apb.ModelStatus) -> ModelState:
         pinned_version=status.pinned_version,
         versions=tuple(_version(v) for v in status.versions),
         available_versions=tuple(status.available_versions),
+        policy_source=status.policy_source or "none",
+        policy_revision=status.policy_revision,
+        policy_updated_by=status.policy_updated_by,
+        policy_updated_at=status.policy_updated_at,
     )
 
 
@@ -107,10 +116,13 @@ def rollback(connection: Connection, model: str, timeout_s: float) -> ModelState
 
 
 def format_model(model: ModelState) -> str:
-    """A model as `hyperrec models` prints it: active and pinned versions, a table of loaded versions, the rest."""
+    """A model as `hyperrec models` prints it: active and pinned versions, the policy's source and revision, a table
+    of loaded versions, the rest."""
     pinned = f", pinned {model.pinned_version}" if model.pinned_version else ""
+    written = f" by {model.policy_updated_by} at {model.policy_updated_at}" if model.policy_updated_by else ""
     lines = [
         f"model {model.name}: active {model.active_version or 'none'}{pinned}",
+        f"policy: {model.policy_source}, revision {model.policy_revision}{written}",
         f"{'version':>8}  {'state':<8}  {'load ms':>8}  {'warm ms':>8}  reason",
     ]
     for v in model.versions:

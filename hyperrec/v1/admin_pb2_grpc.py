@@ -88,16 +88,18 @@ class ModelAdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ActivateVersion(self, request, context):
-        """ActivateVersion serves a version (loading it first if needed) and pins it:
-        the repository watcher keeps it until another version is activated, a
-        rollback, or ReleasePin.
+        """ActivateVersion serves a version (loading it first if needed) and pins it in
+        the model's policy.json, so every replica sharing the repository serves it
+        after its next watcher pass, and a restart keeps it, until another version is
+        activated, a rollback, or ReleasePin.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Rollback(self, request, context):
-        """Rollback serves the version that was active before the current one, and pins it.
+        """Rollback serves the version that was active on this server before the current one,
+        and pins it in policy.json like ActivateVersion.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -111,7 +113,8 @@ class ModelAdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReleasePin(self, request, context):
-        """ReleasePin lets the watcher follow the repository policy again (newest usable version, or policy.json).
+        """ReleasePin removes the pin from policy.json (and this server's --model-version override):
+        every replica's watcher then serves the newest usable version again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
