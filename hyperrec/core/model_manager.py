@@ -258,6 +258,7 @@ class ModelManager:
             bundle = await self._activate(version)
             if pin:
                 self.override = version
+            self.policy = await self._read_policy()  # ListModels shows the file this override wins over
             return bundle
 
     async def pin(self, version: int) -> Bundle:
@@ -296,6 +297,9 @@ class ModelManager:
         this server applies it at once."""
         async with self._lock:
             base = await self._read_policy()
+            on_disk = await asyncio.to_thread(list_versions, self.repo, self.model_name)
+            if version is not None and version not in on_disk:
+                raise NotFound(f"model {self.model_name!r} has no version {version}")
             await self._publish(base, canary_change(version, percent), "SetCanary")
             await self._converge()
 

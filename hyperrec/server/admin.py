@@ -124,6 +124,17 @@ class ModelAdminServicer:
 
         return await answer(apb.ReleasePinRequest, raw, context, run)
 
+    async def SetCanary(self, raw: bytes, context: Context) -> apb.SetCanaryResponse:  # noqa: N802
+        async def run(request: apb.SetCanaryRequest, _: str, __: float | None) -> apb.SetCanaryResponse:
+            manager = self._model(request.model)
+            version = self._version(request.version) if request.version else None
+            if version is not None and not 0.0 <= request.percent <= 100.0:
+                raise InvalidArgument("percent", f"must be within 0-100, got {request.percent}")
+            await manager.set_canary(version, request.percent)
+            return apb.SetCanaryResponse(model=await model_status(manager))
+
+        return await answer(apb.SetCanaryRequest, raw, context, run)
+
 
 def add_admin_to_server(servicer: ModelAdminServicer, server: grpc.aio.Server) -> None:
     methods: dict[str, tuple[Any, Any]] = {
@@ -133,5 +144,6 @@ def add_admin_to_server(servicer: ModelAdminServicer, server: grpc.aio.Server) -
         "Rollback": (servicer.Rollback, apb.RollbackResponse.SerializeToString),
         "UnloadVersion": (servicer.UnloadVersion, apb.UnloadVersionResponse.SerializeToString),
         "ReleasePin": (servicer.ReleasePin, apb.ReleasePinResponse.SerializeToString),
+        "SetCanary": (servicer.SetCanary, apb.SetCanaryResponse.SerializeToString),
     }
     server.add_generic_rpc_handlers((unary_handlers(ADMIN_SERVICE_NAME, methods),))

@@ -11,7 +11,7 @@ Every call needs the admin token as call metadata `authorization: Bearer <token>
   NOT_FOUND          another model than the one this server serves, or a version that does not exist.
   FAILED_PRECONDITION the request cannot apply now (unload the active version; nothing to roll back to;
                     activate a version that fails validation: the message names the file and the problem).
-  ABORTED           ActivateVersion, Rollback or ReleasePin lost a race: the model's policy.json changed (another
+  ABORTED           ActivateVersion, Rollback, ReleasePin or SetCanary lost a race: the model's policy.json changed (another
                     replica's admin call, or a hand edit) between this call reading it and writing it. Nothing
                     was written; this server returns to what the file says. List the models and decide again.
 """
@@ -462,3 +462,59 @@ class ReleasePinResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReleasePinResponse: _TypeAlias = ReleasePinResponse  # noqa: Y015
+
+@_typing.final
+class SetCanaryRequest(_message.Message):
+    """Request for SetCanary."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    PERCENT_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The model's name."""
+    version: _builtins.int
+    """The canary version (>= 1), or 0 to stop the canary."""
+    percent: _builtins.float
+    """Percentage of users (0-100) the canary answers; ignored when version is 0."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        version: _builtins.int = ...,
+        percent: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "percent", b"percent", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetCanaryRequest: _TypeAlias = SetCanaryRequest  # noqa: Y015
+
+@_typing.final
+class SetCanaryResponse(_message.Message):
+    """The outcome of SetCanary."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def model(self) -> Global___ModelStatus:
+        """The model afterwards (canary_version is 0 when the version could not serve as a canary:
+        the active version itself, or one that failed to load).
+        """
+
+    def __init__(
+        self,
+        *,
+        model: Global___ModelStatus | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetCanaryResponse: _TypeAlias = SetCanaryResponse  # noqa: Y015

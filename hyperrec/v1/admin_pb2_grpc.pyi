@@ -11,7 +11,7 @@ Every call needs the admin token as call metadata `authorization: Bearer <token>
   NOT_FOUND          another model than the one this server serves, or a version that does not exist.
   FAILED_PRECONDITION the request cannot apply now (unload the active version; nothing to roll back to;
                     activate a version that fails validation: the message names the file and the problem).
-  ABORTED           ActivateVersion, Rollback or ReleasePin lost a race: the model's policy.json changed (another
+  ABORTED           ActivateVersion, Rollback, ReleasePin or SetCanary lost a race: the model's policy.json changed (another
                     replica's admin call, or a hand edit) between this call reading it and writing it. Nothing
                     was written; this server returns to what the file says. List the models and decide again.
 """
@@ -69,6 +69,11 @@ class ModelAdminStub:
     """ReleasePin removes the pin from policy.json (and this server's --model-version override):
     every replica's watcher then serves the newest usable version again.
     """
+    SetCanary: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetCanaryRequest, _admin_pb2.SetCanaryResponse]
+    """SetCanary routes a share of users (by a hash of the user id) to a canary version next
+    to the active one, through policy.json, so every replica routes the same users; this
+    server loads the canary and applies it before answering. Version 0 stops the canary.
+    """
 
 @_typing.type_check_only
 class ModelAdminAsyncStub(ModelAdminStub):
@@ -97,6 +102,11 @@ class ModelAdminAsyncStub(ModelAdminStub):
     ReleasePin: _aio.UnaryUnaryMultiCallable[_admin_pb2.ReleasePinRequest, _admin_pb2.ReleasePinResponse]  # type: ignore[assignment]
     """ReleasePin removes the pin from policy.json (and this server's --model-version override):
     every replica's watcher then serves the newest usable version again.
+    """
+    SetCanary: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetCanaryRequest, _admin_pb2.SetCanaryResponse]  # type: ignore[assignment]
+    """SetCanary routes a share of users (by a hash of the user id) to a canary version next
+    to the active one, through policy.json, so every replica routes the same users; this
+    server loads the canary and applies it before answering. Version 0 stops the canary.
     """
 
 class ModelAdminServicer(metaclass=_abc_1.ABCMeta):
@@ -159,6 +169,17 @@ class ModelAdminServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_admin_pb2.ReleasePinResponse, _abc.Awaitable[_admin_pb2.ReleasePinResponse]]:
         """ReleasePin removes the pin from policy.json (and this server's --model-version override):
         every replica's watcher then serves the newest usable version again.
+        """
+
+    @_abc_1.abstractmethod
+    def SetCanary(
+        self,
+        request: _admin_pb2.SetCanaryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.SetCanaryResponse, _abc.Awaitable[_admin_pb2.SetCanaryResponse]]:
+        """SetCanary routes a share of users (by a hash of the user id) to a canary version next
+        to the active one, through policy.json, so every replica routes the same users; this
+        server loads the canary and applies it before answering. Version 0 stops the canary.
         """
 
 def add_ModelAdminServicer_to_server(servicer: ModelAdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
