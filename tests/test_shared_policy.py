@@ -283,3 +283,15 @@ async def test_models_cli_prints_the_policy_and_sets_a_canary(repo: Path, capsys
         assert "active 2, pinned 2, canary 3 for 25% of users" in capsys.readouterr().out
         assert await asyncio.to_thread(main, ["models", "release", *target, "--model", "toy"]) == 0
         assert "revision 3" in capsys.readouterr().out
+
+
+async def test_an_admin_change_that_cannot_be_written_is_refused_and_changes_nothing(repo: Path) -> None:
+    (repo / "toy" / LOCK).mkdir()  # the lock cannot be opened for writing, as on a read-only mount (even as root)
+    async with running_server(repo, "toy", admin_token=ADMIN) as running:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await admin(running).ActivateVersion(apb.ActivateVersionRequest(model="toy", version=1), metadata=AUTH)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "cannot write" in (err.value.details() or "") and POLICY in (err.value.details() or "")
+        model = await status(running)  # it served 1 for the call's duration, then went back to the file's answer
+        assert model.active_version == 3 and model.pinned_version == 0 and await served_version(running) == "3"
+    assert not policy_file(repo).exists()

@@ -36,6 +36,7 @@ from hyperrec.core.errors import Aborted, BundleError, FailedPrecondition, NotFo
 from hyperrec.core.names import check_name
 from hyperrec.core.pipeline import BundleSlot, warm_up
 from hyperrec.core.policy import (
+    POLICY,
     Change,
     Policy,
     PolicyRecord,
@@ -319,12 +320,19 @@ class ModelManager:
 
     async def _publish(self, base: PolicyRecord, change: Change, source: str) -> None:
         """Write `change` to policy.json if it is still `base`; an admin change here ends this process's override.
-        When another writer won, return to what the file now says and re-raise Aborted."""
+        When another writer won, return to what the file now says and re-raise Aborted; when the file cannot be
+        written (a read-only mount), return to it as well and fail with the reason."""
         try:
             self.policy = await asyncio.to_thread(write_policy, self.model_dir, base, change, self.replica, source)
         except Aborted:
             await self._converge()
             raise
+        except OSError as exc:
+            await self._converge()
+            raise FailedPrecondition(
+                f"cannot write {self.model_dir / POLICY} ({exc}): admin changes need the model repository writable "
+                "by the servers (docs/model-repo.md)"
+            ) from None
         self.override = None
 
     async def _failed_fingerprints(self, versions: Sequence[int]) -> dict[int, str]:
