@@ -1,5 +1,5 @@
 """The model repository over a real server: admin auth, load, activate, rollback, unload, the watcher,
-partial and corrupt versions, and the policy file."""
+partial and corrupt versions, and the policy file (shared by several servers: tests/test_shared_policy.py)."""
 
 from __future__ import annotations
 
@@ -164,6 +164,9 @@ async def test_policy_file_pins_a_version(repo: Path) -> None:
     async with running_server(repo, "toy", admin_token=ADMIN) as running:
         (repo / "toy" / "policy.json").write_text(json.dumps({"version": 1}))
         assert await running.app.manager.reconcile() == 1
+        model = await status(running)  # a hand-written file: its path, revision 0, nobody named
+        assert model.pinned_version == 1 and model.policy_revision == 0 and model.policy_updated_by == ""
+        assert model.policy_source == str(repo / "toy" / "policy.json")
         (repo / "toy" / "policy.json").write_text(json.dumps({"version": "latest?"}))  # broken: ignored
         assert await running.app.manager.reconcile() == 2
 
@@ -176,6 +179,7 @@ async def test_models_cli_lists_activates_and_rolls_back(served: Running, capsys
     assert await asyncio.to_thread(main, ["models", "list", *target]) == 0
     out = capsys.readouterr().out
     assert "model toy: active 2, pinned 2" in out and "ready" in out
+    assert f"policy: {served.app.manager.model_dir / 'policy.json'}, revision 2 by " in out  # activate, rollback
     bad = ["--target", f"127.0.0.1:{served.port}", "--token", "wrong-token"]
     assert await asyncio.to_thread(main, ["models", "list", *bad]) == 1
     assert "UNAUTHENTICATED" in capsys.readouterr().err

@@ -255,6 +255,10 @@ def cmd_models(args: argparse.Namespace) -> int:
             return 1 if loaded.failed else 0
         elif args.models_command == "activate":
             models = [admin.activate_version(connection, args.model, args.version, args.timeout)]
+        elif args.models_command == "release":
+            models = [admin.release_pin(connection, args.model, args.timeout)]
+        elif args.models_command == "canary":
+            models = [admin.set_canary(connection, args.model, args.version, args.percent, args.timeout)]
         else:
             models = [admin.rollback(connection, args.model, args.timeout)]
     except ClientError as exc:
@@ -472,21 +476,27 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--timeout", type=float, default=3.0, help="deadline in seconds")
     health.set_defaults(func=cmd_health)
 
-    models = sub.add_parser("models", help="list, load, activate or roll back model versions on a running server")
+    models = sub.add_parser(
+        "models", help="list, load, activate, roll back or canary model versions on a running server (and its peers)"
+    )
     models_sub = models.add_subparsers(dest="models_command", required=True)
     for name, help_text in (
         ("list", "every version the server knows, with its state"),
         ("load", "load, validate and warm a version without serving it"),
-        ("activate", "serve a version and pin it"),
-        ("rollback", "serve the previously active version and pin it"),
+        ("activate", "serve a version and pin it in policy.json (every replica follows)"),
+        ("rollback", "serve the previously active version and pin it in policy.json"),
+        ("release", "remove the pin from policy.json: every replica serves the newest usable version"),
+        ("canary", "route a share of users to a canary version on every replica (--version 0 stops it)"),
     ):
         cmd = models_sub.add_parser(name, help=help_text)
         add_connection_arguments(cmd, token_env="HYPERREC_ADMIN_TOKEN")
         cmd.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds (loading takes time)")
         if name != "list":
             cmd.add_argument("--model", default="demo", help="model name")
-        if name in ("load", "activate"):
+        if name in ("load", "activate", "canary"):
             cmd.add_argument("--version", type=int, required=True, help="version number")
+        if name == "canary":
+            cmd.add_argument("--percent", type=float, default=10.0, help="percentage of users (0-100) it answers")
         cmd.set_defaults(func=cmd_models)
 
     lt = sub.add_parser("loadtest", help="send open- or closed-loop load to a server and judge it against an SLO")

@@ -43,7 +43,13 @@ class ServerConfig:
     port: int = field(default=50051, metadata=_doc("gRPC port; 0 picks a free one (tests)."))
     model_repo: Path = field(default=Path("model_repo"), metadata=_doc("Directory holding <model>/<version>/ bundles."))
     model_name: str = field(default="demo", metadata=_doc("Model to serve from the repository."))
-    model_version: int | None = field(default=None, metadata=_doc("Version to serve; unset serves the newest."))
+    model_version: int | None = field(
+        default=None,
+        metadata=_doc(
+            "Version this process serves, over the pin in the model's policy.json (this process only; "
+            "an admin call on it lifts it); unset: policy.json's pin, else the newest."
+        ),
+    )
     redis_url: str | None = field(
         default=None, metadata=_doc("Redis URL for profiles (redis://host:port/db); unset uses the in-process store.")
     )

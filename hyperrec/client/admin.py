@@ -40,13 +40,20 @@ class VersionState:
 @dataclass(frozen=True)
 class ModelState:
     """One model on the server: the active and pinned versions (0: none), the versions it has loaded (or tried to),
-    and every version its repository holds."""
+    every version its repository holds, and where its policy comes from (policy.json's path, or "none") at which
+    revision, written by whom and when."""
 
     name: str
     active_version: int
     pinned_version: int
     versions: tuple[VersionState, ...]
     available_versions: tuple[int, ...]
+    canary_version: int = 0
+    canary_percent: float = 0.0
+    policy_source: str = "none"
+    policy_revision: int = 0
+    policy_updated_by: str = ""
+    policy_updated_at: str = ""
 
 
 def _version(status: apb.VersionStatus) -> VersionState:
@@ -55,13 +62,19 @@ def _version(status: apb.VersionStatus) -> VersionState:
 
 
 def _model(status: apb.ModelStatus) -> ModelState:
-    """The plain values of a ModelStatus message (canary fields are not printed, so not carried)."""
+    """The plain values of a ModelStatus message."""
     return ModelState(
         name=status.name,
         active_version=status.active_version,
         pinned_version=status.pinned_version,
         versions=tuple(_version(v) for v in status.versions),
         available_versions=tuple(status.available_versions),
+        canary_version=status.canary_version,
+        canary_percent=status.canary_percent,
+        policy_source=status.policy_source or "none",
+        policy_revision=status.policy_revision,
+        policy_updated_by=status.policy_updated_by,
+        policy_updated_at=status.policy_updated_at,
     )
 
 
@@ -106,11 +119,32 @@ def rollback(connection: Connection, model: str, timeout_s: float) -> ModelState
     return _model(reply.model)
 
 
+def release_pin(connection: Connection, model: str, timeout_s: float) -> ModelState:
+    """Remove the pin from the model's policy.json, so every replica serves the newest usable version again."""
+    request = apb.ReleasePinRequest(model=model)
+    with _admin_stub(connection) as stub:
+        reply = stub.ReleasePin(request, metadata=connection.metadata(), timeout=timeout_s)
+    return _model(reply.model)
+
+
+def set_canary(connection: Connection, model: str, version: int, percent: float, timeout_s: float) -> ModelState:
+    """Route `percent` % of users to canary `version` on every replica (version 0 stops the canary)."""
+    request = apb.SetCanaryRequest(model=model, version=version, percent=percent)
+    with _admin_stub(connection) as stub:
+        reply = stub.SetCanary(request, metadata=connection.metadata(), timeout=timeout_s)
+    return _model(reply.model)
+
+
 def format_model(model: ModelState) -> str:
-    """A model as `hyperrec models` prints it: active and pinned versions, a table of loaded versions, the rest."""
+    """A model as `hyperrec models` prints it: active and pinned versions, the policy's source and revision, a table
+    of loaded versions, the rest."""
     pinned = f", pinned {model.pinned_version}" if model.pinned_version else ""
+    if model.canary_version:
+        pinned += f", canary {model.canary_version} for {model.canary_percent:g}% of users"
+    written = f" by {model.policy_updated_by} at {model.policy_updated_at}" if model.policy_updated_by else ""
     lines = [
         f"model {model.name}: active {model.active_version or 'none'}{pinned}",
+        f"policy: {model.policy_source}, revision {model.policy_revision}{written}",
         f"{'version':>8}  {'state':<8}  {'load ms':>8}  {'warm ms':>8}  reason",
     ]
     for v in model.versions:

@@ -37,6 +37,11 @@ class FailedPrecondition(HyperrecError):
     """The request is valid but cannot apply to this user or model as they stand."""
 
 
+class Aborted(HyperrecError):
+    """A concurrent change won: the shared state this call was based on (the model policy's revision) changed
+    before it could apply. Nothing was changed by this call; re-read the state and decide again."""
+
+
 class Unavailable(HyperrecError):
     """The server cannot answer yet (no model loaded) or a hard dependency is down."""
 

@@ -6,9 +6,12 @@ in flight finishes on the bundle it started with, and the old bundle is freed wh
 Loading and warm-up run on their own single thread, so serving threads and the event loop never wait on them.
 A version that fails to load is marked FAILED with its reason and never served; the active one keeps serving.
 
-Which version should be active: a pin (from the admin API, or `policy.json` in the model's folder) when set,
-else the newest version that has not failed. `reconcile()` moves the server there; the watcher calls it on a
-timer. See docs/model-repo.md.
+Which version should be active: this process's override (`--model-version`) when set, else the pin in
+`policy.json` in the model's folder (written by the admin API, or by hand), else the newest version that has not
+failed. Admin pins, rollbacks and pin releases are written to `policy.json` (hyperrec/core/policy.py), so every
+replica sharing the repository follows them. `reconcile()` moves the server there; the watcher calls it on a
+timer. Folder scans and file reads run on worker threads, so slow shared storage never stalls the event loop.
+See docs/model-repo.md.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ import asyncio
 import enum
 import gc
 import hashlib
-import json
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
@@ -28,14 +32,23 @@ from pathlib import Path
 from hyperrec.core import metrics
 from hyperrec.core.bundle import MANIFEST, Bundle, list_versions
 from hyperrec.core.domain import RecommendRequest
-from hyperrec.core.errors import BundleError, FailedPrecondition, NotFound
+from hyperrec.core.errors import Aborted, BundleError, FailedPrecondition, NotFound
 from hyperrec.core.names import check_name
 from hyperrec.core.pipeline import BundleSlot, warm_up
+from hyperrec.core.policy import (
+    POLICY,
+    Change,
+    Policy,
+    PolicyRecord,
+    canary_change,
+    load_policy,
+    pin_change,
+    release_change,
+    write_policy,
+)
 from hyperrec.core.ranker import ACCELERATOR_DEVICES, RankerOptions
 
 log = logging.getLogger(__name__)
-
-POLICY = "policy.json"
 
 
 class VersionState(enum.Enum):
@@ -94,43 +107,6 @@ def manifest_fingerprint(directory: Path) -> str:
         return ""
 
 
-@dataclass(frozen=True)
-class Policy:
-    """What `policy.json` asks for: a stable version (None: the newest usable), a canary and its share."""
-
-    stable: int | None = None
-    canary: int | None = None
-    canary_percent: float = 0.0
-
-
-def _version_field(value: object, name: str) -> int | None:
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-def read_policy(model_dir: Path) -> Policy:
-    """`policy.json`: {"version": N} pins N; {"labels": {"stable": N, "canary": M}, "canary_percent": P} serves N
-    and routes P % of users to M. Absent or broken (logged): the newest usable version, no canary."""
-    path = model_dir / POLICY
-    if not path.is_file():
-        return Policy()
-    try:
-        data = json.loads(path.read_text())
-        labels = data.get("labels", {})
-        stable = _version_field(data.get("version"), "version") or _version_field(labels.get("stable"), "stable")
-        canary = _version_field(labels.get("canary"), "canary")
-        percent = float(data.get("canary_percent", 0.0))
-        if not 0.0 <= percent <= 100.0:
-            raise ValueError(f"canary_percent must be within 0-100, got {percent}")
-        return Policy(stable, canary, percent if canary is not None else 0.0)
-    except (OSError, ValueError, TypeError, AttributeError) as exc:
-        log.error("ignoring %s: %s", path, exc)
-        return Policy()
-
-
 def record_accelerators(bundle: Bundle) -> None:
     """Set hyperrec_accelerator_info for the served bundle: 1 on each component's device, 0 on the others."""
     for component, device in (("ranker", bundle.ranker.device), ("index", bundle.index.device)):
@@ -149,6 +125,7 @@ class ModelManager:
         settings: VersionLoadSettings,
         loader: Executor,
         recorded: Callable[[], Sequence[RecommendRequest]] = tuple,
+        replica: str = "",
     ) -> None:
         self.repo = Path(repo)
         self._recorded = recorded
@@ -162,7 +139,10 @@ class ModelManager:
         self.canary: int | None = None
         self.canary_percent = 0.0
         self._history: list[int] = []  # versions that were active before, most recent last
-        self.pinned: int | None = None  # set by the admin API; overrides policy.json and "newest"
+        # This process's own pin (`--model-version`): wins over policy.json until an admin call here changes it.
+        self.override: int | None = None
+        self.policy = PolicyRecord()  # policy.json as last read or written
+        self.replica = replica or f"{socket.gethostname()}:{os.getpid()}"  # "updated_by" in what it writes
         self._lock = asyncio.Lock()
 
     @property
@@ -173,6 +153,11 @@ class ModelManager:
     def active(self) -> int | None:
         return self._active
 
+    @property
+    def pinned(self) -> int | None:
+        """The pin this server follows: its own override, else policy.json's (None: the newest usable)."""
+        return self.override if self.override is not None else self.policy.policy.stable
+
     def status(self) -> list[VersionInfo]:
         return [self._info[v] for v in sorted(self._info)]
 
@@ -182,9 +167,9 @@ class ModelManager:
     async def _load(self, version: int) -> Bundle:
         """Load, validate and warm `version` (cached when already loaded from the same manifest)."""
         directory = self._directory(version)
-        if version not in list_versions(self.repo, self.model_name):
+        if version not in await asyncio.to_thread(list_versions, self.repo, self.model_name):
             raise NotFound(f"model {self.model_name!r} has no version {version}")
-        fingerprint = manifest_fingerprint(directory)
+        fingerprint = await asyncio.to_thread(manifest_fingerprint, directory)
         known = self._info.get(version)
         if known is not None and known.fingerprint == fingerprint and version in self._bundles:
             return self._bundles[version]
@@ -268,25 +253,56 @@ class ModelManager:
         return bundle
 
     async def activate(self, version: int, pin: bool = True) -> Bundle:
-        """Make `version` the served one (loading it first if needed); with `pin` the watcher keeps it."""
+        """Make `version` the served one (loading it first if needed). With `pin` it becomes this process's
+        override (`--model-version`), kept over policy.json; nothing is written to the shared repository."""
         async with self._lock:
             bundle = await self._activate(version)
             if pin:
-                self.pinned = version
+                self.override = version
+            self.policy = await self._read_policy()  # ListModels shows the file this override wins over
+            return bundle
+
+    async def pin(self, version: int) -> Bundle:
+        """Admin "activate": serve `version` here, then pin it in policy.json so every replica follows.
+        A version that fails to load writes nothing. Aborted when another writer changed the file since this
+        call read it; this server then returns to what the file says."""
+        async with self._lock:
+            base = await self._read_policy()
+            bundle = await self._activate(version)
+            await self._publish(base, pin_change(version), "ActivateVersion")
             return bundle
 
     async def rollback(self) -> int:
-        """Serve the version that was active before the current one again, and pin it."""
+        """Serve the version that was active here before the current one again, and pin it in policy.json."""
         async with self._lock:
-            on_disk = list_versions(self.repo, self.model_name)
+            base = await self._read_policy()
+            on_disk = await asyncio.to_thread(list_versions, self.repo, self.model_name)
             candidates = [v for v in self._history if v != self._active and v in on_disk]
             if not candidates:
                 raise FailedPrecondition(f"model {self.model_name!r} has no earlier version to roll back to")
             target = candidates[-1]
             await self._activate(target)
             self._history = [v for v in self._history if v != target]
-            self.pinned = target
+            await self._publish(base, pin_change(target), "Rollback")
             return target
+
+    async def release_pin(self) -> None:
+        """Admin "release pin": remove the pin from policy.json (and this process's override), so every replica
+        follows the newest usable version again at its next watcher pass."""
+        async with self._lock:
+            base = await self._read_policy()
+            await self._publish(base, release_change, "ReleasePin")
+
+    async def set_canary(self, version: int | None, percent: float) -> None:
+        """Route `percent` % of users to `version` on every replica (None stops the canary), through policy.json;
+        this server applies it at once."""
+        async with self._lock:
+            base = await self._read_policy()
+            on_disk = await asyncio.to_thread(list_versions, self.repo, self.model_name)
+            if version is not None and version not in on_disk:
+                raise NotFound(f"model {self.model_name!r} has no version {version}")
+            await self._publish(base, canary_change(version, percent), "SetCanary")
+            await self._converge()
 
     async def unload(self, version: int) -> None:
         """Release a loaded version that is not serving."""
@@ -298,24 +314,49 @@ class ModelManager:
             self._bundles.pop(version, None)
             del self._info[version]
 
-    def unpin(self) -> None:
-        self.pinned = None
+    async def _read_policy(self) -> PolicyRecord:
+        """policy.json, read on a worker thread (shared storage may be slow)."""
+        return await asyncio.to_thread(load_policy, self.model_dir)
 
-    def _usable(self, version: int) -> bool:
-        """False for a version that failed and whose manifest has not changed since."""
+    async def _publish(self, base: PolicyRecord, change: Change, source: str) -> None:
+        """Write `change` to policy.json if it is still `base`; an admin change here ends this process's override.
+        When another writer won, return to what the file now says and re-raise Aborted; when the file cannot be
+        written (a read-only mount), return to it as well and fail with the reason."""
+        try:
+            self.policy = await asyncio.to_thread(write_policy, self.model_dir, base, change, self.replica, source)
+        except Aborted:
+            await self._converge()
+            raise
+        except OSError as exc:
+            await self._converge()
+            raise FailedPrecondition(
+                f"cannot write {self.model_dir / POLICY} ({exc}): admin changes need the model repository writable "
+                "by the servers (docs/model-repo.md)"
+            ) from None
+        self.override = None
+
+    async def _failed_fingerprints(self, versions: Sequence[int]) -> dict[int, str]:
+        """The current manifest fingerprint of each failed version among `versions`, read on a worker thread."""
+        failed = [v for v in versions if (i := self._info.get(v)) is not None and i.state == VersionState.FAILED]
+        directories = {v: self._directory(v) for v in failed}
+        return await asyncio.to_thread(lambda: {v: manifest_fingerprint(d) for v, d in directories.items()})
+
+    def _usable(self, version: int, fingerprints: dict[int, str]) -> bool:
+        """False for a version that failed and whose manifest (in `fingerprints`) has not changed since."""
         info = self._info.get(version)
         if info is None or info.state != VersionState.FAILED:
             return True
-        return info.fingerprint != manifest_fingerprint(self._directory(version))
+        return info.fingerprint != fingerprints.get(version, "")
 
-    def desired(self, policy: Policy, versions: Sequence[int]) -> int | None:
-        """The version that should serve among `versions` (ascending): the admin pin, else the policy pin, else
-        the newest that has not failed. A pinned version that failed keeps the current one serving."""
-        for pin in (self.pinned, policy.stable):
+    def desired(self, policy: Policy, versions: Sequence[int], fingerprints: dict[int, str]) -> int | None:
+        """The version that should serve among `versions` (ascending): this process's override, else the
+        policy's pin, else the newest that has not failed. A pinned version that failed keeps the current one
+        serving."""
+        for pin in (self.override, policy.stable):
             if pin is not None and pin in versions:
-                return pin if self._usable(pin) else self._active
+                return pin if self._usable(pin, fingerprints) else self._active
         for version in reversed(versions):
-            if self._usable(version):
+            if self._usable(version, fingerprints):
                 return version
         return None
 
@@ -324,31 +365,44 @@ class ModelManager:
         policy's canary. Returns the active version. A version that fails is recorded and skipped; the next
         pass tries the next best."""
         async with self._lock:
-            versions = list_versions(self.repo, self.model_name)  # one look at the folder and the policy per pass
-            policy = read_policy(self.model_dir)
-            on_disk = set(versions)
-            for version in [v for v in self._info if v not in on_disk and v not in (self._active, self.canary)]:
-                self._bundles.pop(version, None)
-                del self._info[version]
-                log.info("model %s version %d removed from the repository", self.model_name, version)
-            while True:
-                target = self.desired(policy, versions)
-                if target is None or target == self._active:
-                    break
-                try:
-                    await self._activate(target)
-                    break
-                except BundleError:
-                    continue  # marked FAILED with this fingerprint: desired() now skips it
-            if self._active is not None and self._active not in on_disk:
-                log.warning("model %s: active version %d left the repository", self.model_name, self._active)
-            await self._apply_canary(policy, on_disk)
-            return self._active
+            return await self._converge()
 
-    async def _apply_canary(self, policy: Policy, on_disk: set[int]) -> None:
+    async def _converge(self) -> int | None:
+        """reconcile() with the lock held: one look at the folder and the policy (on a worker thread), then the
+        moves it asks for."""
+        versions, record = await asyncio.gather(
+            asyncio.to_thread(list_versions, self.repo, self.model_name), self._read_policy()
+        )
+        if record.revision != self.policy.revision or record.digest != self.policy.digest:
+            log.info("model %s: policy %s revision %d", self.model_name, record.source, record.revision)
+        self.policy = record
+        policy = record.policy
+        on_disk = set(versions)
+        for version in [v for v in self._info if v not in on_disk and v not in (self._active, self.canary)]:
+            self._bundles.pop(version, None)
+            del self._info[version]
+            log.info("model %s version %d removed from the repository", self.model_name, version)
+        while True:
+            fingerprints = await self._failed_fingerprints(versions)
+            target = self.desired(policy, versions, fingerprints)
+            if target is None or target == self._active:
+                break
+            try:
+                await self._activate(target)
+                break
+            except BundleError:
+                continue  # marked FAILED with this fingerprint: desired() now skips it
+        if self._active is not None and self._active not in on_disk:
+            log.warning("model %s: active version %d left the repository", self.model_name, self._active)
+        fingerprints = await self._failed_fingerprints(versions)
+        await self._apply_canary(policy, on_disk, fingerprints)
+        return self._active
+
+    async def _apply_canary(self, policy: Policy, on_disk: set[int], fingerprints: dict[int, str]) -> None:
         """Route the policy's share of users to its canary version (loaded first), or stop a canary."""
         wanted = policy.canary
-        if wanted is not None and (wanted not in on_disk or wanted == self._active or not self._usable(wanted)):
+        usable = wanted is not None and self._usable(wanted, fingerprints)
+        if wanted is not None and (wanted not in on_disk or wanted == self._active or not usable):
             wanted = None
         bundle = None
         if wanted is not None:

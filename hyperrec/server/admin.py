@@ -3,6 +3,7 @@ hyperrec/server/gate.py before a call gets here."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import grpc
@@ -31,16 +32,27 @@ def encode_version(info: VersionInfo) -> apb.VersionStatus:
     )
 
 
-def encode_model(manager: ModelManager) -> apb.ModelStatus:
+def encode_model(manager: ModelManager, available: list[int]) -> apb.ModelStatus:
+    """The model's state, its policy as last read or written, and the version folders present (`available`)."""
+    policy = manager.policy
     return apb.ModelStatus(
         name=manager.model_name,
         active_version=manager.active or 0,
         pinned_version=manager.pinned or 0,
         versions=[encode_version(info) for info in manager.status()],
-        available_versions=list_versions(manager.repo, manager.model_name),
+        available_versions=available,
         canary_version=manager.canary or 0,
         canary_percent=manager.canary_percent,
+        policy_source=policy.source,
+        policy_revision=policy.revision,
+        policy_updated_by=policy.updated_by,
+        policy_updated_at=policy.updated_at,
     )
+
+
+async def model_status(manager: ModelManager) -> apb.ModelStatus:
+    """encode_model, with the repository's folder listed on a worker thread (shared storage may be slow)."""
+    return encode_model(manager, await asyncio.to_thread(list_versions, manager.repo, manager.model_name))
 
 
 class ModelAdminServicer:
@@ -64,7 +76,7 @@ class ModelAdminServicer:
 
     async def ListModels(self, raw: bytes, context: Context) -> apb.ListModelsResponse:  # noqa: N802
         async def run(_: apb.ListModelsRequest, __: str, ___: float | None) -> apb.ListModelsResponse:
-            return apb.ListModelsResponse(models=[encode_model(self._manager)])
+            return apb.ListModelsResponse(models=[await model_status(self._manager)])
 
         return await answer(apb.ListModelsRequest, raw, context, run)
 
@@ -83,8 +95,8 @@ class ModelAdminServicer:
     async def ActivateVersion(self, raw: bytes, context: Context) -> apb.ActivateVersionResponse:  # noqa: N802
         async def run(request: apb.ActivateVersionRequest, _: str, __: float | None) -> apb.ActivateVersionResponse:
             manager = self._model(request.model)
-            await manager.activate(self._version(request.version), pin=True)
-            return apb.ActivateVersionResponse(model=encode_model(manager))
+            await manager.pin(self._version(request.version))
+            return apb.ActivateVersionResponse(model=await model_status(manager))
 
         return await answer(apb.ActivateVersionRequest, raw, context, run)
 
@@ -92,7 +104,7 @@ class ModelAdminServicer:
         async def run(request: apb.RollbackRequest, _: str, __: float | None) -> apb.RollbackResponse:
             manager = self._model(request.model)
             await manager.rollback()
-            return apb.RollbackResponse(model=encode_model(manager))
+            return apb.RollbackResponse(model=await model_status(manager))
 
         return await answer(apb.RollbackRequest, raw, context, run)
 
@@ -100,17 +112,28 @@ class ModelAdminServicer:
         async def run(request: apb.UnloadVersionRequest, _: str, __: float | None) -> apb.UnloadVersionResponse:
             manager = self._model(request.model)
             await manager.unload(self._version(request.version))
-            return apb.UnloadVersionResponse(model=encode_model(manager))
+            return apb.UnloadVersionResponse(model=await model_status(manager))
 
         return await answer(apb.UnloadVersionRequest, raw, context, run)
 
     async def ReleasePin(self, raw: bytes, context: Context) -> apb.ReleasePinResponse:  # noqa: N802
         async def run(request: apb.ReleasePinRequest, _: str, __: float | None) -> apb.ReleasePinResponse:
             manager = self._model(request.model)
-            manager.unpin()
-            return apb.ReleasePinResponse(model=encode_model(manager))
+            await manager.release_pin()
+            return apb.ReleasePinResponse(model=await model_status(manager))
 
         return await answer(apb.ReleasePinRequest, raw, context, run)
+
+    async def SetCanary(self, raw: bytes, context: Context) -> apb.SetCanaryResponse:  # noqa: N802
+        async def run(request: apb.SetCanaryRequest, _: str, __: float | None) -> apb.SetCanaryResponse:
+            manager = self._model(request.model)
+            version = self._version(request.version) if request.version else None
+            if version is not None and not 0.0 <= request.percent <= 100.0:
+                raise InvalidArgument("percent", f"must be within 0-100, got {request.percent}")
+            await manager.set_canary(version, request.percent)
+            return apb.SetCanaryResponse(model=await model_status(manager))
+
+        return await answer(apb.SetCanaryRequest, raw, context, run)
 
 
 def add_admin_to_server(servicer: ModelAdminServicer, server: grpc.aio.Server) -> None:
@@ -121,5 +144,6 @@ def add_admin_to_server(servicer: ModelAdminServicer, server: grpc.aio.Server) -
         "Rollback": (servicer.Rollback, apb.RollbackResponse.SerializeToString),
         "UnloadVersion": (servicer.UnloadVersion, apb.UnloadVersionResponse.SerializeToString),
         "ReleasePin": (servicer.ReleasePin, apb.ReleasePinResponse.SerializeToString),
+        "SetCanary": (servicer.SetCanary, apb.SetCanaryResponse.SerializeToString),
     }
     server.add_generic_rpc_handlers((unary_handlers(ADMIN_SERVICE_NAME, methods),))

@@ -12,6 +12,7 @@ import logging
 import grpc
 
 from hyperrec.core.errors import (
+    Aborted,
     BundleError,
     DeadlineExceeded,
     FailedPrecondition,
@@ -31,6 +32,7 @@ _CODES: tuple[tuple[type[HyperrecError], grpc.StatusCode], ...] = (
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (BundleError, grpc.StatusCode.FAILED_PRECONDITION),  # a model version that cannot load: the reason is the answer
+    (Aborted, grpc.StatusCode.ABORTED),  # lost a compare-and-swap on shared state (policy.json): re-read, retry
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),

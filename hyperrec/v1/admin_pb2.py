@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17hyperrec/v1/admin.proto\x12\x0bhyperrec.v1\"|\n\rVersionStatus\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.hyperrec.v1.VersionState\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07load_ms\x18\x04 \x01(\x01\x12\x0f\n\x07warm_ms\x18\x05 \x01(\x01\"\xc5\x01\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x63tive_version\x18\x02 \x01(\x03\x12\x16\n\x0epinned_version\x18\x03 \x01(\x03\x12,\n\x08versions\x18\x04 \x03(\x0b\x32\x1a.hyperrec.v1.VersionStatus\x12\x1a\n\x12\x61vailable_versions\x18\x05 \x03(\x03\x12\x16\n\x0e\x63\x61nary_version\x18\x06 \x01(\x03\x12\x16\n\x0e\x63\x61nary_percent\x18\x07 \x01(\x01\"\x13\n\x11ListModelsRequest\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.hyperrec.v1.ModelStatus\"4\n\x12LoadVersionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"A\n\x13LoadVersionResponse\x12*\n\x06status\x18\x01 \x01(\x0b\x32\x1a.hyperrec.v1.VersionStatus\"8\n\x16\x41\x63tivateVersionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"B\n\x17\x41\x63tivateVersionResponse\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.hyperrec.v1.ModelStatus\" \n\x0fRollbackRequest\x12\r\n\x05model\x18\x01 \x01(\t\";\n\x10RollbackResponse\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.hyperrec.v1.ModelStatus\"6\n\x14UnloadVersionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"@\n\x15UnloadVersionResponse\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.hyperrec.v1.ModelStatus\"\"\n\x11ReleasePinRequest\x12\r\n\x05model\x18\x01 \x01(\t\"=\n\x12ReleasePinResponse\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.hyperrec.v1.ModelStatus*\xaf\x01\n\x0cVersionState\x12\x1d\n\x19VERSION_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15VERSION_STATE_LOADING\x10\x01\x12\x17\n\x13VERSION_STATE_READY\x10\x02\x12\x18\n\x14VERSION_STATE_ACTIVE\x10\x03\x12\x18\n\x14VERSION_STATE_FAILED\x10\x04\x12\x18\n\x14VERSION_STATE_CANARY\x10\x05\x32\xfb\x03\n\nModelAdmin\x12M\n\nListModels\x12\x1e.hyperrec.v1.ListModelsRequest\x1a\x1f.hyperrec.v1.ListModelsResponse\x12P\n\x0bLoadVersion\x12\x1f.hyperrec.v1.LoadVersionRequest\x1a .hyperrec.v1.LoadVersionResponse\x12\\\n\x0f\x41\x63tivateVersion\x12#.hyperrec.v1.ActivateVersionRequest\x1a$.hyperrec.v1.ActivateVersionResponse\x12G\n\x08Rollback\x12\x1c.hyperrec.v1.RollbackRequest\x1a\x1d.hyperrec.v1.RollbackResponse\x12V\n\rUnloadVersion\x12!.hyperrec.v1.UnloadVersionRequest\x1a\".hyperrec.v1.UnloadVersionResponse\x12M\n\nReleasePin\x12\x1e.hyperrec.v1.ReleasePinRequest\x1a\x1f.hyperrec.v1.ReleasePinResponseB\x13\n\x0f\x64\x65v.hyperrec.v1P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17hyperrec/v1/admin.proto\x12\x0bhyperrec.v1\"|\n\rVersionStatus\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.hyperrec.v1.VersionState\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07load_ms\x18\x04 \x01(\x01\x12\x0f\n\x07warm_ms\x18\x05 \x01(\x01\"\xab\x02\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x63tive_version\x18\x02 \x01(\x03\x12\x16\n\x0epinned_version\x18\x03 \x01(\x03\x12,\n\x08versions\x18\x04 \x03(\x0b\x32\x1a.hyperrec.v1.VersionStatus\x12\x1a\n\x12\x61vailable_versions\x18\x05 \x03(\x03\x12\x16\n\x0e\x63\x61nary_version\x18\x06 \x01(\x03\x12\x16\n\x0e\x63\x61nary_percent\x18\x07 \x01(\x01\x12\x15\n\rpolicy_source\x18\x08 \x01(\t\x12\x17\n\x0fpolicy_revision\x18\t \x01(\x03\x12\x19\n\x11policy_updated_by\x18\n \x01(\t\x12\x19\n\x11policy_updated_at\x18\x0b \x01(\t\"\x13\n\x11ListModelsRequest\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.hyperrec.v1.ModelStatus\"4\n\x12LoadVersionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"A\n\x13LoadVersionResponse\x12*\n\x06status\x18\x01 \x01(\x0b\x32\x1a.hyperrec.v1.VersionStatus\"8\n\x16\x41\x63tivateVersionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"B\n\x17\x41\x63tivateVersionResponse\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.hyperrec.v1.ModelStatus\" \n\x0fRollbackRequest\x12\r\n\x05model\x18\x01 \x01(\t\";\n\x10RollbackResponse\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.hyperrec.v1.ModelStatus\"6\n\x14UnloadVersionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"@\n\x15UnloadVersionResponse\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.hyperrec.v1.ModelStatus\"\"\n\x11ReleasePinRequest\x12\r\n\x05model\x18\x01 \x01(\t\"=\n\x12ReleasePinResponse\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.hyperrec.v1.ModelStatus\"C\n\x10SetCanaryRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0f\n\x07percent\x18\x03 \x01(\x01\"<\n\x11SetCanaryResponse\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.hyperrec.v1.ModelStatus*\xaf\x01\n\x0cVersionState\x12\x1d\n\x19VERSION_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15VERSION_STATE_LOADING\x10\x01\x12\x17\n\x13VERSION_STATE_READY\x10\x02\x12\x18\n\x14VERSION_STATE_ACTIVE\x10\x03\x12\x18\n\x14VERSION_STATE_FAILED\x10\x04\x12\x18\n\x14VERSION_STATE_CANARY\x10\x05\x32\xc7\x04\n\nModelAdmin\x12M\n\nListModels\x12\x1e.hyperrec.v1.ListModelsRequest\x1a\x1f.hyperrec.v1.ListModelsResponse\x12P\n\x0bLoadVersion\x12\x1f.hyperrec.v1.LoadVersionRequest\x1a .hyperrec.v1.LoadVersionResponse\x12\\\n\x0f\x41\x63tivateVersion\x12#.hyperrec.v1.ActivateVersionRequest\x1a$.hyperrec.v1.ActivateVersionResponse\x12G\n\x08Rollback\x12\x1c.hyperrec.v1.RollbackRequest\x1a\x1d.hyperrec.v1.RollbackResponse\x12V\n\rUnloadVersion\x12!.hyperrec.v1.UnloadVersionRequest\x1a\".hyperrec.v1.UnloadVersionResponse\x12M\n\nReleasePin\x12\x1e.hyperrec.v1.ReleasePinRequest\x1a\x1f.hyperrec.v1.ReleasePinResponse\x12J\n\tSetCanary\x12\x1d.hyperrec.v1.SetCanaryRequest\x1a\x1e.hyperrec.v1.SetCanaryResponseB\x13\n\x0f\x64\x65v.hyperrec.v1P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,36 +32,40 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hyperrec.v1.admin_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\017dev.hyperrec.v1P\001'
-  _globals['_VERSIONSTATE']._serialized_start=1015
-  _globals['_VERSIONSTATE']._serialized_end=1190
+  _globals['_VERSIONSTATE']._serialized_start=1248
+  _globals['_VERSIONSTATE']._serialized_end=1423
   _globals['_VERSIONSTATUS']._serialized_start=40
   _globals['_VERSIONSTATUS']._serialized_end=164
   _globals['_MODELSTATUS']._serialized_start=167
-  _globals['_MODELSTATUS']._serialized_end=364
-  _globals['_LISTMODELSREQUEST']._serialized_start=366
-  _globals['_LISTMODELSREQUEST']._serialized_end=385
-  _globals['_LISTMODELSRESPONSE']._serialized_start=387
-  _globals['_LISTMODELSRESPONSE']._serialized_end=449
-  _globals['_LOADVERSIONREQUEST']._serialized_start=451
-  _globals['_LOADVERSIONREQUEST']._serialized_end=503
-  _globals['_LOADVERSIONRESPONSE']._serialized_start=505
-  _globals['_LOADVERSIONRESPONSE']._serialized_end=570
-  _globals['_ACTIVATEVERSIONREQUEST']._serialized_start=572
-  _globals['_ACTIVATEVERSIONREQUEST']._serialized_end=628
-  _globals['_ACTIVATEVERSIONRESPONSE']._serialized_start=630
-  _globals['_ACTIVATEVERSIONRESPONSE']._serialized_end=696
-  _globals['_ROLLBACKREQUEST']._serialized_start=698
-  _globals['_ROLLBACKREQUEST']._serialized_end=730
-  _globals['_ROLLBACKRESPONSE']._serialized_start=732
-  _globals['_ROLLBACKRESPONSE']._serialized_end=791
-  _globals['_UNLOADVERSIONREQUEST']._serialized_start=793
-  _globals['_UNLOADVERSIONREQUEST']._serialized_end=847
-  _globals['_UNLOADVERSIONRESPONSE']._serialized_start=849
-  _globals['_UNLOADVERSIONRESPONSE']._serialized_end=913
-  _globals['_RELEASEPINREQUEST']._serialized_start=915
-  _globals['_RELEASEPINREQUEST']._serialized_end=949
-  _globals['_RELEASEPINRESPONSE']._serialized_start=951
-  _globals['_RELEASEPINRESPONSE']._serialized_end=1012
-  _globals['_MODELADMIN']._serialized_start=1193
-  _globals['_MODELADMIN']._serialized_end=1700
+  _globals['_MODELSTATUS']._serialized_end=466
+  _globals['_LISTMODELSREQUEST']._serialized_start=468
+  _globals['_LISTMODELSREQUEST']._serialized_end=487
+  _globals['_LISTMODELSRESPONSE']._serialized_start=489
+  _globals['_LISTMODELSRESPONSE']._serialized_end=551
+  _globals['_LOADVERSIONREQUEST']._serialized_start=553
+  _globals['_LOADVERSIONREQUEST']._serialized_end=605
+  _globals['_LOADVERSIONRESPONSE']._serialized_start=607
+  _globals['_LOADVERSIONRESPONSE']._serialized_end=672
+  _globals['_ACTIVATEVERSIONREQUEST']._serialized_start=674
+  _globals['_ACTIVATEVERSIONREQUEST']._serialized_end=730
+  _globals['_ACTIVATEVERSIONRESPONSE']._serialized_start=732
+  _globals['_ACTIVATEVERSIONRESPONSE']._serialized_end=798
+  _globals['_ROLLBACKREQUEST']._serialized_start=800
+  _globals['_ROLLBACKREQUEST']._serialized_end=832
+  _globals['_ROLLBACKRESPONSE']._serialized_start=834
+  _globals['_ROLLBACKRESPONSE']._serialized_end=893
+  _globals['_UNLOADVERSIONREQUEST']._serialized_start=895
+  _globals['_UNLOADVERSIONREQUEST']._serialized_end=949
+  _globals['_UNLOADVERSIONRESPONSE']._serialized_start=951
+  _globals['_UNLOADVERSIONRESPONSE']._serialized_end=1015
+  _globals['_RELEASEPINREQUEST']._serialized_start=1017
+  _globals['_RELEASEPINREQUEST']._serialized_end=1051
+  _globals['_RELEASEPINRESPONSE']._serialized_start=1053
+  _globals['_RELEASEPINRESPONSE']._serialized_end=1114
+  _globals['_SETCANARYREQUEST']._serialized_start=1116
+  _globals['_SETCANARYREQUEST']._serialized_end=1183
+  _globals['_SETCANARYRESPONSE']._serialized_start=1185
+  _globals['_SETCANARYRESPONSE']._serialized_end=1245
+  _globals['_MODELADMIN']._serialized_start=1426
+  _globals['_MODELADMIN']._serialized_end=2009
 # @@protoc_insertion_point(module_scope)

@@ -11,6 +11,9 @@ Every call needs the admin token as call metadata `authorization: Bearer <token>
   NOT_FOUND          another model than the one this server serves, or a version that does not exist.
   FAILED_PRECONDITION the request cannot apply now (unload the active version; nothing to roll back to;
                     activate a version that fails validation: the message names the file and the problem).
+  ABORTED           ActivateVersion, Rollback, ReleasePin or SetCanary lost a race: the model's policy.json changed (another
+                    replica's admin call, or a hand edit) between this call reading it and writing it. Nothing
+                    was written; this server returns to what the file says. List the models and decide again.
 """
 
 from collections import abc as _abc
@@ -116,16 +119,36 @@ class ModelStatus(_message.Message):
     AVAILABLE_VERSIONS_FIELD_NUMBER: _builtins.int
     CANARY_VERSION_FIELD_NUMBER: _builtins.int
     CANARY_PERCENT_FIELD_NUMBER: _builtins.int
+    POLICY_SOURCE_FIELD_NUMBER: _builtins.int
+    POLICY_REVISION_FIELD_NUMBER: _builtins.int
+    POLICY_UPDATED_BY_FIELD_NUMBER: _builtins.int
+    POLICY_UPDATED_AT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The model's name."""
     active_version: _builtins.int
     """The version serving requests; 0 when none."""
     pinned_version: _builtins.int
-    """The version pinned by ActivateVersion or Rollback; 0 when the repository policy decides."""
+    """The version this server is pinned to: its --model-version override, else the pin in
+    policy.json (from ActivateVersion, Rollback or a hand edit); 0 when the newest usable version serves.
+    """
     canary_version: _builtins.int
     """The canary version from policy.json; 0 when none."""
     canary_percent: _builtins.float
     """Percentage of users (0-100) the canary answers."""
+    policy_source: _builtins.str
+    """Where the policy comes from: the path of the model's policy.json as this server
+    sees it, or "none" when there is no such file.
+    """
+    policy_revision: _builtins.int
+    """The policy file's revision as this server last read or wrote it: every admin change
+    adds one; 0 without a file, or for a hand-written file without a revision.
+    """
+    policy_updated_by: _builtins.str
+    """Who wrote that revision ("host:pid" of the replica) and when (ISO 8601, UTC); empty
+    for a hand-written file.
+    """
+    policy_updated_at: _builtins.str
+    """See policy_updated_by."""
     @_builtins.property
     def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___VersionStatus]:
         """Versions the server has tried, ascending."""
@@ -144,10 +167,14 @@ class ModelStatus(_message.Message):
         available_versions: _abc.Iterable[_builtins.int] | None = ...,
         canary_version: _builtins.int = ...,
         canary_percent: _builtins.float = ...,
+        policy_source: _builtins.str = ...,
+        policy_revision: _builtins.int = ...,
+        policy_updated_by: _builtins.str = ...,
+        policy_updated_at: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_version", b"active_version", "available_versions", b"available_versions", "canary_percent", b"canary_percent", "canary_version", b"canary_version", "name", b"name", "pinned_version", b"pinned_version", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_version", b"active_version", "available_versions", b"available_versions", "canary_percent", b"canary_percent", "canary_version", b"canary_version", "name", b"name", "pinned_version", b"pinned_version", "policy_revision", b"policy_revision", "policy_source", b"policy_source", "policy_updated_at", b"policy_updated_at", "policy_updated_by", b"policy_updated_by", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -435,3 +462,59 @@ class ReleasePinResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReleasePinResponse: _TypeAlias = ReleasePinResponse  # noqa: Y015
+
+@_typing.final
+class SetCanaryRequest(_message.Message):
+    """Request for SetCanary."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    PERCENT_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The model's name."""
+    version: _builtins.int
+    """The canary version (>= 1), or 0 to stop the canary."""
+    percent: _builtins.float
+    """Percentage of users (0-100) the canary answers; ignored when version is 0."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        version: _builtins.int = ...,
+        percent: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "percent", b"percent", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetCanaryRequest: _TypeAlias = SetCanaryRequest  # noqa: Y015
+
+@_typing.final
+class SetCanaryResponse(_message.Message):
+    """The outcome of SetCanary."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def model(self) -> Global___ModelStatus:
+        """The model afterwards (canary_version is 0 when the version could not serve as a canary:
+        the active version itself, or one that failed to load).
+        """
+
+    def __init__(
+        self,
+        *,
+        model: Global___ModelStatus | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetCanaryResponse: _TypeAlias = SetCanaryResponse  # noqa: Y015

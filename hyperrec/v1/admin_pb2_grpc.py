@@ -65,6 +65,11 @@ class ModelAdminStub:
                 request_serializer=hyperrec_dot_v1_dot_admin__pb2.ReleasePinRequest.SerializeToString,
                 response_deserializer=hyperrec_dot_v1_dot_admin__pb2.ReleasePinResponse.FromString,
                 _registered_method=True)
+        self.SetCanary = channel.unary_unary(
+                '/hyperrec.v1.ModelAdmin/SetCanary',
+                request_serializer=hyperrec_dot_v1_dot_admin__pb2.SetCanaryRequest.SerializeToString,
+                response_deserializer=hyperrec_dot_v1_dot_admin__pb2.SetCanaryResponse.FromString,
+                _registered_method=True)
 
 
 class ModelAdminServicer:
@@ -88,16 +93,18 @@ class ModelAdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ActivateVersion(self, request, context):
-        """ActivateVersion serves a version (loading it first if needed) and pins it:
-        the repository watcher keeps it until another version is activated, a
-        rollback, or ReleasePin.
+        """ActivateVersion serves a version (loading it first if needed) and pins it in
+        the model's policy.json, so every replica sharing the repository serves it
+        after its next watcher pass, and a restart keeps it, until another version is
+        activated, a rollback, or ReleasePin.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Rollback(self, request, context):
-        """Rollback serves the version that was active before the current one, and pins it.
+        """Rollback serves the version that was active on this server before the current one,
+        and pins it in policy.json like ActivateVersion.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -111,7 +118,17 @@ class ModelAdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReleasePin(self, request, context):
-        """ReleasePin lets the watcher follow the repository policy again (newest usable version, or policy.json).
+        """ReleasePin removes the pin from policy.json (and this server's --model-version override):
+        every replica's watcher then serves the newest usable version again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetCanary(self, request, context):
+        """SetCanary routes a share of users (by a hash of the user id) to a canary version next
+        to the active one, through policy.json, so every replica routes the same users; this
+        server loads the canary and applies it before answering. Version 0 stops the canary.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -149,6 +166,11 @@ def add_ModelAdminServicer_to_server(servicer, server):
                     servicer.ReleasePin,
                     request_deserializer=hyperrec_dot_v1_dot_admin__pb2.ReleasePinRequest.FromString,
                     response_serializer=hyperrec_dot_v1_dot_admin__pb2.ReleasePinResponse.SerializeToString,
+            ),
+            'SetCanary': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetCanary,
+                    request_deserializer=hyperrec_dot_v1_dot_admin__pb2.SetCanaryRequest.FromString,
+                    response_serializer=hyperrec_dot_v1_dot_admin__pb2.SetCanaryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -314,6 +336,33 @@ class ModelAdmin:
             '/hyperrec.v1.ModelAdmin/ReleasePin',
             hyperrec_dot_v1_dot_admin__pb2.ReleasePinRequest.SerializeToString,
             hyperrec_dot_v1_dot_admin__pb2.ReleasePinResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetCanary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hyperrec.v1.ModelAdmin/SetCanary',
+            hyperrec_dot_v1_dot_admin__pb2.SetCanaryRequest.SerializeToString,
+            hyperrec_dot_v1_dot_admin__pb2.SetCanaryResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -11,6 +11,9 @@ Every call needs the admin token as call metadata `authorization: Bearer <token>
   NOT_FOUND          another model than the one this server serves, or a version that does not exist.
   FAILED_PRECONDITION the request cannot apply now (unload the active version; nothing to roll back to;
                     activate a version that fails validation: the message names the file and the problem).
+  ABORTED           ActivateVersion, Rollback, ReleasePin or SetCanary lost a race: the model's policy.json changed (another
+                    replica's admin call, or a hand edit) between this call reading it and writing it. Nothing
+                    was written; this server returns to what the file says. List the models and decide again.
 """
 
 from collections import abc as _abc
@@ -51,16 +54,26 @@ class ModelAdminStub:
     itself succeeds and the active version keeps serving).
     """
     ActivateVersion: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ActivateVersionRequest, _admin_pb2.ActivateVersionResponse]
-    """ActivateVersion serves a version (loading it first if needed) and pins it:
-    the repository watcher keeps it until another version is activated, a
-    rollback, or ReleasePin.
+    """ActivateVersion serves a version (loading it first if needed) and pins it in
+    the model's policy.json, so every replica sharing the repository serves it
+    after its next watcher pass, and a restart keeps it, until another version is
+    activated, a rollback, or ReleasePin.
     """
     Rollback: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RollbackRequest, _admin_pb2.RollbackResponse]
-    """Rollback serves the version that was active before the current one, and pins it."""
+    """Rollback serves the version that was active on this server before the current one,
+    and pins it in policy.json like ActivateVersion.
+    """
     UnloadVersion: _grpc.UnaryUnaryMultiCallable[_admin_pb2.UnloadVersionRequest, _admin_pb2.UnloadVersionResponse]
     """UnloadVersion frees a loaded version that is not active."""
     ReleasePin: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ReleasePinRequest, _admin_pb2.ReleasePinResponse]
-    """ReleasePin lets the watcher follow the repository policy again (newest usable version, or policy.json)."""
+    """ReleasePin removes the pin from policy.json (and this server's --model-version override):
+    every replica's watcher then serves the newest usable version again.
+    """
+    SetCanary: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetCanaryRequest, _admin_pb2.SetCanaryResponse]
+    """SetCanary routes a share of users (by a hash of the user id) to a canary version next
+    to the active one, through policy.json, so every replica routes the same users; this
+    server loads the canary and applies it before answering. Version 0 stops the canary.
+    """
 
 @_typing.type_check_only
 class ModelAdminAsyncStub(ModelAdminStub):
@@ -75,16 +88,26 @@ class ModelAdminAsyncStub(ModelAdminStub):
     itself succeeds and the active version keeps serving).
     """
     ActivateVersion: _aio.UnaryUnaryMultiCallable[_admin_pb2.ActivateVersionRequest, _admin_pb2.ActivateVersionResponse]  # type: ignore[assignment]
-    """ActivateVersion serves a version (loading it first if needed) and pins it:
-    the repository watcher keeps it until another version is activated, a
-    rollback, or ReleasePin.
+    """ActivateVersion serves a version (loading it first if needed) and pins it in
+    the model's policy.json, so every replica sharing the repository serves it
+    after its next watcher pass, and a restart keeps it, until another version is
+    activated, a rollback, or ReleasePin.
     """
     Rollback: _aio.UnaryUnaryMultiCallable[_admin_pb2.RollbackRequest, _admin_pb2.RollbackResponse]  # type: ignore[assignment]
-    """Rollback serves the version that was active before the current one, and pins it."""
+    """Rollback serves the version that was active on this server before the current one,
+    and pins it in policy.json like ActivateVersion.
+    """
     UnloadVersion: _aio.UnaryUnaryMultiCallable[_admin_pb2.UnloadVersionRequest, _admin_pb2.UnloadVersionResponse]  # type: ignore[assignment]
     """UnloadVersion frees a loaded version that is not active."""
     ReleasePin: _aio.UnaryUnaryMultiCallable[_admin_pb2.ReleasePinRequest, _admin_pb2.ReleasePinResponse]  # type: ignore[assignment]
-    """ReleasePin lets the watcher follow the repository policy again (newest usable version, or policy.json)."""
+    """ReleasePin removes the pin from policy.json (and this server's --model-version override):
+    every replica's watcher then serves the newest usable version again.
+    """
+    SetCanary: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetCanaryRequest, _admin_pb2.SetCanaryResponse]  # type: ignore[assignment]
+    """SetCanary routes a share of users (by a hash of the user id) to a canary version next
+    to the active one, through policy.json, so every replica routes the same users; this
+    server loads the canary and applies it before answering. Version 0 stops the canary.
+    """
 
 class ModelAdminServicer(metaclass=_abc_1.ABCMeta):
     """ModelAdmin lets operators and deploy pipelines inspect and steer model versions."""
@@ -114,9 +137,10 @@ class ModelAdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.ActivateVersionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ActivateVersionResponse, _abc.Awaitable[_admin_pb2.ActivateVersionResponse]]:
-        """ActivateVersion serves a version (loading it first if needed) and pins it:
-        the repository watcher keeps it until another version is activated, a
-        rollback, or ReleasePin.
+        """ActivateVersion serves a version (loading it first if needed) and pins it in
+        the model's policy.json, so every replica sharing the repository serves it
+        after its next watcher pass, and a restart keeps it, until another version is
+        activated, a rollback, or ReleasePin.
         """
 
     @_abc_1.abstractmethod
@@ -125,7 +149,9 @@ class ModelAdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.RollbackRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.RollbackResponse, _abc.Awaitable[_admin_pb2.RollbackResponse]]:
-        """Rollback serves the version that was active before the current one, and pins it."""
+        """Rollback serves the version that was active on this server before the current one,
+        and pins it in policy.json like ActivateVersion.
+        """
 
     @_abc_1.abstractmethod
     def UnloadVersion(
@@ -141,6 +167,19 @@ class ModelAdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.ReleasePinRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ReleasePinResponse, _abc.Awaitable[_admin_pb2.ReleasePinResponse]]:
-        """ReleasePin lets the watcher follow the repository policy again (newest usable version, or policy.json)."""
+        """ReleasePin removes the pin from policy.json (and this server's --model-version override):
+        every replica's watcher then serves the newest usable version again.
+        """
+
+    @_abc_1.abstractmethod
+    def SetCanary(
+        self,
+        request: _admin_pb2.SetCanaryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.SetCanaryResponse, _abc.Awaitable[_admin_pb2.SetCanaryResponse]]:
+        """SetCanary routes a share of users (by a hash of the user id) to a canary version next
+        to the active one, through policy.json, so every replica routes the same users; this
+        server loads the canary and applies it before answering. Version 0 stops the canary.
+        """
 
 def add_ModelAdminServicer_to_server(servicer: ModelAdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
