@@ -158,7 +158,11 @@ class ServerConfig:
         ),
     )
     grace_s: float = field(
-        default=5.0, metadata=_doc("After the drain, time given to in-flight calls to finish before they are cut.")
+        default=5.0,
+        metadata=_doc(
+            "When the drain ends, new calls are refused UNAVAILABLE and every call admitted before gets this long "
+            "to finish before it is cut."
+        ),
     )
     seed_profiles: Path | None = field(
         default=None, metadata=_doc("Optional profiles file (.npz from training) loaded into the store at start.")
@@ -217,8 +221,8 @@ class ServerConfig:
         default=2.0,
         metadata=_doc(
             "The adaptive concurrency limit shrinks when the median call latency (arrival to answer) rises above "
-            "this many times the unloaded latency measured over the last ~10 s, and may grow while it stays "
-            "below; at least 1."
+            "this many times the unloaded latency (the lowest window median of the last 100 windows), and may "
+            "grow while it stays below; at least 1."
         ),
     )
     limit_window_s: float = field(
