@@ -37,13 +37,13 @@ def feed(limit: AdaptiveLimit, latency: float, now: float, calls: int = 10, serv
     return now
 
 
-def window(limit: AdaptiveLimit, latency: float, now: float, fill: bool = False) -> float:
-    """One full window of calls taking `latency`, with the limit reached during it when `fill`; the next clock."""
-    if fill:
-        while limit.admit():
-            pass
-        for _ in range(limit.in_flight):
-            limit.release()
+def window(limit: AdaptiveLimit, latency: float, now: float, use: float = 0.0) -> float:
+    """One full window of calls taking `latency`, during which `use` of the limit was in progress at once at the
+    peak; the next clock."""
+    for _ in range(math.ceil(use * limit.current)):
+        limit.admit()
+    for _ in range(limit.in_flight):
+        limit.release()
     return feed(limit, latency, now + 1.0)  # well past the window (whole seconds: no rounding at the edge)
 
 
@@ -79,18 +79,19 @@ def test_latency_above_the_tolerance_shrinks_the_limit_in_proportion() -> None:
     assert limit.current == SETTINGS.min_limit  # never below the floor
 
 
-def test_latency_near_the_baseline_grows_the_limit_only_when_the_window_reached_it() -> None:
+def test_latency_near_the_baseline_grows_the_limit_only_when_the_window_used_half_of_it() -> None:
     limit = AdaptiveLimit(SETTINGS, now=0.0)
     now = window(limit, 0.010, 0.0)
     now = window(limit, 0.500, now)
     now = window(limit, 0.500, now)
     assert limit.limit == pytest.approx(16.0)
-    now = window(limit, 0.012, now)  # back near the baseline, but nobody reached the limit: it stays
+    now = window(limit, 0.012, now)  # back near the baseline, but no call was in progress: it stays
+    now = window(limit, 0.012, now, use=0.4)  # nor with less than half of it in use
     assert limit.limit == pytest.approx(16.0)
-    now = window(limit, 0.012, now, fill=True)
+    now = window(limit, 0.012, now, use=0.5)
     assert limit.limit == pytest.approx(16.0 + 4.0)  # grows by sqrt(limit)
     for _ in range(40):
-        now = window(limit, 0.012, now, fill=True)
+        now = window(limit, 0.012, now, use=1.0)
     assert limit.current == SETTINGS.max_limit  # never above the ceiling
 
 
@@ -102,12 +103,18 @@ def test_the_baseline_is_the_lowest_window_latency_of_the_recent_windows() -> No
     assert limit.baseline == 0.007  # 4 ms has left the last three windows: a slower model is followed
 
 
-@given(st.lists(st.floats(min_value=1e-4, max_value=5.0), min_size=1, max_size=60), st.booleans())
-def test_the_limit_always_stays_within_its_bounds(latencies: list[float], fill: bool) -> None:
+@given(
+    st.lists(
+        st.tuples(st.floats(min_value=1e-4, max_value=5.0), st.floats(min_value=0.0, max_value=1.0)),
+        min_size=1,
+        max_size=60,
+    )
+)
+def test_the_limit_always_stays_within_its_bounds(windows: list[tuple[float, float]]) -> None:
     limit = AdaptiveLimit(SETTINGS, now=0.0)
     now = 0.0
-    for latency in latencies:
-        now = window(limit, latency, now, fill=fill)
+    for latency, use in windows:
+        now = window(limit, latency, now, use=use)
         assert SETTINGS.min_limit <= limit.limit <= SETTINGS.max_limit
         assert limit.current == math.floor(limit.limit)
 
@@ -120,10 +127,10 @@ def test_the_limit_always_stays_within_its_bounds(latencies: list[float], fill: 
     st.booleans(),
 )
 def test_higher_latency_never_gives_a_higher_limit(
-    limit: float, baseline: float, a: float, b: float, reached: bool
+    limit: float, baseline: float, a: float, b: float, used: bool
 ) -> None:
     low, high = sorted((a, b))
-    assert next_limit(limit, high, baseline, reached, SETTINGS) <= next_limit(limit, low, baseline, reached, SETTINGS)
+    assert next_limit(limit, high, baseline, used, SETTINGS) <= next_limit(limit, low, baseline, used, SETTINGS)
 
 
 def test_a_deadline_shorter_than_the_queue_ahead_is_refused_and_a_longer_one_is_not() -> None:

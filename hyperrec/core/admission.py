@@ -61,8 +61,8 @@ class AdaptiveLimit:
     - the window's latency is the median latency (arrival to answer) of the calls that completed in it;
     - the baseline is the lowest window latency of the last `baseline_windows` windows (the unloaded latency; it
       follows a slower model or machine within that many windows);
-    - latency <= tolerance x baseline: the limit grows by sqrt(limit) when the window used it fully (some call
-      found it reached; a limit nobody reaches says nothing about more calls), else it stays;
+    - latency <= tolerance x baseline: the limit grows by sqrt(limit) when the window used at least half of it
+      (as concurrency-limits does: a limit far from reached says nothing about more calls), else it stays;
     - latency above that: limit x (tolerance x baseline / latency), never less than half the limit at once;
     - the result is kept within [min_limit, max_limit]. It starts at max_limit, so a server that is never loaded
       behaves as the fixed limit did.
@@ -75,7 +75,7 @@ class AdaptiveLimit:
         self.service_time: float | None = None  # moving average of handler time (handler start to answer)
         self._window_start = now
         self._samples: list[float] = []
-        self._reached = False  # a call found the limit reached in this window
+        self._peak = 0  # the most calls in progress at once during this window
         self._windows: deque[float] = deque(maxlen=settings.baseline_windows)
 
     @property
@@ -92,11 +92,9 @@ class AdaptiveLimit:
         """Count one more call in and return True, or return False when `current` calls are already in progress.
         An admitted call must be released when it ends, however it ends."""
         if self.in_flight >= self.current:
-            self._reached = True
             return False
         self.in_flight += 1
-        if self.in_flight >= self.current:
-            self._reached = True
+        self._peak = max(self._peak, self.in_flight)
         return True
 
     def release(self) -> None:
@@ -116,9 +114,10 @@ class AdaptiveLimit:
         """Compute the next limit from the window's latency (see the class docstring) and start a new window."""
         latency = statistics.median(self._samples)
         self._windows.append(latency)
-        self.limit = next_limit(self.limit, latency, min(self._windows), self._reached, self.settings)
+        used = 2 * self._peak >= self.current
+        self.limit = next_limit(self.limit, latency, min(self._windows), used, self.settings)
         self._samples = []
-        self._reached = self.in_flight >= self.current
+        self._peak = self.in_flight
         self._window_start = now
 
     def expected_latency(self) -> float | None:
@@ -151,11 +150,11 @@ class AdaptiveLimit:
         )
 
 
-def next_limit(limit: float, latency: float, baseline: float, reached: bool, settings: LimitSettings) -> float:
+def next_limit(limit: float, latency: float, baseline: float, used: bool, settings: LimitSettings) -> float:
     """The limit after a window whose median latency was `latency` against `baseline` (see `AdaptiveLimit`)."""
     near = settings.tolerance * baseline
     if latency <= near:
-        grown = limit + math.sqrt(limit) if reached else limit
+        grown = limit + math.sqrt(limit) if used else limit
     else:
         grown = limit * max(MAX_DECREASE, near / latency)
     return min(float(settings.max_limit), max(float(settings.min_limit), grown))
