@@ -233,7 +233,7 @@ class ServerConfig:
         ),
     )
     pending_calls: int = field(
-        default=2000,
+        default=5000,
         metadata=_doc(
             "Calls grpc-core may hold before the server's event loop takes them to the gate (which admits them or "
             "refuses them RESOURCE_EXHAUSTED at once); beyond it grpc-core drops calls itself and clients see "

@@ -66,6 +66,9 @@ class AdaptiveLimit:
     - latency above that: limit x (tolerance x baseline / latency), never less than half the limit at once;
     - the result is kept within [min_limit, max_limit]. It starts at max_limit, so a server that is never loaded
       behaves as the fixed limit did.
+
+    Latency is the whole call's, so it also rises when a dependency slows down (a profile store answering near its
+    budget): the limit then shrinks too, until the baseline has followed the new latency (`baseline_windows`).
     """
 
     def __init__(self, settings: LimitSettings, now: float) -> None:

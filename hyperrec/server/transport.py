@@ -56,7 +56,7 @@ class TransportSettings:
     latency_tolerance: float = 2.0  # latency up to this many times the unloaded one does not shrink the limit
     limit_window_s: float = 0.1  # how often the adaptive limit is recomputed
     compute_capacity: int = 1  # calls computed at once (compute threads): beyond it calls queue
-    pending_calls: int = 2000  # calls grpc-core holds before the Python server loop takes them (see server_options)
+    pending_calls: int = 5000  # calls grpc-core holds before the Python server loop takes them (see server_options)
 
 
 def limit_settings(settings: TransportSettings) -> LimitSettings:
@@ -87,12 +87,15 @@ def server_options(settings: TransportSettings) -> list[tuple[str, int]]:
     """grpcio channel arguments: message size, pending-call limits and connection age."""
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
-        # grpc-core holds each arriving call until the Python server loop asks for the next one (it asks one at a
-        # time, between the event loop's other work); the gate then admits it or refuses it RESOURCE_EXHAUSTED.
-        # Beyond `pending_calls` held calls grpc-core drops the excess itself without any Python code running: the
-        # client sees CANCELLED (grpcio's server gives no way to choose another status), so this bound is a last
-        # resort, sized to hold a burst the gate refuses within a fraction of a second (refusing costs a few
-        # microseconds of the event loop per call). Equal soft and hard limits: no random early drops below it.
+        # grpc-core holds each arriving call until the Python server loop asks for the next one (grpcio's aio
+        # server asks one at a time, between the event loop's other work); the gate then admits it or refuses it
+        # RESOURCE_EXHAUSTED before its message is decoded. Beyond `pending_calls` held calls grpc-core drops the
+        # excess itself, without any Python code running: the client sees CANCELLED (the filter-stack server
+        # grpcio 1.85 uses kills the unrequested call; no option picks another status), tried with a loop kept
+        # busy: every call beyond the bound ended CANCELLED. So the bound is a last resort: large enough that a
+        # burst reaches the gate and is refused RESOURCE_EXHAUSTED (a refusal costs the loop a fraction of a
+        # millisecond), small enough to bound memory and the time a burst can wait to be refused. Equal soft and
+        # hard limits: no random early drops below it.
         ("grpc.server.max_pending_requests", settings.pending_calls),
         ("grpc.server.max_pending_requests_hard_limit", settings.pending_calls),
     ]
