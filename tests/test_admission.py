@@ -150,6 +150,19 @@ def test_a_deadline_shorter_than_the_queue_ahead_is_refused_and_a_longer_one_is_
     assert why is not None and "5 calls ahead would take about 300 ms" in why and "250 ms left" in why
 
 
+def test_the_measured_completion_rate_caps_the_expected_wait() -> None:
+    """Twenty calls of 100 ms each completing within 0.1 s overlap (a rate of 100/s): six calls in flight then
+    expect 60 ms (Little's law), not the 300 ms that two compute slots at 100 ms each would give."""
+    limit = AdaptiveLimit(SETTINGS, now=0.0)
+    feed(limit, 0.100, now=0.1, calls=20)  # the first ten close the window: 10 calls in 0.1 s
+    assert limit.throughput == pytest.approx(100.0)
+    for _ in range(6):
+        limit.admit()
+    assert limit.expected_latency() == pytest.approx(0.06)
+    assert limit.deadline_refusal(0.07) is None
+    assert limit.deadline_refusal(0.05) is not None
+
+
 def test_the_service_time_is_a_moving_average_of_handler_times() -> None:
     limit = AdaptiveLimit(SETTINGS, now=0.0)
     limit.observe(0.5, 0.010, now=0.0)

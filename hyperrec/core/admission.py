@@ -76,6 +76,7 @@ class AdaptiveLimit:
         self.limit = float(settings.max_limit)
         self.in_flight = 0
         self.service_time: float | None = None  # moving average of handler time (handler start to answer)
+        self.throughput: float | None = None  # calls completed per second in the last closed window
         self._window_start = now
         self._samples: list[float] = []
         self._peak = 0  # the most calls in progress at once during this window
@@ -119,6 +120,7 @@ class AdaptiveLimit:
         self._windows.append(latency)
         used = 2 * self._peak >= self.current
         self.limit = next_limit(self.limit, latency, min(self._windows), used, self.settings)
+        self.throughput = len(self._samples) / (now - self._window_start)
         self._samples = []
         self._peak = self.in_flight
         self._window_start = now
@@ -132,7 +134,13 @@ class AdaptiveLimit:
             return None
         # The calls beyond capacity form a queue that drains `capacity` calls per service time.
         queued = ahead - capacity + 1
-        return self.service_time * (1 + queued / capacity)
+        expected = self.service_time * (1 + queued / capacity)
+        if self.throughput is not None:
+            # Calls that overlap (waiting on the profile store, batched together) drain faster than that model
+            # says; the measured rate bounds the wait too (Little's law: the calls ahead and this one, at the
+            # rate calls completed lately). The smaller estimate wins: refuse only what neither expects to fit.
+            expected = min(expected, (ahead + 1) / self.throughput)
+        return expected
 
     def deadline_refusal(self, remaining_s: float | None) -> str | None:
         """Why an admitted call with `remaining_s` left cannot meet its deadline behind the current queue, or
