@@ -409,3 +409,28 @@ async def test_stop_during_a_burst_lets_every_admitted_call_finish_and_refuses_t
     assert sample("hyperrec_grpc_requests_total", {"method": method, "code": "OK"}) == (
         answered + 1 + codes[grpc.StatusCode.OK]
     )
+
+
+async def test_sigterm_during_a_burst_cancels_no_admitted_call(repo: Path, tmp_path: Path, redis_url: str) -> None:
+    """The same over a real `hyperrec serve` process and SIGTERM: calls admitted before the drain ends (held by a
+    paused Redis) all answer within the grace; the rest of the burst, and calls sent after the signal, are refused
+    RESOURCE_EXHAUSTED or UNAVAILABLE; none is CANCELLED."""
+    metrics_port = free_port()
+    args = ("--drain-s", "0", "--grace-s", "10", "--max-in-flight", "16", "--metrics-port", str(metrics_port))
+    with serve(repo, tmp_path, *args, redis_url=redis_url) as server:
+        wait_serving(server.target)
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            stub: Any = pb_grpc.RecommenderStub(channel)
+            await stub.Recommend(pb.RecommendRequest(user_id="warm", k=5), timeout=10)
+            with paused_redis(redis_url, 2000):
+                calls = [stub.Recommend(pb.RecommendRequest(user_id=f"u{n}", k=5), timeout=30) for n in range(300)]
+                first = [asyncio.ensure_future(ended_as(c)) for c in calls]
+                await wait_until_async(lambda: in_flight(metrics_port) >= 16, "the limit to fill")
+                server.signal(signal.SIGTERM)
+                late = [stub.Recommend(pb.RecommendRequest(user_id=f"v{n}", k=5), timeout=30) for n in range(100)]
+                codes = Counter(await asyncio.gather(*first, *(ended_as(c) for c in late)))
+        code, _ = server.wait_exit(10 + 1 + SLACK_S)
+    assert code == 0
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE}, codes
+    assert codes[grpc.StatusCode.OK] >= 16, codes
+    assert_clean_log(server)
