@@ -91,11 +91,12 @@ def server_options(settings: TransportSettings) -> list[tuple[str, int]]:
         # server asks one at a time, between the event loop's other work); the gate then admits it or refuses it
         # RESOURCE_EXHAUSTED before its message is decoded. Beyond `pending_calls` held calls grpc-core drops the
         # excess itself, without any Python code running: the client sees CANCELLED (the filter-stack server
-        # grpcio 1.85 uses kills the unrequested call; no option picks another status), tried with a loop kept
-        # busy: every call beyond the bound ended CANCELLED. So the bound is a last resort: large enough that a
-        # burst reaches the gate and is refused RESOURCE_EXHAUSTED (a refusal costs the loop a fraction of a
-        # millisecond), small enough to bound memory and the time a burst can wait to be refused. Equal soft and
-        # hard limits: no random early drops below it.
+        # grpcio 1.85 uses kills the unrequested call; no option picks another status; grpc-core's newer
+        # promise-based server answers RESOURCE_EXHAUSTED "Too many pending requests for this server" instead),
+        # tried with a loop kept busy: the calls beyond the bound ended CANCELLED. So the bound is a last resort:
+        # large enough that a burst reaches the gate and is refused RESOURCE_EXHAUSTED (a refusal costs the loop
+        # a fraction of a millisecond), small enough to bound memory and the time a burst can wait to be refused.
+        # Equal soft and hard limits: no random early drops below it.
         ("grpc.server.max_pending_requests", settings.pending_calls),
         ("grpc.server.max_pending_requests_hard_limit", settings.pending_calls),
     ]
