@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -67,6 +71,17 @@ async def limited(toy_repo: Path, toy_bundle: Bundle, redis_url: str) -> AsyncIt
         yield running
 
 
+@contextmanager
+def paused_redis(url: str, pause_ms: int) -> Iterator[None]:
+    """Every Redis client's commands wait for `pause_ms` (CLIENT PAUSE ALL) while the block runs."""
+    pauser = redis.Redis.from_url(url)
+    try:
+        pauser.client_pause(pause_ms, all=True)
+        yield
+    finally:
+        pauser.close()
+
+
 async def until_in_flight(n: int) -> None:
     """Wait (polling the gauge the server exports) until `n` calls are in flight."""
     await wait_until_async(lambda: sample("hyperrec_grpc_requests_in_flight") >= n, f"{n} calls in flight", 5, 0.01)
@@ -104,6 +119,85 @@ async def test_calls_beyond_the_in_flight_limit_are_refused_at_once_and_admitted
     assert sample("hyperrec_grpc_requests_in_flight") == 0
     # Capacity is back: the next call is admitted.
     assert (await limited.stub.Recommend(request("alice", 5), timeout=10)).strategy == pb.STRATEGY_PERSONALIZED
+
+
+@dataclass(frozen=True)
+class Outcome:
+    code: grpc.StatusCode
+    details: str
+    order: int  # the order in which the calls ended (0 first)
+
+
+async def outcomes(calls: list[Awaitable[Any]]) -> list[Outcome]:
+    """Run `calls` concurrently; how each ended, numbered in the order they ended."""
+    ended = itertools.count()
+
+    async def one(call: Awaitable[Any]) -> Outcome:
+        try:
+            await call
+        except grpc.aio.AioRpcError as exc:
+            return Outcome(exc.code(), exc.details() or "", next(ended))
+        return Outcome(grpc.StatusCode.OK, "", next(ended))
+
+    return await asyncio.gather(*(one(c) for c in calls))
+
+
+@pytest.fixture
+async def held(toy_repo: Path, toy_bundle: Bundle, redis_url: str) -> AsyncIterator[Running]:
+    """A server whose profile reads wait out a Redis pause instead of giving up (budget and timeout 10 s)."""
+    async with running_server(
+        toy_repo,
+        "toy",
+        redis_url=redis_url,
+        profile_secret=TEST_SECRET,
+        redis_read_timeout_ms=10_000,
+        profile_budget_ms=10_000,
+        max_in_flight=8,
+        compute_threads=1,
+    ) as running:
+        await running.app.store.put_many({"alice": fan_of(toy_bundle, 7)})
+        yield running
+
+
+async def test_a_burst_of_2000_calls_is_refused_at_the_door_while_the_admitted_ones_wait(
+    held: Running, redis_url: str
+) -> None:
+    """2,000 calls sent at once while the eight admitted ones are held by a paused Redis: every other call is
+    refused RESOURCE_EXHAUSTED (none dropped CANCELLED by grpc-core, none left to time out), and every refusal
+    comes back before any admitted call answers: they were refused on arrival, not after waiting."""
+    refused_before = sample("hyperrec_grpc_requests_total", {"method": RECOMMEND, "code": "RESOURCE_EXHAUSTED"})
+    with paused_redis(redis_url, 4000):  # ample for 1,992 refusals on a slow machine; they take well under that
+        ended = await outcomes([held.stub.Recommend(request("alice", 5), timeout=30) for _ in range(2000)])
+    codes = Counter(o.code for o in ended)
+    assert codes == {grpc.StatusCode.OK: 8, grpc.StatusCode.RESOURCE_EXHAUSTED: 1992}, codes
+    refusals = [o for o in ended if o.code == grpc.StatusCode.RESOURCE_EXHAUSTED]
+    assert all("8 calls already in flight" in o.details for o in refusals)
+    assert max(o.order for o in refusals) < min(o.order for o in ended if o.code == grpc.StatusCode.OK)
+    assert sample("hyperrec_grpc_requests_total", {"method": RECOMMEND, "code": "RESOURCE_EXHAUSTED"}) == (
+        refused_before + 1992
+    )
+    assert sample("hyperrec_grpc_requests_in_flight") == 0
+
+
+async def test_a_call_whose_deadline_the_queue_cannot_meet_is_refused_at_arrival(held: Running, redis_url: str) -> None:
+    """One compute thread and calls that each took about a second (a paused Redis): with two calls in progress,
+    a third one expects about three seconds. With one second left it is refused at once, saying why; with ten
+    seconds left it is admitted and answered."""
+    with paused_redis(redis_url, 1000):  # two calls that take about 1 s each set the service time
+        await asyncio.gather(*(held.stub.Recommend(request("alice", 5), timeout=30) for _ in range(2)))
+    service = held.app.transport.gate.limit.service_time
+    assert service is not None and service >= 0.5
+    with paused_redis(redis_url, 1500):
+        ahead = [asyncio.ensure_future(held.stub.Recommend(request("alice", 5), timeout=30)) for _ in range(2)]
+        await until_in_flight(2)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await held.stub.Recommend(request("alice", 5), timeout=1.0)
+        patient = asyncio.ensure_future(held.stub.Recommend(request("alice", 5), timeout=10 * service + 10))
+        answers = await asyncio.gather(*ahead, patient)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "2 calls ahead would take about" in (err.value.details() or "")
+    assert "before the deadline" in (err.value.details() or "")
+    assert [a.strategy for a in answers] == [pb.STRATEGY_PERSONALIZED] * 3
 
 
 # --- ranking budget -------------------------------------------------------------------------------------------
@@ -178,13 +272,16 @@ async def test_each_call_counts_by_method_and_code_with_its_duration_and_stage_t
         ok = sample("hyperrec_grpc_requests_total", {"method": RECOMMEND, "code": "OK"})
         bad = sample("hyperrec_grpc_requests_total", {"method": RECOMMEND, "code": "INVALID_ARGUMENT"})
         calls = sample("hyperrec_grpc_request_duration_seconds_count", {"method": RECOMMEND})
+        queued = sample("hyperrec_grpc_queue_duration_seconds_count", {"method": RECOMMEND})
         stages = {s: sample("hyperrec_stage_duration_seconds_count", {"stage": s}) for s in STAGES}
         await running.stub.Recommend(request("alice", 5), timeout=10)
         with pytest.raises(grpc.aio.AioRpcError):
             await running.stub.Recommend(request("alice", 0), timeout=10)
+        assert sample("hyperrec_grpc_concurrency_limit") == 64  # the adaptive limit starts at max_in_flight
     assert sample("hyperrec_grpc_requests_total", {"method": RECOMMEND, "code": "OK"}) == ok + 1
     assert sample("hyperrec_grpc_requests_total", {"method": RECOMMEND, "code": "INVALID_ARGUMENT"}) == bad + 1
     assert sample("hyperrec_grpc_request_duration_seconds_count", {"method": RECOMMEND}) == calls + 2
+    assert sample("hyperrec_grpc_queue_duration_seconds_count", {"method": RECOMMEND}) == queued + 2
     for stage in STAGES:  # the invalid call stops before any stage
         assert sample("hyperrec_stage_duration_seconds_count", {"stage": stage}) == stages[stage] + 1, stage
 

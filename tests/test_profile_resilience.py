@@ -398,8 +398,10 @@ async def test_recommend_calls_cut_by_deadlines_leave_every_user_their_own_profi
             calls += 400
         in_flight = cut_in_flight()
         raw.close()
-        # grpc reports a few deadline-cut calls as CANCELLED rather than DEADLINE_EXCEEDED; anything else is wrong.
+        # grpc reports a few deadline-cut calls as CANCELLED rather than DEADLINE_EXCEEDED; the gate refuses some at
+        # arrival (RESOURCE_EXHAUSTED) when the calls ahead would outlast their deadline; anything else is wrong.
         expected = {grpc.StatusCode.OK, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+        expected.add(grpc.StatusCode.RESOURCE_EXHAUSTED)
         assert set(codes) <= expected, codes
         for user, row in rows.items():
             reply = await running.stub.Recommend(request(user, k=3), timeout=5)

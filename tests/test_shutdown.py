@@ -8,6 +8,7 @@ calls are real too: profile reads blocked on a Redis paused with `CLIENT PAUSE`.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -28,10 +29,20 @@ import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from hyperrec.app.config import load_config
+from hyperrec.app.lifecycle import build_server
 from hyperrec.v1 import recommender_pb2 as pb
 from hyperrec.v1 import recommender_pb2_grpc as pb_grpc
 from tests.conftest import free_port
-from tests.helpers import NOT_SERVING, health_status_sync, publish_toy, wait_serving, wait_until
+from tests.helpers import (
+    NOT_SERVING,
+    health_status_sync,
+    publish_toy,
+    sample,
+    wait_serving,
+    wait_until,
+    wait_until_async,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "shutdown-test-secret-0123456789"
@@ -340,3 +351,86 @@ def test_sigint_drains_like_sigterm(repo: Path, tmp_path: Path) -> None:
     assert exited - signalled <= drain + grace + 1 + SLACK_S, f"exited {exited - signalled:.2f} s after SIGINT"
     assert_clean_log(server)
     assert "KeyboardInterrupt" not in server.stderr()
+
+
+# --- the drain's end during a burst (in-process server, real channel, real Redis) -------------------------------
+
+
+async def ended_as(call: Any) -> grpc.StatusCode:
+    """The status code a Recommend call ended with."""
+    try:
+        await call
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+async def test_stop_during_a_burst_lets_every_admitted_call_finish_and_refuses_the_rest(
+    repo: Path, redis_url: str
+) -> None:
+    """A burst of calls while the admitted ones wait on a paused Redis, and the drain ends (stop) in the middle of
+    it, with more calls arriving after. Every call the server admitted before the drain ended gets the grace and
+    answers; the others are refused RESOURCE_EXHAUSTED (limit) or UNAVAILABLE (after the drain); none is CANCELLED,
+    on the client or in the server's own counts."""
+    config = load_config(
+        env={},
+        port=0,
+        model_repo=repo,
+        model_name="toy",
+        warmup_requests=2,
+        ranking_budget_ms=60_000,
+        redis_url=redis_url,
+        profile_secret=SECRET,
+        redis_read_timeout_ms=10_000,
+        profile_budget_ms=10_000,
+        max_in_flight=16,
+    )
+    app, port = build_server(config)
+    await app.start()
+    await app.load_model()
+    method = "/hyperrec.v1.Recommender/Recommend"
+    cancelled = sample("hyperrec_grpc_requests_total", {"method": method, "code": "CANCELLED"})
+    answered = sample("hyperrec_grpc_requests_total", {"method": method, "code": "OK"})
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub: Any = pb_grpc.RecommenderStub(channel)
+        await stub.Recommend(pb.RecommendRequest(user_id="warm", k=5), timeout=10)  # one Redis connection open
+        with paused_redis(redis_url, 1500):
+            calls = [stub.Recommend(pb.RecommendRequest(user_id=f"u{n}", k=5), timeout=30) for n in range(300)]
+            first = [asyncio.ensure_future(ended_as(c)) for c in calls]
+            await wait_until_async(lambda: app.transport.gate.limit.in_flight >= 16, "the limit to fill")
+            stopping = asyncio.ensure_future(app.stop(grace=10.0, drain=0.0))
+            late = [stub.Recommend(pb.RecommendRequest(user_id=f"v{n}", k=5), timeout=30) for n in range(100)]
+            codes = Counter(await asyncio.gather(*first, *(ended_as(c) for c in late)))
+            await stopping
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE}, codes
+    assert codes[grpc.StatusCode.OK] >= 16, codes  # the calls held when the drain ended all answered
+    assert codes[grpc.StatusCode.UNAVAILABLE] >= 100, codes  # every call after the drain ended, at least
+    assert sample("hyperrec_grpc_requests_total", {"method": method, "code": "CANCELLED"}) == cancelled
+    assert sample("hyperrec_grpc_requests_total", {"method": method, "code": "OK"}) == (
+        answered + 1 + codes[grpc.StatusCode.OK]
+    )
+
+
+async def test_sigterm_during_a_burst_cancels_no_admitted_call(repo: Path, tmp_path: Path, redis_url: str) -> None:
+    """The same over a real `hyperrec serve` process and SIGTERM: calls admitted before the drain ends (held by a
+    paused Redis) all answer within the grace; the rest of the burst, and calls sent after the signal, are refused
+    RESOURCE_EXHAUSTED or UNAVAILABLE; none is CANCELLED."""
+    metrics_port = free_port()
+    args = ("--drain-s", "0", "--grace-s", "10", "--max-in-flight", "16", "--metrics-port", str(metrics_port))
+    with serve(repo, tmp_path, *args, redis_url=redis_url) as server:
+        wait_serving(server.target)
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            stub: Any = pb_grpc.RecommenderStub(channel)
+            await stub.Recommend(pb.RecommendRequest(user_id="warm", k=5), timeout=10)
+            with paused_redis(redis_url, 2000):
+                calls = [stub.Recommend(pb.RecommendRequest(user_id=f"u{n}", k=5), timeout=30) for n in range(300)]
+                first = [asyncio.ensure_future(ended_as(c)) for c in calls]
+                await wait_until_async(lambda: in_flight(metrics_port) >= 16, "the limit to fill")
+                server.signal(signal.SIGTERM)
+                late = [stub.Recommend(pb.RecommendRequest(user_id=f"v{n}", k=5), timeout=30) for n in range(100)]
+                codes = Counter(await asyncio.gather(*first, *(ended_as(c) for c in late)))
+        code, _ = server.wait_exit(10 + 1 + SLACK_S)
+    assert code == 0
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE}, codes
+    assert codes[grpc.StatusCode.OK] >= 16, codes
+    assert_clean_log(server)

@@ -152,4 +152,9 @@ def transport_settings(config: ServerConfig) -> TransportSettings:
         health_port=config.health_port,
         tokens=access_tokens(config),
         max_in_flight=config.max_in_flight,
+        min_in_flight=config.min_in_flight,
+        latency_tolerance=config.latency_tolerance,
+        limit_window_s=config.limit_window_s,
+        compute_capacity=config.compute_threads,
+        pending_calls=config.pending_calls,
     )

@@ -164,7 +164,11 @@ class ServerConfig:
         ),
     )
     grace_s: float = field(
-        default=5.0, metadata=_doc("After the drain, time given to in-flight calls to finish before they are cut.")
+        default=5.0,
+        metadata=_doc(
+            "When the drain ends, new calls are refused UNAVAILABLE and every call admitted before gets this long "
+            "to finish before it is cut."
+        ),
     )
     seed_profiles: Path | None = field(
         default=None, metadata=_doc("Optional profiles file (.npz from training) loaded into the store at start.")
@@ -207,8 +211,39 @@ class ServerConfig:
     max_in_flight: int = field(
         default=64,
         metadata=_doc(
-            "Most Recommender and Profiles calls in progress at once; calls beyond it are refused at once with "
+            "Most Recommender and Profiles calls in progress at once: the ceiling (and starting value) of the "
+            "adaptive concurrency limit. Calls beyond the current limit are refused at once with "
             "RESOURCE_EXHAUSTED (retry elsewhere or later) instead of queueing behind the others."
+        ),
+    )
+    min_in_flight: int = field(
+        default=4,
+        metadata=_doc(
+            "Floor of the adaptive concurrency limit: however high latency rises, this many Recommender and "
+            "Profiles calls may still be in progress at once (capped at max_in_flight)."
+        ),
+    )
+    latency_tolerance: float = field(
+        default=2.0,
+        metadata=_doc(
+            "The adaptive concurrency limit shrinks when the median call latency (arrival to answer) rises above "
+            "this many times the unloaded latency (the lowest window median of the last 100 windows), and may "
+            "grow while it stays below; at least 1."
+        ),
+    )
+    limit_window_s: float = field(
+        default=0.1,
+        metadata=_doc(
+            "How often the adaptive concurrency limit is recomputed from the latency of the calls completed "
+            "since (a window also waits for 10 completed calls)."
+        ),
+    )
+    pending_calls: int = field(
+        default=5000,
+        metadata=_doc(
+            "Calls grpc-core may hold before the server's event loop takes them to the gate (which admits them or "
+            "refuses them RESOURCE_EXHAUSTED at once); beyond it grpc-core drops calls itself and clients see "
+            "CANCELLED. A last-resort bound on memory and on the time a burst waits to be refused."
         ),
     )
     ranking_budget_ms: float = field(
@@ -252,6 +287,8 @@ class ServerConfig:
             "breaker_failures",
             "max_message_bytes",
             "max_in_flight",
+            "min_in_flight",
+            "pending_calls",
             "cache_max_entries",
         ):
             if getattr(self, name) < 1:
@@ -263,10 +300,13 @@ class ServerConfig:
             "affinity_half_life_days",
             "breaker_open_s",
             "ranking_budget_ms",
+            "limit_window_s",
         ):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be a positive number")
+        if not (math.isfinite(self.latency_tolerance) and self.latency_tolerance >= 1):
+            raise ConfigError("latency_tolerance must be a number of at least 1")
         for name in (
             "grace_s",
             "drain_s",

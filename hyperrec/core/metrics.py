@@ -17,13 +17,32 @@ REQUESTS = Counter(
     "gRPC calls answered, by full method name and status code (health and reflection excluded).",
     ["method", "code"],
 )
+# "Arrival" is the moment grpcio hands a call to the server's Python code (the gate): it includes the wait in the
+# event loop and for a compute thread, but not the time grpc-core held the call before the Python server loop asked
+# for it (bounded by `pending_calls`) nor the network. Refused calls are counted in REQUESTS, not timed.
 REQUEST_DURATION = Histogram(
     "hyperrec_grpc_request_duration_seconds",
-    "Time from a call's arrival to its answer, by full method name.",
+    "Time from a call's arrival at the server process (grpcio handing it to the gate) to its answer, every wait "
+    "included, by full method name.",
+    ["method"],
+    buckets=LATENCY_BUCKETS,
+)
+QUEUE_DURATION = Histogram(
+    "hyperrec_grpc_queue_duration_seconds",
+    "Time from a call's arrival (grpcio handing it to the gate) to its handler starting, by full method name.",
     ["method"],
     buckets=LATENCY_BUCKETS,
 )
 IN_FLIGHT = Gauge("hyperrec_grpc_requests_in_flight", "Recommender and Profiles calls in progress.")
+CONCURRENCY_LIMIT = Gauge(
+    "hyperrec_grpc_concurrency_limit",
+    "The adaptive limit on Recommender and Profiles calls in progress at once (between min_in_flight and "
+    "max_in_flight); calls beyond it are refused RESOURCE_EXHAUSTED.",
+)
+LATENCY_BASELINE = Gauge(
+    "hyperrec_grpc_latency_baseline_seconds",
+    "The unloaded call latency the adaptive concurrency limit compares recent latency against.",
+)
 STAGE_DURATION = Histogram(
     "hyperrec_stage_duration_seconds",
     "Time spent in each Recommend stage (profile, retrieval, ranking) and in total.",

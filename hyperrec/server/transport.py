@@ -7,6 +7,7 @@ starts it, says when it is SERVING and drains it.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -14,6 +15,7 @@ from typing import Protocol
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from hyperrec.core.admission import AdaptiveLimit, LimitSettings
 from hyperrec.core.errors import ConfigError
 from hyperrec.core.ingest import ProfileService
 from hyperrec.core.model_manager import ModelManager
@@ -28,7 +30,6 @@ from hyperrec.server.servicer import add_profiles_to_server as add_profiles
 from hyperrec.server.servicer import add_to_server as add_recommender
 from hyperrec.server.tls import server_credentials
 
-PENDING_CALLS = 20_000  # calls grpc-core holds before they start (see server_options)
 CONNECTION_AGE_GRACE_S = 30.0  # calls in flight on a connection closed for its age get this long to finish
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -49,7 +50,23 @@ class TransportSettings:
     max_connection_age_s: float  # connections are closed (GOAWAY) after about this long; 0: never
     health_port: int | None  # a second, plaintext port answering only grpc.health.v1; None: none
     tokens: tuple[Token, ...]  # bearer tokens and their scopes (admin_token is one with the admin scope)
-    max_in_flight: int  # most Recommender and Profiles calls in progress at once
+    max_in_flight: int  # most Recommender and Profiles calls in progress at once (the adaptive limit's ceiling)
+    min_in_flight: int = 4  # the adaptive limit's floor
+    latency_tolerance: float = 2.0  # latency up to this many times the unloaded one does not shrink the limit
+    limit_window_s: float = 0.1  # how often the adaptive limit is recomputed
+    compute_capacity: int = 1  # calls computed at once (compute threads): beyond it calls queue
+    pending_calls: int = 5000  # calls grpc-core holds before the Python server loop takes them (see server_options)
+
+
+def limit_settings(settings: TransportSettings) -> LimitSettings:
+    """The adaptive concurrency limit's settings from the transport's (the floor never above the ceiling)."""
+    return LimitSettings(
+        min_limit=min(settings.min_in_flight, settings.max_in_flight),
+        max_limit=settings.max_in_flight,
+        tolerance=settings.latency_tolerance,
+        window_s=settings.limit_window_s,
+        capacity=settings.compute_capacity,
+    )
 
 
 class ServedCore(Protocol):
@@ -69,10 +86,18 @@ def server_options(settings: TransportSettings) -> list[tuple[str, int]]:
     """grpcio channel arguments: message size, pending-call limits and connection age."""
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
-        # grpc-core cancels calls beyond ~1,000 waiting to start (CANCELLED, before the gate sees them); let
-        # them reach the gate, which refuses the excess RESOURCE_EXHAUSTED at once.
-        ("grpc.server.max_pending_requests", PENDING_CALLS),
-        ("grpc.server.max_pending_requests_hard_limit", 2 * PENDING_CALLS),
+        # grpc-core holds each arriving call until the Python server loop asks for the next one (grpcio's aio
+        # server asks one at a time, between the event loop's other work); the gate then admits it or refuses it
+        # RESOURCE_EXHAUSTED before its message is decoded. Beyond `pending_calls` held calls grpc-core drops the
+        # excess itself, without any Python code running: the client sees CANCELLED (the filter-stack server
+        # grpcio 1.85 uses kills the unrequested call; no option picks another status; grpc-core's newer
+        # promise-based server answers RESOURCE_EXHAUSTED "Too many pending requests for this server" instead),
+        # tried with a loop kept busy: the calls beyond the bound ended CANCELLED. So the bound is a last resort:
+        # large enough that a burst reaches the gate and is refused RESOURCE_EXHAUSTED (a refusal costs the loop
+        # a fraction of a millisecond), small enough to bound memory and the time a burst can wait to be refused.
+        # Equal soft and hard limits: no random early drops below it.
+        ("grpc.server.max_pending_requests", settings.pending_calls),
+        ("grpc.server.max_pending_requests_hard_limit", settings.pending_calls),
     ]
     if settings.max_connection_age_s > 0:
         options += [
@@ -120,10 +145,12 @@ class GrpcServer:
         self,
         server: grpc.aio.Server,
         health: HealthService,
+        gate: CallGate,
         health_only: tuple[grpc.aio.Server, int] | None = None,
     ) -> None:
         self.server = server
         self.health = health
+        self.gate = gate
         self.health_only = health_only  # (server, bound port) of the plaintext health-only port
 
     async def start(self) -> None:
@@ -144,15 +171,21 @@ class GrpcServer:
         await self.health.enter_graceful_shutdown()
 
     async def stop(self, grace: float) -> None:
-        """Refuse new calls, give in-flight ones `grace` seconds to finish, then close both ports."""
-        await self.server.stop(grace)
+        """End the drain: refuse calls arriving from now on (UNAVAILABLE, at the gate), give every call admitted
+        before `grace` seconds to finish, then stop grpc (cutting only what is still running) and close both
+        ports. Stopping grpc at once would cancel admitted calls still waiting in the event loop."""
+        cut_at = time.monotonic() + grace
+        self.gate.close()
+        await self.gate.wait_idle(grace)
+        await self.server.stop(max(0.0, cut_at - time.monotonic()))
         if self.health_only is not None:
             await self.health_only[0].stop(0)
 
 
 def create_server(core: ServedCore, settings: TransportSettings) -> tuple[GrpcServer, int]:
     """A gRPC server for `core`'s services, bound (ConfigError when it cannot be), and its bound port."""
-    gate = CallGate(TokenAuth(settings.tokens), settings.max_in_flight, SERVICE_SCOPES)
+    limit = AdaptiveLimit(limit_settings(settings), time.perf_counter())
+    gate = CallGate(TokenAuth(settings.tokens), limit, SERVICE_SCOPES)
     server = grpc.aio.server(interceptors=(gate,), options=server_options(settings))
     add_recommender(RecommenderServicer(core.pipeline), server)
     add_profiles(ProfilesServicer(core.profile_service), server)
@@ -164,4 +197,4 @@ def create_server(core: ServedCore, settings: TransportSettings) -> tuple[GrpcSe
     health_only = (
         None if settings.health_port is None else health_only_server(health, settings.host, settings.health_port)
     )
-    return GrpcServer(server, health, health_only), port
+    return GrpcServer(server, health, gate, health_only), port
