@@ -74,6 +74,9 @@ def server_options(settings: TransportSettings) -> list[tuple[str, int]]:
         # them reach the gate, which refuses the excess RESOURCE_EXHAUSTED at once.
         ("grpc.server.max_pending_requests", PENDING_CALLS),
         ("grpc.server.max_pending_requests_hard_limit", 2 * PENDING_CALLS),
+        # Several worker processes share one port (`hyperrec serve --workers N`); on by default on Linux, set
+        # explicitly so it never depends on the default.
+        ("grpc.so_reuseport", 1),
     ]
     if settings.max_connection_age_s > 0:
         options += [
