@@ -180,8 +180,9 @@ def test_workers_that_cannot_start_make_the_supervisor_fail(repo: Path, tmp_path
     env = {k: v for k, v in os.environ.items() if not k.startswith("HYPERREC_")}
     env["HYPERREC_PROFILE_SECRET"] = SECRET
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, timeout=60)
-    assert done.returncode == 1
-    assert "during start-up, before any was ready" in done.stderr.decode()
+    assert done.returncode == 2  # as a single process's start-up failure
+    assert "has no versions" in done.stderr.decode()  # the worker's reason
+    assert "exited with code 2 during start-up, before any was ready" in done.stderr.decode()
 
 
 def test_worker_count() -> None:

@@ -13,7 +13,8 @@ The supervisor owns:
   exits 0 once they all have;
 - restarts: a worker that dies is restarted after a backoff that doubles with each crash of its slot; a worker
   that dies before it ever reported ready counts as a start-up failure, and the supervisor gives up (exit 1,
-  with the reason) when no worker was ever ready or a slot failed MAX_START_FAILURES times in a row;
+  with the reason; 2 like a single process when the worker's start-up error was a bad configuration or no
+  loadable model) when no worker was ever ready or a slot failed MAX_START_FAILURES times in a row;
 - the health-only port (`health_port`): SERVING only while every worker has loaded its model and none is
   restarting or draining, answered from a small separate process (`hyperrec.server.health_process`);
 - /metrics (`metrics_port`): prometheus-client's multiprocess mode over a fresh directory
@@ -137,6 +138,7 @@ class Supervisor:
         self.slots = [Slot(i) for i in range(workers)]
         self.stopping = False
         self.failure: str | None = None
+        self.failure_code = 1
         self.ever_ready = False
         self.metrics_dir = ""
         self.worker_config = config
@@ -238,9 +240,9 @@ class Supervisor:
             self._fatal("the health-only port's process is gone")
         log.info("all workers SERVING" if serving else "health NOT_SERVING")
 
-    def _fatal(self, reason: str) -> None:
+    def _fatal(self, reason: str, code: int = 1) -> None:
         if self.failure is None:
-            self.failure = reason
+            self.failure, self.failure_code = reason, code
             log.error("supervisor stops: %s", reason)
         self.stopping = True
 
@@ -302,7 +304,11 @@ class Supervisor:
         if was_ready is None:
             slot.start_failures += 1
             if not self.ever_ready:
-                self._fatal(f"worker {slot.index} (pid {process.pid}) {how} during start-up, before any was ready")
+                # exit 2 like a single process whose start-up fails (a bad config, no loadable model)
+                code = 2 if process.exitcode == 2 else 1
+                self._fatal(
+                    f"worker {slot.index} (pid {process.pid}) {how} during start-up, before any was ready", code
+                )
                 return
             if slot.start_failures >= MAX_START_FAILURES:
                 self._fatal(f"worker {slot.index} {how} during start-up {slot.start_failures} times in a row")
@@ -335,7 +341,7 @@ class Supervisor:
                 clean = False
         if self.failure is not None:
             log.error("supervisor exits: %s", self.failure)
-            return 1
+            return self.failure_code
         log.info("all workers drained")
         return 0 if clean else 1
 
