@@ -16,13 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2_grpc
 from prometheus_client.mmap_dict import MmapedDict
 
 from hyperrec.app.config import load_config
 from hyperrec.app.supervisor import worker_count
+from hyperrec.core.bundle import EMBEDDINGS, INDEX, Bundle
 from hyperrec.core.errors import ConfigError
+from hyperrec.index import IndexParams, registry
 from hyperrec.v1 import recommender_pb2 as pb
 from hyperrec.v1 import recommender_pb2_grpc as pb_grpc
 from tests.conftest import free_port
@@ -192,3 +195,29 @@ def test_worker_count() -> None:
     assert worker_count(auto) == len(os.sched_getaffinity(0))
     with pytest.raises(ConfigError, match="workers > 1 needs redis_url"):
         load_config(env={}, workers=2)
+
+
+def mapped_here(path: Path) -> bool:
+    """Whether this process maps `path` (so every process serving the file shares its pages)."""
+    return str(path.resolve()) in Path("/proc/self/maps").read_text()
+
+
+@pytest.mark.parametrize("params", [IndexParams(), IndexParams("ivf", nlist=8, nprobe=8), IndexParams("ivfpq", 8, 8)])
+def test_index_files_are_memory_mapped_and_search_the_same(params: IndexParams, tmp_path: Path) -> None:
+    vectors = np.random.default_rng(0).standard_normal((2000, 16)).astype(np.float32)
+    built = registry.build(vectors, params)
+    built.save(tmp_path / "index.faiss")
+    loaded = registry.load(tmp_path / "index.faiss", params, "cpu")
+    assert mapped_here(tmp_path / "index.faiss")
+    queries = vectors[:20]
+    assert np.array_equal(loaded.search(queries, 10)[1], built.search(queries, 10)[1])
+    assert loaded.nbytes == (tmp_path / "index.faiss").stat().st_size
+    loaded.save(tmp_path / "copy.faiss")  # a mapped index saves as a whole file, not a reference to its file
+    copy = registry.load(tmp_path / "copy.faiss", params, "cpu")
+    assert np.array_equal(copy.search(queries, 10)[1], built.search(queries, 10)[1])
+
+
+def test_bundle_embeddings_and_index_are_memory_mapped(repo: Path) -> None:
+    bundle = Bundle.load(repo / "toy" / "1", index_device="cpu")
+    assert mapped_here(bundle.directory / EMBEDDINGS) and mapped_here(bundle.directory / INDEX)
+    assert not bundle.item_embeddings.flags.writeable
