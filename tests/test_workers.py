@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2_grpc
 from prometheus_client.mmap_dict import MmapedDict
 
 from hyperrec.app.config import load_config
-from hyperrec.app.supervisor import worker_count
+from hyperrec.app.supervisor import usable_cores, worker_count
 from hyperrec.core.bundle import EMBEDDINGS, INDEX, Bundle
 from hyperrec.core.errors import ConfigError
 from hyperrec.index import IndexParams, registry
@@ -192,7 +192,19 @@ def test_worker_count() -> None:
     assert worker_count(load_config(env={}, workers=0)) == 1  # the in-process store is one per process
     assert worker_count(load_config(env={}, workers=3, redis_url="redis://x", profile_secret=SECRET)) == 3
     auto = load_config(env={}, workers=0, redis_url="redis://x", profile_secret=SECRET)
-    assert worker_count(auto) == len(os.sched_getaffinity(0))
+    assert worker_count(auto) == usable_cores()
+
+
+def test_usable_cores_follow_the_cgroup_quota(tmp_path: Path) -> None:
+    cores = len(os.sched_getaffinity(0))
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("max 100000\n")
+    assert usable_cores(cpu_max) == cores
+    cpu_max.write_text("50000 100000\n")  # half a CPU: still one worker
+    assert usable_cores(cpu_max) == 1
+    cpu_max.write_text(f"{100000 * (cores + 8)} 100000\n")  # a quota above the affinity
+    assert usable_cores(cpu_max) == cores
+    assert usable_cores(tmp_path / "absent") == cores
     with pytest.raises(ConfigError, match="workers > 1 needs redis_url"):
         load_config(env={}, workers=2)
 

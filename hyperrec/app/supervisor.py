@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import multiprocessing
 import os
 import shutil
@@ -35,6 +36,7 @@ import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from types import FrameType
 
 from hyperrec.app.config import ServerConfig
@@ -49,6 +51,7 @@ BACKOFF_MAX_S = 10.0
 STABLE_S = 30.0
 STOP_SLACK_S = 5.0  # beyond drain_s + grace_s, time the workers get to exit before they are killed
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" or "max <period>"
 
 
 def worker_count(config: ServerConfig) -> int:
@@ -58,7 +61,20 @@ def worker_count(config: ServerConfig) -> int:
         return config.workers
     if not config.redis_url:
         return 1
-    return len(os.sched_getaffinity(0))
+    return usable_cores()
+
+
+def usable_cores(cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """The cores this process may run on (its CPU affinity), capped by a cgroup v2 CPU quota when there is one
+    (a container limited to 2 CPUs on a 64-core node sees all 64 in its affinity)."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+    except (OSError, ValueError):
+        return cores
+    if quota == "max":
+        return cores
+    return max(1, min(cores, math.ceil(int(quota) / int(period))))
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
