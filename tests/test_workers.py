@@ -100,6 +100,14 @@ def supervised(repo: Path, tmp_path: Path, redis_url: str, *args: str) -> Iterat
                 os.kill(pid, signal.SIGKILL)
 
 
+def running(pid: int) -> bool:
+    """Whether process `pid` exists and has not exited (a zombie waiting for its parent has)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def recommend_on_new_connection(target: str, user: str) -> grpc.StatusCode:
     """One Recommend call over its own TCP connection (a local subchannel pool: channels share none), so the
     kernel picks a worker for each call."""
@@ -171,10 +179,19 @@ def test_sigterm_drains_every_worker_and_exits_0(repo: Path, tmp_path: Path, red
         wait_until(lambda: server.health() == NOT_SERVING, "health NOT_SERVING during the drain", 10, 0.02)
         assert recommend_on_new_connection(server.target, "during-drain") == grpc.StatusCode.OK
         assert server.proc.wait(timeout=60) == 0
-        for pid in workers:
-            assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+        assert not any(running(pid) for pid in workers)
         assert "all workers drained" in server.text()
         assert not server.metrics_dir().exists()
+
+
+def test_workers_of_a_killed_supervisor_drain_and_exit(repo: Path, tmp_path: Path, redis_url: str) -> None:
+    with supervised(repo, tmp_path, redis_url, "--drain-s", "0", "--grace-s", "1") as server:
+        workers = list(server.workers().values())
+        server.proc.kill()  # no chance to stop them: the kernel tells them (PR_SET_PDEATHSIG)
+        server.proc.wait(timeout=10)
+        wait_until(lambda: not any(running(pid) for pid in workers), "the orphaned workers to exit", 30, 0.05)
+        text = server.text()
+        assert text.count("shutting down: NOT_SERVING") == 2, text  # each drained, none was cut
 
 
 def test_workers_that_cannot_start_make_the_supervisor_fail(repo: Path, tmp_path: Path, redis_url: str) -> None:

@@ -23,6 +23,7 @@ The supervisor owns:
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
 import math
@@ -51,6 +52,7 @@ BACKOFF_MAX_S = 10.0
 STABLE_S = 30.0
 STOP_SLACK_S = 5.0  # beyond drain_s + grace_s, time the workers get to exit before they are killed
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent dies
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" or "max <period>"
 
 
@@ -93,7 +95,7 @@ def reserve_port(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run_worker(config: ServerConfig, ready: Connection) -> None:
+def run_worker(config: ServerConfig, ready: Connection, supervisor: int) -> None:
     """Worker process entry point: today's single-process server; sends its pid on `ready` once SERVING."""
     from hyperrec.app.cli import run_async
     from hyperrec.app.lifecycle import serve
@@ -101,11 +103,24 @@ def run_worker(config: ServerConfig, ready: Connection) -> None:
     from hyperrec.core.logs import setup_logging
 
     setup_logging(config.log_level, config.log_format)
+    drain_when_orphaned(supervisor)
     try:
         run_async(serve(config, on_ready=lambda _port: ready.send(os.getpid())))
     except HyperrecError as exc:
         log.error("worker %d cannot serve: %s", os.getpid(), exc)
         raise SystemExit(2) from None
+
+
+def drain_when_orphaned(supervisor: int) -> None:
+    """Have the kernel send this worker SIGTERM (a drain, as from the supervisor) when the supervisor dies without
+    stopping it (SIGKILL, the OOM killer), so no orphan keeps serving the port. Linux only (prctl)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        return
+    if os.getppid() != supervisor:  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def run_health(conn: Connection, host: str, port: int) -> None:
@@ -209,7 +224,7 @@ class Supervisor:
     def _spawn(self, slot: Slot) -> None:
         receive, send = SPAWN.Pipe(duplex=False)
         process = SPAWN.Process(
-            target=run_worker, args=(self.worker_config, send), name=f"hyperrec-worker-{slot.index}"
+            target=run_worker, args=(self.worker_config, send, os.getpid()), name=f"hyperrec-worker-{slot.index}"
         )
         process.start()
         send.close()  # the worker holds the only writer: EOF on `receive` once it is gone
