@@ -25,7 +25,9 @@ from hyperrec.app.config import load_config
 from hyperrec.app.supervisor import usable_cores, worker_count
 from hyperrec.core.bundle import EMBEDDINGS, INDEX, Bundle
 from hyperrec.core.errors import ConfigError
+from hyperrec.core.profile import Profile
 from hyperrec.index import IndexParams, registry
+from hyperrec.profiles.snapshot import save_profiles
 from hyperrec.v1 import recommender_pb2 as pb
 from hyperrec.v1 import recommender_pb2_grpc as pb_grpc
 from tests.conftest import free_port
@@ -159,7 +161,9 @@ def test_two_workers_share_the_port_and_metrics_add_up(repo: Path, tmp_path: Pat
 
 
 def test_a_killed_worker_is_restarted_and_health_waits_for_it(repo: Path, tmp_path: Path, redis_url: str) -> None:
-    with supervised(repo, tmp_path, redis_url) as server:
+    seed = tmp_path / "profiles.npz"
+    save_profiles(seed, {"seeded-user": Profile(recent_items=("i1",), updated_at=1.0)})
+    with supervised(repo, tmp_path, redis_url, "--seed-profiles", str(seed)) as server:
         before = server.workers()
         os.kill(before[0], signal.SIGKILL)
         wait_until(lambda: server.health() == NOT_SERVING, "health NOT_SERVING while a worker is down", 30, 0.02)
@@ -169,6 +173,7 @@ def test_a_killed_worker_is_restarted_and_health_waits_for_it(repo: Path, tmp_pa
         assert server.workers()[1] == before[1]
         assert f"worker 0 (pid {before[0]}) was killed by SIGKILL" in server.text()
         assert all(recommend_on_new_connection(server.target, f"u{i}") == grpc.StatusCode.OK for i in range(8))
+        assert server.text().count("seeded 1 profiles") == 1  # by the first worker only, never on a restart
         assert stop(server) == 0
 
 

@@ -174,6 +174,7 @@ class Supervisor:
         self.metrics_dir = ""
         self.worker_config = config
         self.health: tuple[BaseProcess, Connection] | None = None
+        self.seeded = False  # a worker with seed_profiles has been started
         self.published = False  # the health process starts NOT_SERVING
         self._wake_r, self._wake_w = socket.socketpair()
 
@@ -222,9 +223,15 @@ class Supervisor:
         signal.signal(signal.SIGINT, on_signal)
 
     def _spawn(self, slot: Slot) -> None:
+        """Start a worker in `slot`. Only the first worker ever started seeds the (shared) profile store: a
+        restarted one must not write the seed file's profiles over those the live workers have updated since."""
         receive, send = SPAWN.Pipe(duplex=False)
+        config = self.worker_config
+        if self.seeded:
+            config = dataclasses.replace(config, seed_profiles=None)
+        self.seeded = True
         process = SPAWN.Process(
-            target=run_worker, args=(self.worker_config, send, os.getpid()), name=f"hyperrec-worker-{slot.index}"
+            target=run_worker, args=(config, send, os.getpid()), name=f"hyperrec-worker-{slot.index}"
         )
         process.start()
         send.close()  # the worker holds the only writer: EOF on `receive` once it is gone
