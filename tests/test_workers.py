@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -208,6 +209,21 @@ def test_workers_that_cannot_start_make_the_supervisor_fail(repo: Path, tmp_path
     assert done.returncode == 2  # as a single process's start-up failure
     assert "has no versions" in done.stderr.decode()  # the worker's reason
     assert "exited with code 2 during start-up, before any was ready" in done.stderr.decode()
+
+
+def test_a_metrics_port_in_use_stops_the_supervisor_before_any_worker(repo: Path, redis_url: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        cmd = [sys.executable, "-m", "hyperrec.app.cli", "serve", "--workers", "2", "--port", "0"]
+        cmd += ["--model-repo", str(repo), "--model-name", "toy", "--redis-url", redis_url]
+        cmd += ["--metrics-port", str(taken.getsockname()[1])]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HYPERREC_")}
+        env["HYPERREC_PROFILE_SECRET"] = SECRET
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, timeout=60)
+    assert done.returncode == 2
+    assert "metrics_port: cannot listen on" in done.stderr.decode()
+    assert "started (pid" not in done.stderr.decode()
 
 
 def test_worker_count() -> None:

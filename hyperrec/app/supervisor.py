@@ -188,26 +188,40 @@ class Supervisor:
         self._install_signals()
         try:
             self._start_health()
-            for slot in self.slots:
-                self._spawn(slot)
-            log.info(
-                "supervisor %d: %d workers on %s:%d; their metrics in %s",
-                os.getpid(),
-                len(self.slots),
-                self.config.host,
-                port,
-                self.metrics_dir,
-            )
-            if self.config.metrics_port is not None:
-                serve_metrics(self.metrics_dir, self.config.metrics_port, self.config.host)
-                log.info("Prometheus metrics of all workers on port %d /metrics", self.config.metrics_port)
-            while not self.stopping:
-                self._step()
+            self._start_metrics()
+            try:
+                for slot in self.slots:
+                    self._spawn(slot)
+                log.info(
+                    "supervisor %d: %d workers on %s:%d; their metrics in %s",
+                    os.getpid(),
+                    len(self.slots),
+                    self.config.host,
+                    port,
+                    self.metrics_dir,
+                )
+                while not self.stopping:
+                    self._step()
+            except BaseException:  # a bug here must not leave the workers running without their supervisor
+                self.stopping = True
+                self._stop_workers()
+                raise
             return self._stop_workers()
         finally:
             self._close_health()
             reserved.close()
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
+
+    def _start_metrics(self) -> None:
+        """Serve the workers' metrics on `metrics_port` (a thread of this process; no worker runs yet)."""
+        if self.config.metrics_port is None:
+            return
+        try:
+            serve_metrics(self.metrics_dir, self.config.metrics_port, self.config.host)
+        except OSError as exc:
+            where = f"{self.config.host}:{self.config.metrics_port}"
+            raise ConfigError(f"metrics_port: cannot listen on {where}: {exc}") from exc
+        log.info("Prometheus metrics of all workers on port %d /metrics", self.config.metrics_port)
 
     def _install_signals(self) -> None:
         """SIGTERM and SIGINT start the drain; the wake-up socket interrupts the wait in `_step`."""
