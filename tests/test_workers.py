@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -198,6 +199,7 @@ def test_workers_of_a_killed_supervisor_drain_and_exit(repo: Path, tmp_path: Pat
         wait_until(lambda: not any(running(pid) for pid in workers), "the orphaned workers to exit", 30, 0.05)
         text = server.text()
         assert text.count("shutting down: NOT_SERVING") == 2, text  # each drained, none was cut
+        shutil.rmtree(server.metrics_dir())  # a supervisor killed outright cannot remove it
 
 
 def test_workers_that_cannot_start_make_the_supervisor_fail(repo: Path, tmp_path: Path, redis_url: str) -> None:
