@@ -37,10 +37,16 @@ def run_async(coro: Coroutine[Any, Any, Any]) -> Any:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from hyperrec.app.lifecycle import serve
+    """One serving process, or with `workers` > 1 a supervisor of that many (hyperrec.app.supervisor)."""
+    from hyperrec.app.supervisor import supervise, worker_count
 
     config = load_config(args)
     setup_logging(config.log_level, config.log_format)
+    workers = worker_count(config)
+    if workers > 1:
+        return supervise(config, workers)
+    from hyperrec.app.lifecycle import serve
+
     run_async(serve(config))
     return 0
 

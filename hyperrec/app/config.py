@@ -41,6 +41,15 @@ class ServerConfig:
 
     host: str = field(default="127.0.0.1", metadata=_doc("Address to listen on; 0.0.0.0 or [::] for all interfaces."))
     port: int = field(default=50051, metadata=_doc("gRPC port; 0 picks a free one (tests)."))
+    workers: int = field(
+        default=0,
+        metadata=_doc(
+            "Serving processes sharing `port` (SO_REUSEPORT), each with its own event loop, under one supervisor "
+            "that owns signals, restarts, the health-only port and /metrics; 1: one process, no supervisor. "
+            "0: one per CPU core the process may use when profiles are in Redis, else 1 (the in-process store "
+            "cannot be shared between processes, so more than 1 needs redis_url)."
+        ),
+    )
     model_repo: Path = field(default=Path("model_repo"), metadata=_doc("Directory holding <model>/<version>/ bundles."))
     model_name: str = field(default="demo", metadata=_doc("Model to serve from the repository."))
     model_version: int | None = field(
@@ -324,6 +333,10 @@ class ServerConfig:
             raise ConfigError(f"model_name: {exc}") from None
         if self.max_k > self.candidates:
             raise ConfigError("max_k must not exceed candidates")
+        if self.workers < 0:
+            raise ConfigError("workers must be 0 (one per core) or more")
+        if self.workers > 1 and not self.redis_url:
+            raise ConfigError("workers > 1 needs redis_url: each process would have its own in-process profile store")
         if self.redis_url and not self.profile_secret:
             raise ConfigError("profile_secret (HYPERREC_PROFILE_SECRET) is required with a Redis profile store")
         if self.profile_secret is not None and len(self.profile_secret.encode()) < 16:

@@ -501,7 +501,7 @@ class Bundle:
         if len(ids) != manifest.item_count:
             ids_file = ITEM_IDS_JSON if manifest.format_version == 1 else ITEM_IDS
             raise BundleError(ids_file, f"has {len(ids)} ids, manifest says item_count {manifest.item_count}")
-        emb = load_array(directory, EMBEDDINGS)
+        emb = load_array(directory, EMBEDDINGS, mapped=True)
         if emb.dtype != np.float32 or emb.shape != (manifest.item_count, spec.embedding_dim):
             raise BundleError(
                 EMBEDDINGS,
@@ -581,23 +581,27 @@ def _read_item_ids(directory: Path, format_version: int) -> ItemIds:
         raise BundleError(ITEM_IDS, str(exc)) from exc
 
 
-def load_array(directory: Path, name: str) -> np.ndarray:
+def load_array(directory: Path, name: str, mapped: bool = False) -> np.ndarray:
     """One `.npy` file of the bundle; BundleError naming it when it is not one plain numpy array (empty,
-    truncated, an .npz archive, pickled objects)."""
+    truncated, an .npz archive, pickled objects).
+
+    `mapped`: memory-map it read-only instead of reading it (the large per-item arrays), so every process
+    serving the version (`hyperrec serve --workers N`) shares one copy of its pages. Bundle files are never
+    changed in place (publishing writes a new version directory), which a mapping needs."""
     try:
-        array = np.load(directory / name, allow_pickle=False)
+        array = np.load(directory / name, allow_pickle=False, mmap_mode="r" if mapped else None)
     except (ValueError, EOFError, OSError) as exc:
         raise BundleError(name, f"not a numpy array file: {exc}") from exc
     if not isinstance(array, np.ndarray):
         raise BundleError(name, "not a numpy array file (an .npz archive?)")
-    return array
+    return np.asarray(array)  # a mapped file as a plain, read-only ndarray over the mapping
 
 
 def _load_matrix(directory: Path, name: str, expected: tuple[int, int]) -> np.ndarray | None:
     """An optional float32 matrix file of the bundle; None when the spec does not call for it (width 0)."""
     if not expected[0] or not expected[1]:
         return None
-    matrix = load_array(directory, name)
+    matrix = load_array(directory, name, mapped=True)
     if matrix.dtype != np.float32 or matrix.shape != expected:
         raise BundleError(name, f"is {matrix.dtype} {matrix.shape}, expected float32 {expected}")
     if not np.isfinite(matrix).all():

@@ -2,7 +2,8 @@
 
 Names follow Prometheus conventions: `hyperrec_` prefix, counters end in `_total`, durations are histograms in
 seconds. `config.metrics_port` serves them over HTTP; tests read them from the registry. deploy/grafana/ holds a
-dashboard over them.
+dashboard over them. With `--workers N` each worker writes them to PROMETHEUS_MULTIPROC_DIR and the supervisor
+serves their sum (counters, histograms) or the mode each gauge names (prometheus-client's multiprocess mode).
 """
 
 from __future__ import annotations
@@ -33,15 +34,19 @@ QUEUE_DURATION = Histogram(
     ["method"],
     buckets=LATENCY_BUCKETS,
 )
-IN_FLIGHT = Gauge("hyperrec_grpc_requests_in_flight", "Recommender and Profiles calls in progress.")
+IN_FLIGHT = Gauge(
+    "hyperrec_grpc_requests_in_flight", "Recommender and Profiles calls in progress.", multiprocess_mode="livesum"
+)
 CONCURRENCY_LIMIT = Gauge(
     "hyperrec_grpc_concurrency_limit",
     "The adaptive limit on Recommender and Profiles calls in progress at once (between min_in_flight and "
     "max_in_flight); calls beyond it are refused RESOURCE_EXHAUSTED.",
+    multiprocess_mode="livesum",
 )
 LATENCY_BASELINE = Gauge(
     "hyperrec_grpc_latency_baseline_seconds",
     "The unloaded call latency the adaptive concurrency limit compares recent latency against.",
+    multiprocess_mode="livemax",
 )
 STAGE_DURATION = Histogram(
     "hyperrec_stage_duration_seconds",
@@ -73,7 +78,9 @@ PROFILE_DEGRADED = Counter(
     ["reason"],
 )
 BREAKER_STATE = Gauge(
-    "hyperrec_profile_store_breaker_state", "Profile store circuit breaker: 0 closed, 1 open, 2 half-open."
+    "hyperrec_profile_store_breaker_state",
+    "Profile store circuit breaker: 0 closed, 1 open, 2 half-open (with several workers: the highest).",
+    multiprocess_mode="livemax",
 )
 EVENTS = Counter(
     "hyperrec_events_total",
@@ -86,11 +93,17 @@ PRIVACY_ACTIONS = Counter(
 MODEL_LOADS = Counter(
     "hyperrec_model_loads_total", "Model version loads by model and outcome (loaded, failed).", ["model", "outcome"]
 )
-ACTIVE_VERSION = Gauge("hyperrec_model_active_version", "The model version being served.", ["model"])
+ACTIVE_VERSION = Gauge(
+    "hyperrec_model_active_version",
+    "The model version being served (with several workers: one sample per worker, labelled pid).",
+    ["model"],
+    multiprocess_mode="liveall",
+)
 ACCELERATOR = Gauge(
     "hyperrec_accelerator_info",
     "1 for the device each component runs on (component: ranker, index; device: cpu, cuda, tensorrt).",
     ["component", "device"],
+    multiprocess_mode="livemax",
 )
 
 

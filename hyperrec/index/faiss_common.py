@@ -9,6 +9,7 @@ move; anything else (HNSW, for one) stays on the CPU. Without GPU support everyt
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 from abc import abstractmethod
 from collections.abc import Callable
@@ -32,6 +33,16 @@ GPU_KINDS = frozenset({"IndexFlat", "IndexFlatIP", "IndexFlatL2", "IndexIVFFlat"
 GPU_MAX_K = 2048
 GPU_ID = 0
 ADD_CHUNK = 65_536  # vectors added per FAISS call when building (the unit of build progress)
+# read_index flags that memory-map an index file instead of copying it into each process, by FAISS class, as
+# measured with faiss 1.15: the IVF types' inverted lists (IO_FLAG_MMAP) and IndexFlat's vectors (with
+# IO_FLAG_MMAP_IFC too) are shared by every process serving the same file (`hyperrec serve --workers N`);
+# IndexHNSWFlat is copied whatever the flags. Index files are never changed in place (a version is a new
+# directory), which a mapping needs: a file truncated under it would fault.
+MMAP_FLAGS = {
+    "IndexFlatIP": faiss.IO_FLAG_MMAP | getattr(faiss, "IO_FLAG_MMAP_IFC", 0),  # 0: older FAISS, copied
+    "IndexIVFFlat": faiss.IO_FLAG_MMAP,
+    "IndexIVFPQ": faiss.IO_FLAG_MMAP,
+}
 
 # GPU FAISS resources are not thread-safe: one StandardGpuResources per process, and every use of it (copying an
 # index to the GPU, searching, freeing a GPU index) holds this lock. Reentrant, because a GPU index can be freed
@@ -92,6 +103,19 @@ def _place(index: Any, device: str) -> tuple[Any, str]:
     return None, reason
 
 
+def read_index(path: Path, faiss_class: str, device: str) -> tuple[Any, bool]:
+    """Read an index file, memory-mapped when its type allows (MMAP_FLAGS) and it stays on the CPU (a GPU copy
+    holds its own data); a file that cannot be mapped (not the type expected, say) is read plainly, so the
+    error, if any, is FAISS's usual one. Returns (the CPU index, whether it is mapped)."""
+    flags = MMAP_FLAGS.get(faiss_class, 0)
+    if flags and (device == CPU or gpu_count() == 0):
+        try:
+            return faiss.read_index(str(path), flags), True
+        except RuntimeError as exc:
+            log.debug("%s cannot be memory-mapped as %s, read into memory: %s", path, faiss_class, exc)
+    return faiss.read_index(str(path)), False
+
+
 def add_in_chunks(index: Any, vectors: np.ndarray, on_progress: Callable[[int, int], None] | None) -> None:
     """Add `vectors` ADD_CHUNK at a time, reporting (added, total) before the first chunk and after each."""
     total = len(vectors)
@@ -121,6 +145,7 @@ class FaissIndex(AnnIndex):
         self.params = params
         self._gpu_index, self._placement = _place(index, check_device(device))
         self._asked = device
+        self._mapped: Path | None = None  # the file a loaded index is memory-mapped from (see read_index)
         self.device = CPU if self._gpu_index is None else CUDA
 
     @classmethod
@@ -149,12 +174,18 @@ class FaissIndex(AnnIndex):
     @classmethod
     def load(cls, path: Path, params: IndexParams, device: str = AUTO) -> Self:
         """See `AnnIndex.load` (FAISS raises RuntimeError for a file it cannot read)."""
-        loaded = cls(faiss.read_index(str(path)), params, device)
+        index, mapped = read_index(path, cls.faiss_class, device)
+        loaded = cls(index, params, device)
+        loaded._mapped = path if mapped else None
         loaded.log_device()
         return loaded
 
     def save(self, path: Path) -> None:
-        """Write the CPU index with faiss.write_index."""
+        """Write the CPU index with faiss.write_index (a memory-mapped one: a copy of its file, which FAISS
+        would write as a reference to that file)."""
+        if self._mapped is not None:
+            shutil.copyfile(self._mapped, path)
+            return
         faiss.write_index(self._index, str(path))
 
     def log_device(self) -> None:
@@ -190,7 +221,9 @@ class FaissIndex(AnnIndex):
 
     @property
     def nbytes(self) -> int:
-        """Size of the index as FAISS serialises it (about its memory), in bytes."""
+        """Size of the index as FAISS serialises it (about its memory, mapped or not), in bytes."""
+        if self._mapped is not None:
+            return self._mapped.stat().st_size
         return int(faiss.serialize_index(self._index).nbytes)
 
     @property

@@ -98,6 +98,9 @@ def server_options(settings: TransportSettings) -> list[tuple[str, int]]:
         # Equal soft and hard limits: no random early drops below it.
         ("grpc.server.max_pending_requests", settings.pending_calls),
         ("grpc.server.max_pending_requests_hard_limit", settings.pending_calls),
+        # Several worker processes share one port (`hyperrec serve --workers N`); on by default on Linux, set
+        # explicitly so it never depends on the default.
+        ("grpc.so_reuseport", 1),
     ]
     if settings.max_connection_age_s > 0:
         options += [
