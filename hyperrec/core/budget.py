@@ -30,7 +30,7 @@ T = TypeVar("T")
 # A look later than this share of the budget means the loop, not the call, was behind.
 LATE_TOLERANCE_SHARE = 0.2
 # Late looks in a row after which a call without an answer is given up (as our miss, not the call's).
-LATE_LOOKS = 8
+LATE_LOOKS = 16
 
 
 class MissCause(enum.Enum):
@@ -77,13 +77,14 @@ async def within_budget(
     try:
         while True:
             await asyncio.wait((task,), timeout=max(due - loop.time(), 0.0))
-            if task.done():
-                break
             now = loop.time()
             lateness = now - due
-            if lateness <= tolerance:
+            late = lateness > tolerance
+            late_looks += late  # a call that ended in the iteration of a late look counts it too
+            if task.done():
+                break
+            if not late:
                 raise BudgetMissed(MissCause.STORE, late_looks)
-            late_looks += 1
             if late_looks >= LATE_LOOKS:
                 raise BudgetMissed(MissCause.LOCAL, late_looks)
             due = now + lateness  # give back the time the loop took from the call
