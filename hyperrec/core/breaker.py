@@ -2,7 +2,9 @@
 
 closed → (failure_threshold consecutive failures) → open: calls are refused at once
 for `open_s` → half-open: one probe call is let through; success closes the
-breaker, failure opens it for another `open_s`. A timeout counts as a failure.
+breaker, failure opens it for another `open_s`. What a failure is, is the caller's to say: the pipeline counts
+the store's errors and the budget misses that are the store's fault, never one caused by the event loop's own
+lateness (hyperrec/core/budget.py).
 
 Why not a library: pybreaker's asynchronous calls need Tornado, aiobreaker has been
 unmaintained since 2021, and purgatory's unit-of-work API cannot express "a call

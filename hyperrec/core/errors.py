@@ -54,6 +54,14 @@ class ProfileStoreError(HyperrecError):
     """The profile store failed or timed out. The pipeline answers DEGRADED instead."""
 
 
+class ProfileStoreTimeout(ProfileStoreError):
+    """The store's client gave up waiting on one of its own timers (a socket read, a free connection).
+
+    Such timers run on the event loop: when the loop is late, they fire late, so the pipeline judges these like
+    its own budget misses (hyperrec/core/budget.py) rather than as plain store failures.
+    """
+
+
 class BundleError(HyperrecError):
     """A model bundle is missing a file, is corrupt, or is inconsistent.
 

@@ -74,7 +74,7 @@ RANKING_FALLBACKS = Counter(
 )
 PROFILE_DEGRADED = Counter(
     "hyperrec_profile_store_degraded_total",
-    "Profile reads that gave up and served non-personalized (reason: error, timeout, circuit_open).",
+    "Profile reads that gave up and served non-personalized (reason: error, timeout, circuit_open, loop_late).",
     ["reason"],
 )
 BREAKER_STATE = Gauge(
@@ -110,3 +110,11 @@ ACCELERATOR = Gauge(
 def serve_metrics(port: int, host: str = "127.0.0.1") -> None:
     """Expose /metrics on `port` from a daemon thread."""
     start_http_server(port, addr=host)
+
+
+PROFILE_BUDGET_MISSES = Counter(
+    "hyperrec_profile_budget_misses_total",
+    "Profile reads past their time budget, by cause: store (looked at on time, no answer; counts against the"
+    " breaker) or local (the event loop was late; does not).",
+    ["cause"],
+)

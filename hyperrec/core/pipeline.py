@@ -8,7 +8,6 @@ index of one model version with the ranker of another.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
@@ -23,7 +22,8 @@ import numpy as np
 
 from hyperrec.core import metrics, tracing
 from hyperrec.core.batching import BatchSettings, MicroBatcher
-from hyperrec.core.breaker import CircuitBreaker, CircuitOpen
+from hyperrec.core.breaker import CircuitBreaker
+from hyperrec.core.budget import BudgetMissed, MissCause, within_budget
 from hyperrec.core.bundle import Bundle
 from hyperrec.core.cache import CACHED_STRATEGIES, CacheSettings, TopNCache, cache_key
 from hyperrec.core.compute import Cutoffs, Ranked, Work, rank_candidates
@@ -36,7 +36,7 @@ from hyperrec.core.domain import (
     Strategy,
     validate_request,
 )
-from hyperrec.core.errors import DeadlineExceeded, ProfileStoreError, Unavailable
+from hyperrec.core.errors import DeadlineExceeded, ProfileStoreError, ProfileStoreTimeout, Unavailable
 from hyperrec.core.features import assign_segments, daypart
 from hyperrec.core.profile import Profile
 from hyperrec.core.profile_store import ProfileStore
@@ -46,7 +46,8 @@ log = logging.getLogger(__name__)
 FOLD_IN_DECAY = 0.9
 # Time kept, before the caller's deadline, to encode and send the answer: ranking must end before it.
 REPLY_MARGIN_S = 0.002
-# What counts against the profile store's circuit breaker: its failures and running past the time budget.
+# What a circuit breaker's `call` counts against the profile store (the Profiles RPCs). Recommend's reads judge
+# budget misses and store timeouts by the event loop's lateness first (`_profile`, hyperrec/core/budget.py).
 STORE_FAILURES: tuple[type[Exception], ...] = (
     ProfileStoreError,
     TimeoutError,
@@ -253,19 +254,46 @@ class RecommendPipeline:
         return self._options
 
     async def _profile(self, user_id: str) -> tuple[Profile | None, bool]:
-        """(profile, degraded). A failing, slow or circuit-broken store degrades instead of failing the call."""
-        budget = self._options.profile_budget_s
-        try:
-            profile = await self._breaker.call(lambda: asyncio.wait_for(self._store.get(user_id), budget))
-        except CircuitOpen:
+        """(profile, degraded). A failing, slow or circuit-broken store degrades instead of failing the call.
+
+        Only the store's own faults count against the breaker: its errors, and budget misses (or its client's
+        timeouts) seen while the event loop was on time. A miss caused by the loop's lateness degrades this
+        call alone; counting it would open the breaker on a healthy store whenever the server is overloaded.
+        """
+        if not self._breaker.allow():
             metrics.PROFILE_DEGRADED.labels("circuit_open").inc()
             return None, True
-        except STORE_FAILURES as exc:
-            reason = "timeout" if isinstance(exc, TimeoutError) else "error"
-            log.warning("profile read degraded (%s): %s", reason, exc or "no answer within the profile budget")
+        try:
+            profile = await within_budget(
+                lambda: self._store.get(user_id), self._options.profile_budget_s, (ProfileStoreTimeout,)
+            )
+        except BudgetMissed as miss:
+            return self._missed(miss)
+        except ProfileStoreError as exc:
+            self._breaker.failure()
+            reason = "timeout" if isinstance(exc, ProfileStoreTimeout) else "error"
+            log.warning("profile read degraded (%s): %s", reason, exc)
             metrics.PROFILE_DEGRADED.labels(reason).inc()
             return None, True
+        except BaseException:
+            self._breaker.abandoned()  # the caller's deadline, or a bug: neither the store's success nor failure
+            raise
+        self._breaker.success()
         return profile, False
+
+    def _missed(self, miss: BudgetMissed) -> tuple[Profile | None, bool]:
+        """Degrade a call whose profile read missed its budget; only a miss of the store's counts against it."""
+        metrics.PROFILE_BUDGET_MISSES.labels(miss.cause.value).inc()
+        if miss.cause is MissCause.STORE:
+            self._breaker.failure()
+            log.warning("profile read degraded (timeout): no answer within the profile budget")
+            metrics.PROFILE_DEGRADED.labels("timeout").inc()
+        else:
+            self._breaker.abandoned()
+            # DEBUG: under overload many calls may miss; hyperrec_profile_budget_misses_total{cause="local"} counts
+            log.debug("profile read degraded (loop_late): %s", miss)
+            metrics.PROFILE_DEGRADED.labels("loop_late").inc()
+        return None, True
 
     def _cutoffs(self, arrived: float, deadline: float | None) -> Cutoffs:
         rank_by = arrived + self._options.ranking_budget_s

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import redis.asyncio as redis
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeout
 
-from hyperrec.core.errors import ProfileStoreError
+from hyperrec.core.errors import ProfileStoreError, ProfileStoreTimeout
 from hyperrec.core.profile import OPTED_OUT, Profile, ProfileSettings, StoredEvent
 from hyperrec.core.profile_store import ProfileStore, RecordOutcome
 from hyperrec.profiles import scripts
@@ -54,7 +55,13 @@ def _decode(flat_hash: list[bytes], recent: list[bytes]) -> Profile | None:
 
 
 def _failure(action: str, exc: BaseException) -> ProfileStoreError:
-    return ProfileStoreError(f"redis {action} failed: {type(exc).__name__}")
+    """The store error for a failed command: a ProfileStoreTimeout when one of the client's own timers ran out
+    (the socket read timeout, or the pool's wait for a free connection, which redis-py reports as a
+    ConnectionError caused by a TimeoutError), since those fire late when the event loop is late."""
+    message = f"redis {action} failed: {type(exc).__name__}"
+    if isinstance(exc, RedisTimeout | TimeoutError) or isinstance(exc.__cause__, TimeoutError):
+        return ProfileStoreTimeout(message)
+    return ProfileStoreError(message)
 
 
 class RedisProfileStore(ProfileStore):
