@@ -364,6 +364,7 @@ async def test_recommend_calls_cut_by_deadlines_leave_every_user_their_own_profi
         profile_secret=TEST_SECRET,
         profile_budget_ms=2000,  # only the callers' deadlines cut reads short here
         breaker_failures=10_000,
+        compute_threads=8,  # the 4 concurrent calls never queue, so none is refused at arrival: all reach Redis
     ) as running:
         bundle = bundle_of(running)
         rows = {f"deadline-user-{u:02d}": 9 * u + 4 for u in range(40)}
