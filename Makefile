@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PROTO_SRC := proto/hyperrec/v1/recommender.proto proto/hyperrec/v1/profiles.proto proto/hyperrec/v1/admin.proto
 GEN_DIR := hyperrec/v1
 
-.PHONY: demo test bench scale install lint proto proto-check buf-lint pytest dockerfile-lint k8s-lint clean
+.PHONY: demo test bench pressure scale install lint proto proto-check buf-lint pytest dockerfile-lint k8s-lint clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "hyperrec needs Python 3.11 or newer")'
@@ -28,6 +28,11 @@ test: $(STAMP) lint proto-check pytest
 ## bench: the server against its in-process and gRPC echo floors at 1M items, then a capacity search (minutes)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.bench --out benchmarks/results
+
+## pressure: server CPU per call against the in-process floor, --workers 1 against the default (A/B), an overload
+## burst at 5x saturation (minutes; needs redis-server)
+pressure: $(STAMP)
+	$(BIN)/python -m benchmarks.pressure --out benchmarks/results
 
 ## scale: retrieval latency, memory and recall across catalogue sizes and index types (tens of minutes)
 scale: $(STAMP)

@@ -288,3 +288,25 @@ def test_the_batching_ab_script_alternates_the_two_servers(tmp_path: Path) -> No
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert [r["flags"] for r in rows] == [["--batch-max-size", "16"], ["--batch-max-size", "1"]]
     assert all(r["low_p50_ms"] > 0 and list(r["p99_ms_by_rate"]) == ["50"] for r in rows)
+
+
+def test_pressure_counts_the_cpu_of_a_whole_process_tree() -> None:
+    """`make pressure` reads server CPU from /proc for the server's process and everything below it: a grandchild
+    that burned 0.3 s of CPU is counted under the top process."""
+    import sys
+
+    from benchmarks.pressure import tree_cpu_s
+
+    burn = "import time\nwhile time.process_time() < 0.3: pass\nprint('burnt', flush=True)\ntime.sleep(30)"
+    parent = subprocess.Popen(
+        [sys.executable, "-c", f"import subprocess, sys; subprocess.run([sys.executable, '-c', {burn!r}])"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert parent.stdout is not None and parent.stdout.readline() == "burnt\n"
+        assert tree_cpu_s(parent.pid) >= 0.29
+        assert tree_cpu_s(2**22 + 7) == 0.0  # no such process
+    finally:
+        parent.kill()
+        parent.wait()
