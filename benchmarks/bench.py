@@ -121,11 +121,19 @@ def ensure_bundle(repo: Path, items: int, dim: int, users: int) -> tuple[str, Pa
 
 
 async def in_process_floor(
-    bundle: Bundle, profiles: Path, calls: int, k: int, redis_url: str | None, secret: bytes, rate: float = 0.0
+    bundle: Bundle,
+    profiles: Path,
+    calls: int,
+    k: int,
+    redis_url: str | None,
+    secret: bytes,
+    rate: float = 0.0,
+    cpu_s: list[float] | None = None,
 ) -> list[float]:
     """The pipeline alone: same bundle, profiles and profile store, called one request at a time in this process:
     back to back, or at most `rate` calls a second (then the process idles between calls, as a server at that
-    rate does, and pays for waking up)."""
+    rate does, and pays for waking up). Milliseconds per measured call; with `cpu_s`, each measured call's CPU
+    seconds (this process, every thread) are appended to it too."""
     store: ProfileStore = InMemoryProfileStore(Pseudonymizer(secret))
     if redis_url is not None:
         store = RedisProfileStore(RedisStoreOptions(redis_url), Pseudonymizer(secret))
@@ -143,11 +151,13 @@ async def in_process_floor(
         req = RecommendRequest(user, k=k, context=Context(device=DeviceType(int(rng.integers(1, 5)))))
         if rate:  # one call every 1/rate seconds
             await asyncio.sleep(max(0.0, 1 / rate - took))
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         await pipeline.recommend(req)
         took = time.perf_counter() - started
         if i >= calls // 10:
             out.append(took * 1e3)
+            if cpu_s is not None:
+                cpu_s.append(time.process_time() - cpu)
     await store.close()
     return out
 
