@@ -33,15 +33,18 @@ GPU_KINDS = frozenset({"IndexFlat", "IndexFlatIP", "IndexFlatL2", "IndexIVFFlat"
 GPU_MAX_K = 2048
 GPU_ID = 0
 ADD_CHUNK = 65_536  # vectors added per FAISS call when building (the unit of build progress)
-# read_index flags that memory-map an index file instead of copying it into each process, by FAISS class, as
-# measured with faiss 1.15: the IVF types' inverted lists (IO_FLAG_MMAP) and IndexFlat's vectors (with
-# IO_FLAG_MMAP_IFC too) are shared by every process serving the same file (`hyperrec serve --workers N`);
-# IndexHNSWFlat is copied whatever the flags. Index files are never changed in place (a version is a new
-# directory), which a mapping needs: a file truncated under it would fault.
+# read_index flags that memory-map an index file instead of copying it into each process, by FAISS class:
+# IndexFlat's vectors (IO_FLAG_MMAP with IO_FLAG_MMAP_IFC, faiss 1.15) are then shared by every process serving
+# the same file (`hyperrec serve --workers N`). The IVF types could be mapped too (IO_FLAG_MMAP maps their
+# inverted lists), but a mapped IVF index searched slower: at 1M items (IVF, 4,000 lists, nprobe 125) the
+# server spent 8.4 ms of CPU per call at 100/s against 5.5 ms with the index in memory, and answered with p50
+# 9.4 ms against 7.4 ms (benchmarks/pressure.py's server, A/B on this machine; 4 KiB file pages against the
+# huge pages an in-memory copy gets, most likely). So IVF indexes are copied into each worker, whose other
+# large arrays (embeddings, item features) stay mapped; IndexHNSWFlat is copied whatever the flags. Index files
+# are never changed in place (a version is a new directory), which a mapping needs: a file truncated under it
+# would fault.
 MMAP_FLAGS = {
     "IndexFlatIP": faiss.IO_FLAG_MMAP | getattr(faiss, "IO_FLAG_MMAP_IFC", 0),  # 0: older FAISS, copied
-    "IndexIVFFlat": faiss.IO_FLAG_MMAP,
-    "IndexIVFPQ": faiss.IO_FLAG_MMAP,
 }
 
 # GPU FAISS resources are not thread-safe: one StandardGpuResources per process, and every use of it (copying an
