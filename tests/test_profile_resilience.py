@@ -349,7 +349,7 @@ class CompletionCountingStore(RedisProfileStore):
 
 
 async def test_recommend_calls_cut_by_deadlines_leave_every_user_their_own_profile(
-    toy_repo: Path, redis_url: str
+    toy_repo: Path, redis_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Recommend calls whose deadlines pass while their profile read is out on the wire, then plain calls:
     every user still gets the items of their own profile (each user's vector is one item's embedding)."""
@@ -408,6 +408,9 @@ async def test_recommend_calls_cut_by_deadlines_leave_every_user_their_own_profi
             reply = await running.stub.Recommend(request(user, k=3), timeout=5)
             assert reply.strategy == pb.STRATEGY_PERSONALIZED, user
             assert reply.items[0].item_id == bundle.item_ids[row], f"{user} got another user's recommendations"
+        # No call whose deadline passed was aborted again after grpc ended it (grpcio logs each such abort as an
+        # ExecuteBatchError traceback: a log full of them under overload, for calls the client already dropped).
+        assert not [r for r in caplog.records if "ExecuteBatchError" in r.getMessage()]
         # Last, as it counts on cut reads' replies never being read: that the storm did cut reads in flight.
         assert in_flight >= 20, f"only {in_flight} of {calls} reads were cut in flight ({codes})"
 

@@ -40,6 +40,12 @@ def parse(kind: type[Req], raw: bytes) -> Req:
         raise InvalidArgument("request", f"not a valid {kind.DESCRIPTOR.name} ({exc})") from None
 
 
+def _expired(context: Context) -> bool:
+    """Whether the call's deadline has passed (grpc then ends it with DEADLINE_EXCEEDED itself)."""
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= 0
+
+
 async def answer(
     kind: type[Req], raw: bytes, context: Context, run: Callable[[Req, str, float | None], Awaitable[Resp]]
 ) -> Resp:
@@ -49,14 +55,27 @@ async def answer(
         request = parse(kind, raw)
         request_id, quoted_id = settle_request_id(getattr(request, "request_id", ""), quoted_id)
         REQUEST_ID.set(quoted_id)  # this call's task only: log records made while serving it carry the id
-        return await run(request, request_id, deadline_after(context.time_remaining()))
+        reply = await run(request, request_id, deadline_after(context.time_remaining()))
     except Exception as exc:
-        if isinstance(exc, DeadlineExceeded) and (context.done() or context.cancelled()):
-            # gRPC already ended the call with DEADLINE_EXCEEDED; aborting it again would only log an error.
+        if isinstance(exc, DeadlineExceeded) and (_expired(context) or context.done() or context.cancelled()):
+            # gRPC ends (or already ended) the call with DEADLINE_EXCEEDED itself; aborting it too races that end
+            # and fails inside grpcio, which logs an ExecuteBatchError traceback per dropped call.
             raise asyncio.CancelledError from None
         code, message = status_for(exc, quoted_id)
         context.set_trailing_metadata((("x-request-id", quoted_id),))
-        await context.abort(code, message)
+        try:
+            await context.abort(code, message)
+        except grpc.aio.AbortError:
+            raise  # the normal end of an abort
+        except Exception:
+            # The call ended between the check above and the abort (its deadline passed just then): grpcio can no
+            # longer send a status; say nothing more instead of surfacing its ExecuteBatchError.
+            if context.done() or _expired(context):
+                raise asyncio.CancelledError from None
+            raise
+    if _expired(context):  # too late to answer: grpc has ended the call with DEADLINE_EXCEEDED (as above)
+        raise asyncio.CancelledError
+    return reply
 
 
 class RecommenderServicer:
