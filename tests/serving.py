@@ -44,6 +44,9 @@ async def running_server(
         "model_name": model,
         "warmup_requests": 2,
         "ranking_budget_ms": 60_000,
+        # Nor may it shed a test's concurrent calls as load: the adaptive limit stays at max_in_flight unless a
+        # test of admission sets min_in_flight itself (the limit never goes below it; capped at max_in_flight).
+        "min_in_flight": 64,
     }
     if "redis_url" in overrides:
         # A busy test machine must not turn answers DEGRADED or writes UNAVAILABLE; tests of timeouts set their own.

@@ -372,11 +372,10 @@ async def test_versions_swap_reject_and_roll_back_under_load_without_a_failed_or
     expected = expected_answers(versions, profiles)
     prefixes = {"1": v1.prefix, "2": v2.prefix}  # the only versions that may ever answer
 
-    # Admission is pinned (min_in_flight = max_in_flight): this test counts what a swap does to answers, and the
-    # adaptive limit could otherwise shed some of the 20 clients' calls as load (RESOURCE_EXHAUSTED), which
+    # running_server pins admission (min_in_flight = max_in_flight): this test counts what a swap does to answers;
+    # the adaptive limit could otherwise shed some of the 20 clients' calls as load (RESOURCE_EXHAUSTED), which
     # tests/test_hardening.py covers. docs/model-repo.md says how an operator keeps swaps refusal-free too.
-    pinned = {"min_in_flight": 64, "max_in_flight": 64}
-    async with running_server(repo, MODEL, admin_token=ADMIN_TOKEN, watch_interval_s=0.2, **pinned) as running:
+    async with running_server(repo, MODEL, admin_token=ADMIN_TOKEN, watch_interval_s=0.2) as running:
         running.app.start_watcher()
         await running.app.store.put_many(profiles)
         admin = admin_stub(running)
