@@ -77,13 +77,17 @@ def test_train_command_publishes_a_version_and_profiles(tmp_path: Path, capsys: 
     assert (tmp_path / "cli" / "1" / "manifest.json").is_file()
 
 
-def test_demo_trains_serves_personalized_answers_and_stops_on_ctrl_c(tmp_path: Path) -> None:
-    """`hyperrec demo` end to end in a scratch directory, shrunk to 200 users and 300 items."""
+def test_demo_trains_serves_personalized_answers_and_stops_on_ctrl_c(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`hyperrec demo` end to end in a scratch directory, shrunk to 200 users and 300 items: it serves
+    personalized answers, prints an admin token that `hyperrec models list` works with, and pins no version (a
+    version published later is served)."""
     cmd = [sys.executable, "-m", "hyperrec.app.cli", "demo", "--port", "0", "--users", "200", "--items", "300"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         assert proc.stdout is not None
-        lines = [proc.stdout.readline() for _ in range(3)]
+        lines = [proc.stdout.readline() for _ in range(9)]
         assert lines[0].startswith("hyperrec demo is serving"), lines
         call = lines[1].split()  # hyperrec recommend --target localhost:PORT --user U ...
         target, user = call[call.index("--target") + 1], call[call.index("--user") + 1]
@@ -93,6 +97,12 @@ def test_demo_trains_serves_personalized_answers_and_stops_on_ctrl_c(tmp_path: P
 
             reply = pb_grpc.RecommenderStub(channel).Recommend(pb.RecommendRequest(user_id=user, k=5), timeout=10)
         assert reply.strategy == pb.STRATEGY_PERSONALIZED and len(reply.items) == 5
+        exports = [line.split("HYPERREC_ADMIN_TOKEN=", 1)[1].split()[0] for line in lines if "ADMIN_TOKEN=" in line]
+        assert len(exports) == 1, lines
+        capsys.readouterr()
+        assert main(["models", "list", "--target", target, "--token", exports[0]]) == 0
+        listed = capsys.readouterr().out
+        assert "model demo: active 1\n" in listed  # no ", pinned 1": newer versions will be served
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=15) == 0
     finally:

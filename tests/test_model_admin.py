@@ -180,6 +180,11 @@ async def test_models_cli_lists_activates_and_rolls_back(served: Running, capsys
     out = capsys.readouterr().out
     assert "model toy: active 2, pinned 2" in out and "ready" in out
     assert f"policy: {served.app.manager.model_dir / 'policy.json'}, revision 2 by " in out  # activate, rollback
+    assert 1 in [v.version for v in (await status(served)).versions]  # the version rolled back from stays loaded
+    assert await asyncio.to_thread(main, ["models", "unload", *target, "--model", "toy", "--version", "1"]) == 0
+    assert [v.version for v in (await status(served)).versions] == [2]
+    assert await asyncio.to_thread(main, ["models", "unload", *target, "--model", "toy", "--version", "2"]) == 1
+    assert "FAILED_PRECONDITION" in capsys.readouterr().err  # the serving version cannot be unloaded
     bad = ["--target", f"127.0.0.1:{served.port}", "--token", "wrong-token"]
     assert await asyncio.to_thread(main, ["models", "list", *bad]) == 1
     assert "UNAUTHENTICATED" in capsys.readouterr().err

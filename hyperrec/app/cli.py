@@ -261,6 +261,8 @@ def cmd_models(args: argparse.Namespace) -> int:
             return 1 if loaded.failed else 0
         elif args.models_command == "activate":
             models = [admin.activate_version(connection, args.model, args.version, args.timeout)]
+        elif args.models_command == "unload":
+            models = [admin.unload_version(connection, args.model, args.version, args.timeout)]
         elif args.models_command == "release":
             models = [admin.release_pin(connection, args.model, args.timeout)]
         elif args.models_command == "canary":
@@ -491,6 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("load", "load, validate and warm a version without serving it"),
         ("activate", "serve a version and pin it in policy.json (every replica follows)"),
         ("rollback", "serve the previously active version and pin it in policy.json"),
+        ("unload", "free a loaded version that is not serving (its memory; the files stay in the repository)"),
         ("release", "remove the pin from policy.json: every replica serves the newest usable version"),
         ("canary", "route a share of users to a canary version on every replica (--version 0 stops it)"),
     ):
@@ -499,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds (loading takes time)")
         if name != "list":
             cmd.add_argument("--model", default="demo", help="model name")
-        if name in ("load", "activate", "canary"):
+        if name in ("load", "activate", "unload", "canary"):
             cmd.add_argument("--version", type=int, required=True, help="version number")
         if name == "canary":
             cmd.add_argument("--percent", type=float, default=10.0, help="percentage of users (0-100) it answers")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -43,17 +44,23 @@ def train_demo_model(config: ServerConfig, users: int | None = None, items: int 
     return version
 
 
-def example_calls(port: int, user: str) -> str:
+def example_calls(port: int, user: str, admin_token: str | None) -> str:
     target = f"localhost:{port}"
-    return "\n".join(
-        (
-            "hyperrec demo is serving. Try, in another terminal (after `source .venv/bin/activate`):",
-            f"  hyperrec recommend --target {target} --user {user} --k 10 --device mobile --hour 22",
-            f"  hyperrec recommend --target {target} --user {user} --k 10 --device desktop --hour 10",
-            f"  hyperrec recommend --target {target} --user someone-new --k 5   # cold start",
-            "Ctrl-C stops the server.",
-        )
-    )
+    lines = [
+        "hyperrec demo is serving. Try, in another terminal (after `source .venv/bin/activate`):",
+        f"  hyperrec recommend --target {target} --user {user} --k 10 --device mobile --hour 22",
+        f"  hyperrec recommend --target {target} --user {user} --k 10 --device desktop --hour 10",
+        f"  hyperrec recommend --target {target} --user someone-new --k 5   # cold start",
+        f"  hyperrec events send --target {target} --user someone-new --item <an item above> --type purchase",
+        f"  hyperrec recommend --target {target} --user someone-new --k 5   # personalized now",
+    ]
+    if admin_token is not None:
+        lines += [
+            f"  export HYPERREC_ADMIN_TOKEN={admin_token}   # this demo's admin token (made for this run)",
+            f"  hyperrec models list --target {target}",
+        ]
+    lines.append("New versions published into the repository are served as they appear; Ctrl-C stops the server.")
+    return "\n".join(lines)
 
 
 async def run_demo(
@@ -70,7 +77,10 @@ async def run_demo(
         log.info(
             "reusing %s/%s version %d (pass --retrain for a new one)", config.model_repo, config.model_name, version
         )
-    config = replace(config, model_version=version, seed_profiles=profiles_path(config, version))
+    # The newest version serves and later ones are followed (the watcher), unless --model-version pins one; the
+    # admin API gets a token made for this run when none is configured, so `hyperrec models` works against it.
+    admin_token = config.admin_token or secrets.token_urlsafe(24)
+    config = replace(config, admin_token=admin_token, seed_profiles=profiles_path(config, version))
     first_user = snapshot_user_ids(profiles_path(config, version))[0]
-    await serve(config, on_ready=lambda port: print(example_calls(port, first_user), flush=True))
+    await serve(config, on_ready=lambda port: print(example_calls(port, first_user, admin_token), flush=True))
     return 0

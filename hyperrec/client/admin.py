@@ -119,6 +119,14 @@ def rollback(connection: Connection, model: str, timeout_s: float) -> ModelState
     return _model(reply.model)
 
 
+def unload_version(connection: Connection, model: str, version: int, timeout_s: float) -> ModelState:
+    """Free a loaded version that is not serving (FAILED_PRECONDITION for the active one); the model's state."""
+    request = apb.UnloadVersionRequest(model=model, version=version)
+    with _admin_stub(connection) as stub:
+        reply = stub.UnloadVersion(request, metadata=connection.metadata(), timeout=timeout_s)
+    return _model(reply.model)
+
+
 def release_pin(connection: Connection, model: str, timeout_s: float) -> ModelState:
     """Remove the pin from the model's policy.json, so every replica serves the newest usable version again."""
     request = apb.ReleasePinRequest(model=model)
