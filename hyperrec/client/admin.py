@@ -6,14 +6,9 @@ lower-case name ("ready", "active", "failed", ...). A refused call raises Client
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
-import grpc
-
 from hyperrec.client.connect import Connection
-from hyperrec.client.errors import client_error
 from hyperrec.v1 import admin_pb2 as apb
 from hyperrec.v1 import admin_pb2_grpc as apb_grpc
 
@@ -78,68 +73,51 @@ def _model(status: apb.ModelStatus) -> ModelState:
     )
 
 
-@contextmanager
-def _admin_stub(connection: Connection) -> Iterator[apb_grpc.ModelAdminStub]:
-    """A ModelAdmin stub on a channel of its own; a refused call inside the block becomes a ClientError."""
-    with connection.channel() as channel:
-        try:
-            yield apb_grpc.ModelAdminStub(channel)
-        except grpc.RpcError as exc:
-            raise client_error(exc) from exc
-
-
 def list_models(connection: Connection, timeout_s: float) -> list[ModelState]:
     """Every model the server serves, with its versions' states."""
-    with _admin_stub(connection) as stub:
-        reply = stub.ListModels(apb.ListModelsRequest(), metadata=connection.metadata(), timeout=timeout_s)
+    reply = connection.unary(apb_grpc.ModelAdminStub, "ListModels", apb.ListModelsRequest(), timeout_s)
     return [_model(m) for m in reply.models]
 
 
 def load_version(connection: Connection, model: str, version: int, timeout_s: float) -> VersionState:
     """Load, validate and warm a version without serving it; its state afterwards ("failed" with a reason)."""
     request = apb.LoadVersionRequest(model=model, version=version)
-    with _admin_stub(connection) as stub:
-        reply = stub.LoadVersion(request, metadata=connection.metadata(), timeout=timeout_s)
+    reply = connection.unary(apb_grpc.ModelAdminStub, "LoadVersion", request, timeout_s)
     return _version(reply.status)
 
 
 def activate_version(connection: Connection, model: str, version: int, timeout_s: float) -> ModelState:
     """Serve a version and pin it; the model's state afterwards."""
     request = apb.ActivateVersionRequest(model=model, version=version)
-    with _admin_stub(connection) as stub:
-        reply = stub.ActivateVersion(request, metadata=connection.metadata(), timeout=timeout_s)
+    reply = connection.unary(apb_grpc.ModelAdminStub, "ActivateVersion", request, timeout_s)
     return _model(reply.model)
 
 
 def rollback(connection: Connection, model: str, timeout_s: float) -> ModelState:
     """Serve the previously active version and pin it; the model's state afterwards."""
     request = apb.RollbackRequest(model=model)
-    with _admin_stub(connection) as stub:
-        reply = stub.Rollback(request, metadata=connection.metadata(), timeout=timeout_s)
+    reply = connection.unary(apb_grpc.ModelAdminStub, "Rollback", request, timeout_s)
     return _model(reply.model)
 
 
 def unload_version(connection: Connection, model: str, version: int, timeout_s: float) -> ModelState:
     """Free a loaded version that is not serving (FAILED_PRECONDITION for the active one); the model's state."""
     request = apb.UnloadVersionRequest(model=model, version=version)
-    with _admin_stub(connection) as stub:
-        reply = stub.UnloadVersion(request, metadata=connection.metadata(), timeout=timeout_s)
+    reply = connection.unary(apb_grpc.ModelAdminStub, "UnloadVersion", request, timeout_s)
     return _model(reply.model)
 
 
 def release_pin(connection: Connection, model: str, timeout_s: float) -> ModelState:
     """Remove the pin from the model's policy.json, so every replica serves the newest usable version again."""
     request = apb.ReleasePinRequest(model=model)
-    with _admin_stub(connection) as stub:
-        reply = stub.ReleasePin(request, metadata=connection.metadata(), timeout=timeout_s)
+    reply = connection.unary(apb_grpc.ModelAdminStub, "ReleasePin", request, timeout_s)
     return _model(reply.model)
 
 
 def set_canary(connection: Connection, model: str, version: int, percent: float, timeout_s: float) -> ModelState:
     """Route `percent` % of users to canary `version` on every replica (version 0 stops the canary)."""
     request = apb.SetCanaryRequest(model=model, version=version, percent=percent)
-    with _admin_stub(connection) as stub:
-        reply = stub.SetCanary(request, metadata=connection.metadata(), timeout=timeout_s)
+    reply = connection.unary(apb_grpc.ModelAdminStub, "SetCanary", request, timeout_s)
     return _model(reply.model)
 
 

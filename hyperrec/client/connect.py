@@ -10,12 +10,14 @@ The command line's flags for these (`--tls`, `--tls-ca`, ...) are parsed in `hyp
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
 
+from hyperrec.client.errors import client_error
 from hyperrec.core.errors import ConfigError
 from hyperrec.core.files import read_file
 
@@ -69,3 +71,12 @@ class Connection:
         if not self.tls.on:
             return grpc.aio.insecure_channel(self.target)
         return grpc.aio.secure_channel(self.target, self.tls.credentials(), options=self.tls.options())
+
+    def unary(self, stub_type: Callable[[grpc.Channel], Any], method: str, request: Any, timeout_s: float) -> Any:
+        """One unary call, with the token, on a channel of its own: the reply, or ClientError when the server (or
+        the channel) refuses it."""
+        with self.channel() as channel:
+            try:
+                return getattr(stub_type(channel), method)(request, metadata=self.metadata(), timeout=timeout_s)
+            except grpc.RpcError as exc:
+                raise client_error(exc) from exc

@@ -8,12 +8,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
-
-import grpc
 
 from hyperrec.client.connect import Connection
-from hyperrec.client.errors import client_error
 from hyperrec.client.recommend import build_context
 from hyperrec.v1 import profiles_pb2 as ppb
 from hyperrec.v1 import profiles_pb2_grpc as ppb_grpc
@@ -76,22 +72,10 @@ def build_event(spec: EventSpec) -> ppb.Event:
     return event
 
 
-def _stub(channel: grpc.Channel) -> Any:
-    return ppb_grpc.ProfilesStub(channel)  # the stub's type stubs lack its methods
-
-
-def _call(connection: Connection, method: str, request: Any, timeout_s: float) -> Any:
-    with connection.channel() as channel:
-        try:
-            return getattr(_stub(channel), method)(request, metadata=connection.metadata(), timeout=timeout_s)
-        except grpc.RpcError as exc:
-            raise client_error(exc) from exc
-
-
 def record_events(connection: Connection, events: Sequence[EventSpec], timeout_s: float = 10.0) -> IngestOutcome:
     """Send one batch of events; what the server did with each is in the outcome."""
     request = ppb.RecordEventsRequest(events=[build_event(e) for e in events])
-    reply = _call(connection, "RecordEvents", request, timeout_s)
+    reply = connection.unary(ppb_grpc.ProfilesStub, "RecordEvents", request, timeout_s)
     rejected = tuple(Rejection(r.index, r.field, r.reason) for r in reply.rejected)
     return IngestOutcome(reply.accepted, reply.duplicates, reply.dropped_no_consent, rejected, reply.request_id)
 
@@ -99,12 +83,14 @@ def record_events(connection: Connection, events: Sequence[EventSpec], timeout_s
 def set_consent(connection: Connection, user_id: str, personalization: bool, timeout_s: float = 10.0) -> bool:
     """Record the user's choice; True when opting out deleted a profile that existed."""
     request = ppb.SetConsentRequest(user_id=user_id, personalization=personalization)
-    return bool(_call(connection, "SetConsent", request, timeout_s).profile_deleted)
+    return bool(connection.unary(ppb_grpc.ProfilesStub, "SetConsent", request, timeout_s).profile_deleted)
 
 
 def forget_user(connection: Connection, user_id: str, timeout_s: float = 10.0) -> tuple[str, ...]:
     """Erase everything the server holds for the user; the kinds of data that existed."""
-    return tuple(_call(connection, "ForgetUser", ppb.ForgetUserRequest(user_id=user_id), timeout_s).deleted)
+    return tuple(
+        connection.unary(ppb_grpc.ProfilesStub, "ForgetUser", ppb.ForgetUserRequest(user_id=user_id), timeout_s).deleted
+    )
 
 
 def set_interests(
@@ -112,4 +98,4 @@ def set_interests(
 ) -> tuple[str, ...]:
     """Store the user's declared categories (empty clears them); the interests now stored."""
     request = ppb.SetInterestsRequest(user_id=user_id, categories=list(categories))
-    return tuple(_call(connection, "SetInterests", request, timeout_s).categories)
+    return tuple(connection.unary(ppb_grpc.ProfilesStub, "SetInterests", request, timeout_s).categories)

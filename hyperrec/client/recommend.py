@@ -10,10 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
-import grpc
-
 from hyperrec.client.connect import Connection
-from hyperrec.client.errors import client_error
 from hyperrec.v1 import recommender_pb2 as pb
 from hyperrec.v1 import recommender_pb2_grpc as pb_grpc
 
@@ -127,14 +124,7 @@ def recommendations(response: pb.RecommendResponse) -> Recommendations:
 
 def call_recommend(call: RecommendCall) -> Recommendations:
     """Make the call on a channel of its own; ClientError when the server (or the channel) refuses it."""
-    with call.connection.channel() as channel:
-        stub = pb_grpc.RecommenderStub(channel)
-        try:
-            response: pb.RecommendResponse = stub.Recommend(
-                build_request(call), timeout=call.timeout_s, metadata=call.connection.metadata()
-            )
-        except grpc.RpcError as exc:
-            raise client_error(exc) from exc
+    response = call.connection.unary(pb_grpc.RecommenderStub, "Recommend", build_request(call), call.timeout_s)
     return recommendations(response)
 
 
