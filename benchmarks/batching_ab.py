@@ -26,7 +26,7 @@ from hyperrec.profiles.snapshot import load_profiles
 
 
 def measure(flags: list[str], args: argparse.Namespace, spec: ServeSpec) -> dict[str, object]:
-    with started_server(spec, flags) as target:
+    with started_server(spec, ["--workers", "1", *flags]) as (target, _):  # the settings compared, one process
         scenario = Scenario(k=20, unknown_user_share=0.0)
         users = tuple(load_profiles(spec.profiles))
         base = LoadTestSettings(

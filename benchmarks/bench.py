@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 import numpy as np
@@ -245,22 +245,29 @@ def start_redis() -> tuple[subprocess.Popen[bytes], int]:
     return proc, port
 
 
+class Started(NamedTuple):
+    """A server the bench started: the address to load and the process id (its tree's CPU is read from /proc)."""
+
+    target: str
+    pid: int
+
+
 @contextmanager
-def started_server(spec: ServeSpec, flags: Sequence[str]) -> Iterator[str]:
-    """`hyperrec serve` on the bench's model with `flags`, on a free port; yields its address once SERVING and
-    stops it on leaving."""
-    port = free_port()
+def started_server(spec: ServeSpec, flags: Sequence[str]) -> Iterator[Started]:
+    """`hyperrec serve` on the bench's model with `flags`, on a free port; yields it once SERVING on its
+    health-only port (which answers for every worker together) and stops it on leaving."""
+    port, health = free_port(), free_port()
     env = dict(os.environ)
     cmd = [sys.executable, "-m", "hyperrec.app.cli", "serve", "--port", str(port), "--model-repo", str(spec.repo)]
-    cmd += ["--model-name", spec.model, "--seed-profiles", str(spec.profiles), "--log-level", "WARNING", *flags]
+    cmd += ["--health-port", str(health), "--model-name", spec.model, "--seed-profiles", str(spec.profiles)]
+    cmd += ["--log-level", "WARNING", *flags]
     if spec.redis_url is not None:
         cmd += ["--redis-url", spec.redis_url]
         env["HYPERREC_PROFILE_SECRET"] = spec.secret
     server = subprocess.Popen(cmd, env=env)
     try:
-        target = f"127.0.0.1:{port}"
-        wait_serving(target)
-        yield target
+        wait_serving(f"127.0.0.1:{health}")
+        yield Started(f"127.0.0.1:{port}", server.pid)
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -278,8 +285,8 @@ def measure_server(
 ) -> dict[str, Any]:
     """Start a server with `flags`, run the low-rate run and the capacity search (and the Redis outage run when
     `outage_port` is given) against it, stop it."""
-    # --watch-interval-s 1: the swap run publishes a version mid-run
-    with started_server(spec, ["--watch-interval-s", "1", *flags]) as target:
+    # --watch-interval-s 1: the swap run publishes a version mid-run; one process, as the floors are measured in
+    with started_server(spec, ["--workers", "1", "--watch-interval-s", "1", *flags]) as (target, _):
         scenario = Scenario(k=k, unknown_user_share=0.0)
         base = LoadTestSettings(
             target, rate=LOW_RATE, duration_s=duration_s, warmup_s=3.0, scenario=scenario, users=users
@@ -358,19 +365,24 @@ def redis_outage(base: LoadTestSettings, redis_port: int, duration_s: float) -> 
     }
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_bundle_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags every measuring script shares: the synthetic bundle (size, cache), run length, floor calls, out."""
     parser.add_argument("--items", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--users", type=int, default=1000)
     parser.add_argument("--repo", type=Path, default=Path(tempfile.gettempdir()) / "hyperrec-bench")
+    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds of each load run")
+    parser.add_argument("--calls", type=int, default=500, help="sequential calls per in-process floor")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_bundle_arguments(parser)
     parser.add_argument("--rates", default="100,150,200,250,300,400,500,750,1000")
     parser.add_argument(
         "--throughput-rates", default="100,150,200,250,300,400,500,600,800", help="rates of the saturation search"
     )
-    parser.add_argument("--duration", type=float, default=10.0)
-    parser.add_argument("--calls", type=int, default=500, help="sequential calls per floor")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     k = 20
     model, profiles = ensure_bundle(args.repo, args.items, args.dim, args.users)

@@ -26,12 +26,8 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -40,11 +36,11 @@ from benchmarks.bench import (
     SLO,
     THROUGHPUT_SLO,
     ServeSpec,
+    add_bundle_arguments,
     ensure_bundle,
-    free_port,
     in_process_floor,
     start_redis,
-    wait_serving,
+    started_server,
 )
 from hyperrec.core.bundle import Bundle, resolve_version
 from hyperrec.core.ranker import RankerOptions
@@ -82,23 +78,6 @@ def tree_cpu_s(root: int) -> float:
         tree.update(children)
         frontier.extend(children)
     return sum(cpu.get(pid, 0.0) for pid in tree)
-
-
-@contextmanager
-def server(spec: ServeSpec, workers: int) -> Iterator[tuple[str, int]]:
-    """`hyperrec serve --workers N` with a health-only port, SERVING on every worker; yields (target, pid)."""
-    port, health = free_port(), free_port()
-    env = dict(os.environ, HYPERREC_PROFILE_SECRET=spec.secret)
-    cmd = [sys.executable, "-m", "hyperrec.app.cli", "serve", "--port", str(port), "--health-port", str(health)]
-    cmd += ["--model-repo", str(spec.repo), "--model-name", spec.model, "--seed-profiles", str(spec.profiles)]
-    cmd += ["--redis-url", str(spec.redis_url), "--workers", str(workers), "--log-level", "WARNING"]
-    proc = subprocess.Popen(cmd, env=env)
-    try:
-        wait_serving(f"127.0.0.1:{health}")  # the health port answers for all workers together
-        yield f"127.0.0.1:{port}", proc.pid
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
 
 
 def cpu_per_call(base: LoadTestSettings, pid: int) -> dict[str, Any]:
@@ -152,7 +131,7 @@ def overload(base: LoadTestSettings, saturation: float) -> dict[str, Any]:
 
 
 def measure(spec: ServeSpec, workers: int, users: tuple[str, ...], args: argparse.Namespace) -> dict[str, Any]:
-    with server(spec, workers) as (target, pid):
+    with started_server(spec, ["--workers", str(workers)]) as (target, pid):
         base = LoadTestSettings(
             target,
             rate=CPU_RATE,
@@ -177,16 +156,10 @@ def measure(spec: ServeSpec, workers: int, users: tuple[str, ...], args: argpars
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--items", type=int, default=1_000_000)
-    parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--users", type=int, default=1000)
-    parser.add_argument("--repo", type=Path, default=Path(tempfile.gettempdir()) / "hyperrec-bench")
+    add_bundle_arguments(parser)
     parser.add_argument("--rates", default="100,150,200,250,300,400,500,600,800")
-    parser.add_argument("--duration", type=float, default=10.0)
-    parser.add_argument("--calls", type=int, default=500, help="sequential calls of the in-process floor")
     parser.add_argument("--rounds", type=int, default=2, help="A/B rounds: --workers 1, then the default")
     parser.add_argument("--default-workers", type=int, default=0, help="the B side (0: one per usable core)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     if shutil.which("redis-server") is None:
         print("make pressure needs redis-server (several workers share profiles through Redis)", file=sys.stderr)
